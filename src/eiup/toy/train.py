@@ -1,0 +1,446 @@
+"""Train the toy-world Stable Diffusion pipeline from scratch on this CPU, in resumable stages.
+
+Stages (each skipped when its output exists; training stages resume from checkpoints):
+  data -> vae -> latents -> unet (UNet + text encoder, with a token-localisation loss) -> export.
+
+The localisation loss (as in TokenCompose, arXiv 2312.03626) asks each object word's
+cross-attention to fall inside its object's region, so that the toy model localises concepts in
+its cross-attention maps the way Stable Diffusion does; EIUP relies on that property.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass
+from multiprocessing import Pool
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from .render import render
+from .tokenizer import build_clip_tokenizer
+from .world import Scene, caption_words, random_scene, words
+
+
+@dataclass
+class ToyTrainConfig:
+    image_size: int = 64
+    n_scenes: int = 60_000
+    seed: int = 0
+    vae_minutes: float = 8.0
+    vae_batch: int = 32
+    unet_minutes: float = 80.0
+    unet_batch: int = 64
+    lr: float = 3e-4
+    caption_dropout: float = 0.1
+    localisation_weight: float = 0.1
+    ema_decay: float = 0.999
+    checkpoint_minutes: float = 5.0
+    threads: int = 2
+
+
+# ---------------------------------------------------------------- architecture
+
+def build_text_encoder(vocab_size: int, bos: int, eos: int):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    cfg = CLIPTextConfig(
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=77, projection_dim=64,
+        bos_token_id=bos, eos_token_id=eos, pad_token_id=eos,
+    )
+    return CLIPTextModel(cfg)
+
+
+def build_vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, sample_size=64, layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(16, 32, 64, 64), norm_num_groups=16,
+    )
+
+
+def build_unet():
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(64, 128),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=64, attention_head_dim=4, norm_num_groups=32,
+    )
+
+
+def build_noise_scheduler():
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+        clip_sample=False, steps_offset=1,
+    )
+
+
+# ---------------------------------------------------------------- data
+
+def _render_one(args):
+    seed, size = args
+    scene = random_scene(random.Random(seed))
+    r = render(scene, size)
+    masks = np.zeros((3, size, size), dtype=np.float32)
+    for k, m in enumerate(r.masks):
+        masks[k] = m
+    masks[2] = 1.0 - np.clip(sum(r.masks), 0, 1)  # background region
+    pooled = masks.reshape(3, 8, size // 8, 8, size // 8).mean(axis=(2, 4))
+    return r.image, pooled.astype(np.float16), scene_to_json(scene)
+
+
+def scene_to_json(scene: Scene) -> dict:
+    return {
+        "objects": [{"color": o.color, "shape": o.shape, "pattern": o.pattern, "noun": o.noun} for o in scene.objects],
+        "background": scene.background,
+        "layout_seed": scene.layout_seed,
+    }
+
+
+def scene_from_json(d: dict) -> Scene:
+    from .world import Obj
+
+    return Scene(tuple(Obj(**o) for o in d["objects"]), d["background"], d["layout_seed"])
+
+
+def render_dataset(n: int, seed: int, size: int, processes: int = 2, desc: str = "render"):
+    """Render n random scenes: images (n,H,W,3) uint8, region masks at 8x8 (n,3,8,8), scene dicts."""
+    seeds = [(seed * 1_000_003 + i, size) for i in range(n)]
+    with Pool(processes) as pool:
+        results = list(tqdm(pool.imap(_render_one, seeds, chunksize=64), total=n, desc=desc))
+    images = np.stack([r[0] for r in results])
+    masks = np.stack([r[1] for r in results])
+    return images, masks, [r[2] for r in results]
+
+
+def stage_data(out: Path, cfg: ToyTrainConfig) -> None:
+    data = out / "data"
+    if (data / "scenes.json").exists():
+        return
+    data.mkdir(parents=True, exist_ok=True)
+    images, masks, scenes = render_dataset(cfg.n_scenes, cfg.seed, cfg.image_size, cfg.threads)
+    np.save(data / "images.npy", images)
+    np.save(data / "masks8.npy", masks)
+    (data / "scenes.json").write_text(json.dumps(scenes))
+
+
+# ---------------------------------------------------------------- checkpoints (safetensors only)
+
+def save_checkpoint(path: Path, modules: dict, optimizer: torch.optim.Optimizer, meta: dict) -> None:
+    tensors = {}
+    for name, module in modules.items():
+        for k, v in module.state_dict().items():
+            tensors[f"{name}.{k}"] = v.detach().contiguous().clone()
+    opt_state = optimizer.state_dict()
+    for idx, st in opt_state["state"].items():
+        for k, v in st.items():
+            tensors[f"optim.{idx}.{k}"] = (v if torch.is_tensor(v) else torch.tensor(v)).contiguous().clone()
+    meta = dict(meta, param_groups=opt_state["param_groups"])
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, str(tmp), metadata={"meta": json.dumps(meta)})
+    tmp.replace(path)
+
+
+def load_checkpoint(path: Path, modules: dict, optimizer: torch.optim.Optimizer) -> dict:
+    from safetensors import safe_open
+
+    tensors = load_file(str(path))
+    with safe_open(str(path), "pt") as f:
+        meta = json.loads(f.metadata()["meta"])
+    for name, module in modules.items():
+        prefix = f"{name}."
+        module.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+    state: dict = {}
+    for k, v in tensors.items():
+        if k.startswith("optim."):
+            _, idx, key = k.split(".", 2)
+            state.setdefault(int(idx), {})[key] = v
+    optimizer.load_state_dict({"state": state, "param_groups": meta.pop("param_groups")})
+    return meta
+
+
+class EMA:
+    """Exponential moving average of parameters (with the usual warm-up)."""
+
+    def __init__(self, module: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.module = module
+        self.shadow = {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, step: int) -> None:
+        d = min(self.decay, (1 + step) / (10 + step))
+        for k, v in self.module.state_dict().items():
+            if v.dtype.is_floating_point:
+                self.shadow[k].mul_(d).add_(v, alpha=1 - d)
+            else:
+                self.shadow[k].copy_(v)
+
+    def state_dict(self):
+        return self.shadow
+
+    def load_state_dict(self, sd):
+        self.shadow = {k: v.clone() for k, v in sd.items()}
+
+
+# ---------------------------------------------------------------- VAE
+
+def stage_vae(out: Path, cfg: ToyTrainConfig) -> None:
+    final = out / "vae_final.safetensors"
+    if final.exists():
+        return
+    torch.manual_seed(cfg.seed)
+    images = np.load(out / "data" / "images.npy", mmap_mode="r")
+    vae = build_vae()
+    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
+    ckpt = out / "vae_ckpt.safetensors"
+    meta = {"step": 0, "seconds": 0.0}
+    if ckpt.exists():
+        meta = load_checkpoint(ckpt, {"vae": vae}, opt)
+    rng = np.random.default_rng(cfg.seed + meta["step"])
+    budget = cfg.vae_minutes * 60
+    last_ckpt = time.time()
+    bar = tqdm(total=int(budget), desc="vae (s)", initial=int(meta["seconds"]))
+    while meta["seconds"] < budget:
+        t0 = time.time()
+        idx = np.sort(rng.choice(len(images), cfg.vae_batch, replace=False))
+        x = torch.from_numpy(np.asarray(images[idx])).permute(0, 3, 1, 2).float() / 127.5 - 1
+        lr = 1e-3 * 0.5 * (1 + math.cos(math.pi * min(1.0, meta["seconds"] / budget))) + 2e-5
+        for g in opt.param_groups:
+            g["lr"] = lr
+        post = vae.encode(x).latent_dist
+        rec = vae.decode(post.sample()).sample
+        loss = F.mse_loss(rec, x) + 0.5 * F.l1_loss(rec, x) + 1e-6 * post.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        meta["step"] += 1
+        dt = time.time() - t0
+        meta["seconds"] += dt
+        bar.update(int(meta["seconds"]) - bar.n)
+        bar.set_postfix(loss=f"{loss.item():.4f}", step=meta["step"])
+        if time.time() - last_ckpt > cfg.checkpoint_minutes * 60:
+            save_checkpoint(ckpt, {"vae": vae}, opt, meta)
+            last_ckpt = time.time()
+    bar.close()
+    # latent statistics set the scaling factor, as SD's 0.18215
+    with torch.no_grad():
+        x = torch.from_numpy(np.asarray(images[:512])).permute(0, 3, 1, 2).float() / 127.5 - 1
+        std = vae.encode(x).latent_dist.mean.std().item()
+    vae.register_to_config(scaling_factor=1.0 / std)
+    save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, str(final),
+              metadata={"scaling_factor": str(1.0 / std), "meta": json.dumps(meta)})
+
+
+def load_vae(out: Path):
+    from safetensors import safe_open
+
+    vae = build_vae()
+    path = out / "vae_final.safetensors"
+    vae.load_state_dict(load_file(str(path)))
+    with safe_open(str(path), "pt") as f:
+        vae.register_to_config(scaling_factor=float(f.metadata()["scaling_factor"]))
+    return vae.eval()
+
+
+def stage_latents(out: Path, cfg: ToyTrainConfig) -> None:
+    path = out / "data" / "latents.npy"
+    if path.exists():
+        return
+    vae = load_vae(out)
+    images = np.load(out / "data" / "images.npy", mmap_mode="r")
+    chunks = []
+    with torch.no_grad():
+        for i in tqdm(range(0, len(images), 256), desc="encode"):
+            x = torch.from_numpy(np.asarray(images[i:i + 256])).permute(0, 3, 1, 2).float() / 127.5 - 1
+            dist = vae.encode(x).latent_dist
+            chunks.append(torch.cat([dist.mean, dist.std], 1).numpy().astype(np.float16))
+    np.save(path, np.concatenate(chunks))
+
+
+# ---------------------------------------------------------------- UNet + text encoder
+
+class RecordingCrossAttnProcessor:
+    """Plain cross-attention that also records the head-averaged attention probabilities."""
+
+    def __init__(self, store: list):
+        self.store = store
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        b, n, _ = hidden_states.shape
+        q = attn.head_to_batch_dim(attn.to_q(hidden_states))
+        k = attn.head_to_batch_dim(attn.to_k(encoder_hidden_states))
+        v = attn.head_to_batch_dim(attn.to_v(encoder_hidden_states))
+        probs = attn.get_attention_scores(q, k, None)
+        self.store.append(probs.view(b, attn.heads, n, -1).mean(1))
+        out = attn.batch_to_head_dim(torch.bmm(probs, v))
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+def localisation_loss(maps: list[torch.Tensor], masks8: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """-log(share of each object word's attention that falls inside its object's region)."""
+    valid = labels >= 0  # (B, 77)
+    if not valid.any():
+        return masks8.new_zeros(())
+    losses = []
+    for a in maps:  # (B, N, 77)
+        side = int(math.isqrt(a.shape[1]))
+        m = masks8 if side == 8 else F.adaptive_avg_pool2d(masks8, side)
+        m = m.flatten(2)  # (B, 3, N)
+        region = torch.gather(m, 1, labels.clamp(min=0)[:, :, None].expand(-1, -1, m.shape[2]))  # (B, 77, N)
+        inside = (a.transpose(1, 2) * region).sum(-1)
+        share = inside / (a.sum(1) + 1e-8)
+        losses.append(-torch.log(share[valid] + 1e-4).mean())
+    return torch.stack(losses).mean()
+
+
+def encode_captions(tokenizer, texts: list[str]) -> torch.Tensor:
+    return tokenizer(texts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+
+
+def sample_batch(rng: random.Random, scenes: list[Scene], idx: np.ndarray, tokenizer, dropout: float):
+    texts, labels = [], torch.full((len(idx), 77), -1, dtype=torch.long)
+    for row, i in enumerate(idx):
+        if rng.random() < dropout:
+            texts.append("")
+            continue
+        cw = caption_words(scenes[i], rng)
+        texts.append(" ".join(w for w, _ in cw))
+        for pos, (_, lab) in enumerate(cw):
+            if lab >= 0 and pos + 1 < 77:
+                labels[row, pos + 1] = min(lab, 2) if lab < len(scenes[i].objects) else 2
+    return encode_captions(tokenizer, texts), labels
+
+
+def stage_unet(out: Path, cfg: ToyTrainConfig) -> None:
+    final = out / "unet_final.safetensors"
+    if final.exists():
+        return
+    from transformers import CLIPTokenizer
+
+    torch.manual_seed(cfg.seed)
+    tokenizer = CLIPTokenizer.from_pretrained(out / "tokenizer")
+    scenes = [scene_from_json(d) for d in json.loads((out / "data" / "scenes.json").read_text())]
+    latents = np.load(out / "data" / "latents.npy")
+    masks8 = np.load(out / "data" / "masks8.npy")
+    scaling = load_vae(out).config.scaling_factor
+    unet = build_unet()
+    text = build_text_encoder(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)
+    noise_sched = build_noise_scheduler()
+    alphas = noise_sched.alphas_cumprod
+    params = list(unet.parameters()) + list(text.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-2)
+    ema_u, ema_t = EMA(unet, cfg.ema_decay), EMA(text, cfg.ema_decay)
+    modules = {"unet": unet, "text": text, "ema_unet": ema_u, "ema_text": ema_t}
+    ckpt = out / "unet_ckpt.safetensors"
+    meta = {"step": 0, "seconds": 0.0}
+    if ckpt.exists():
+        meta = load_checkpoint(ckpt, modules, opt)
+    store: list = []
+    unet.set_attn_processor({
+        name: RecordingCrossAttnProcessor(store) if name.endswith("attn2.processor") else proc
+        for name, proc in unet.attn_processors.items()
+    })
+    rng = random.Random(cfg.seed * 7919 + meta["step"])
+    nrng = np.random.default_rng(cfg.seed + meta["step"])
+    torch.manual_seed(cfg.seed + meta["step"])
+    budget = cfg.unet_minutes * 60
+    last_ckpt = time.time()
+    bar = tqdm(total=int(budget), desc="unet (s)", initial=int(meta["seconds"]))
+    while meta["seconds"] < budget:
+        t0 = time.time()
+        idx = nrng.choice(len(scenes), cfg.unet_batch, replace=False)
+        ids, labels = sample_batch(rng, scenes, idx, tokenizer, cfg.caption_dropout)
+        lat = torch.from_numpy(latents[idx]).float()
+        x0 = (lat[:, :4] + lat[:, 4:] * torch.randn_like(lat[:, :4])) * scaling
+        noise = torch.randn_like(x0)
+        t = torch.randint(0, 1000, (len(idx),))
+        xt = noise_sched.add_noise(x0, noise, t)
+        warm = min(1.0, meta["step"] / 300)
+        lr = cfg.lr * warm * (0.5 * (1 + math.cos(math.pi * min(1.0, meta["seconds"] / budget))) * 0.9 + 0.1)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        store.clear()
+        emb = text(ids).last_hidden_state
+        pred = unet(xt, t, emb).sample
+        snr = alphas[t] / (1 - alphas[t])
+        weight = torch.clamp(snr, max=5.0) / snr
+        diff = ((pred - noise) ** 2).mean(dim=(1, 2, 3))
+        loss_mse = (diff * weight).mean()
+        loss_loc = localisation_loss(store, torch.from_numpy(masks8[idx]).float(), labels)
+        loss = loss_mse + cfg.localisation_weight * loss_loc
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        ema_u.update(meta["step"])
+        ema_t.update(meta["step"])
+        meta["step"] += 1
+        meta["seconds"] += time.time() - t0
+        bar.update(int(meta["seconds"]) - bar.n)
+        bar.set_postfix(mse=f"{loss_mse.item():.4f}", loc=f"{loss_loc.item():.3f}", step=meta["step"])
+        if time.time() - last_ckpt > cfg.checkpoint_minutes * 60:
+            save_checkpoint(ckpt, modules, opt, meta)
+            last_ckpt = time.time()
+    bar.close()
+    save_checkpoint(ckpt, modules, opt, meta)
+    ckpt.replace(final)
+
+
+def export_pipeline(out: Path, dest: Path, checkpoint: Path | None = None) -> Path:
+    """Write a StableDiffusionPipeline folder (fp16 safetensors) from the EMA weights."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from transformers import CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(out / "tokenizer")
+    unet = build_unet()
+    text = build_text_encoder(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)
+    tensors = load_file(str(checkpoint or out / "unet_final.safetensors"))
+    unet.load_state_dict({k[len("ema_unet."):]: v for k, v in tensors.items() if k.startswith("ema_unet.")})
+    text.load_state_dict({k[len("ema_text."):]: v for k, v in tensors.items() if k.startswith("ema_text.")})
+    sched = DDIMScheduler.from_config(build_noise_scheduler().config, set_alpha_to_one=False)
+    pipe = StableDiffusionPipeline(
+        vae=load_vae(out), text_encoder=text, tokenizer=tokenizer, unet=unet, scheduler=sched,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.to(torch.float16)
+    tmp = dest.with_name(dest.name + ".tmp")
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    if dest.exists():
+        import shutil
+
+        shutil.rmtree(dest)
+    tmp.replace(dest)
+    return dest
+
+
+def train_toy_model(out: str | Path, cfg: ToyTrainConfig | None = None, export_to: str | Path | None = None) -> Path:
+    """Run every stage (resuming where a previous run stopped) and export the pipeline folder."""
+    cfg = cfg or ToyTrainConfig()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(cfg.threads)
+    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    if not (out / "tokenizer" / "vocab.json").exists():
+        build_clip_tokenizer(words(), out / "tokenizer")
+    t0 = time.time()
+    for stage in (stage_data, stage_vae, stage_latents, stage_unet):
+        stage(out, cfg)
+    dest = Path(export_to) if export_to else out / "pipeline"
+    export_pipeline(out, dest)
+    print(f"exported {dest} ({time.time() - t0:.0f} s in this run)")
+    return dest
