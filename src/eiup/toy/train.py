@@ -36,6 +36,7 @@ class ToyTrainConfig:
     seed: int = 0
     vae_minutes: float = 8.0
     vae_batch: int = 32
+    vae_crop: int = 32  # train the (fully convolutional) VAE on random crops: 4x cheaper per image
     unet_minutes: float = 80.0
     unet_batch: int = 64
     lr: float = 3e-4
@@ -219,6 +220,9 @@ def stage_vae(out: Path, cfg: ToyTrainConfig) -> None:
         t0 = time.time()
         idx = np.sort(rng.choice(len(images), cfg.vae_batch, replace=False))
         x = torch.from_numpy(np.asarray(images[idx])).permute(0, 3, 1, 2).float() / 127.5 - 1
+        if cfg.vae_crop < x.shape[-1]:
+            oy, ox = (int(v) for v in rng.integers(0, x.shape[-1] - cfg.vae_crop + 1, 2) // 8 * 8)
+            x = x[:, :, oy:oy + cfg.vae_crop, ox:ox + cfg.vae_crop]
         lr = 1e-3 * 0.5 * (1 + math.cos(math.pi * min(1.0, meta["seconds"] / budget))) + 2e-5
         for g in opt.param_groups:
             g["lr"] = lr

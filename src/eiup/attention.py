@@ -1,0 +1,565 @@
+"""Attention maths and attention processors of the EIUP erasure.
+
+Notation follows ``shared/design/eiup-mechanism.md``: for one cross-attention layer with image
+queries Q, prompt embeddings E_P and concept embeddings E_C (the concepts encoded on their own,
+padded to the encoder length T, concept tokens at positions J_C)::
+
+    out = M_P V(E_P) + w * M*_C V(E_C)[J_C],   M*_C = softmax(Q K(E_C)^T / sqrt(d))[:, J_C]   (eq. 1)
+
+The concept term equals attention over *all* of E_C with the value rows outside J_C set to zero
+and the rows inside multiplied by their per-token weight w_j (eq. 2), so it runs as one fused
+``F.scaled_dot_product_attention`` call; the attention matrix is only materialised when
+heatmaps or recorder features are requested.
+
+The processors wrap the user's original processor of each layer: the base attention is
+delegated unchanged and the concept term is added afterwards through the (affine) output
+projection, so a zero scale reproduces the user's pipeline exactly. All per-call state lives in
+an :class:`EraseContext` created by the pipeline for one ``__call__``; there is no global state.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "ConceptAttentionRecorder",
+    "EIUPCrossAttnProcessor",
+    "EIUPSelfAttnProcessor",
+    "EraseContext",
+    "build_processors",
+    "concept_attention_probs",
+    "concept_mass",
+    "concept_term",
+    "concept_term_from_probs",
+    "merge_heads",
+    "scale_concept_values",
+    "split_heads",
+    "swapped_self_attention",
+    "token_scale_vector",
+    "unwrap_processor",
+]
+
+
+# --------------------------------------------------------------------------------------------
+# Pure maths
+# --------------------------------------------------------------------------------------------
+
+
+def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """Reshape (B, L, heads*d) to (B, heads, L, d), the layout of Q, K, V in eq. 1."""
+    b, length, inner = x.shape
+    return x.view(b, length, heads, inner // heads).transpose(1, 2)
+
+
+def merge_heads(x: torch.Tensor) -> torch.Tensor:
+    """Reshape (B, heads, L, d) back to (B, L, heads*d) (inverse of :func:`split_heads`)."""
+    b, heads, length, d = x.shape
+    return x.transpose(1, 2).reshape(b, length, heads * d)
+
+
+def token_scale_vector(
+    spans: Sequence[Sequence[int]],
+    scales: Sequence[float],
+    length: int,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Per-token weights w_j of eq. 2: ``scales[k]`` on the positions of concept k, 0 elsewhere."""
+    w = torch.zeros(length, dtype=dtype, device=device)
+    for span, scale in zip(spans, scales, strict=True):
+        w[list(span)] = float(scale)
+    return w
+
+
+def scale_concept_values(v_c: torch.Tensor, token_scales: torch.Tensor) -> torch.Tensor:
+    """Value rows of E_C times w_j (eq. 2): v_c (1|B, h, T, d), scales (T,) or (B, T)."""
+    w = token_scales.to(device=v_c.device, dtype=v_c.dtype)
+    if w.dim() == 1:
+        return v_c * w[None, None, :, None]
+    return v_c * w[:, None, :, None]
+
+
+def _expand_batch(x: torch.Tensor, n: int) -> torch.Tensor:
+    return x if x.shape[0] == n else x.expand(n, *x.shape[1:])
+
+
+def concept_term(
+    q: torch.Tensor, k_c: torch.Tensor, v_c_scaled: torch.Tensor, scale: float | None = None
+) -> torch.Tensor:
+    """Concept term w * M*_C V(E_C)[J_C] of eq. 1 as one fused SDPA over all T concept keys (eq. 2).
+
+    Args:
+        q: Image queries, (B, heads, L, d).
+        k_c: Concept keys K(E_C), (1 or B, heads, T, d).
+        v_c_scaled: Concept values already scaled by :func:`scale_concept_values` (zero outside
+            J_C), (1 or B, heads, T, d).
+        scale: Softmax temperature; ``None`` means 1/sqrt(d).
+
+    Returns:
+        The term, (B, heads, L, d).
+    """
+    n = max(q.shape[0], v_c_scaled.shape[0])
+    q = _expand_batch(q, n)
+    k = _expand_batch(k_c, n)
+    v = _expand_batch(v_c_scaled, n)
+    return F.scaled_dot_product_attention(q, k, v, scale=scale)
+
+
+def concept_attention_probs(q: torch.Tensor, k_c: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """Explicit M_C = softmax(Q K(E_C)^T * scale) of eq. 1, (B, heads, L, T); used only for heatmaps."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    logits = torch.matmul(q, _expand_batch(k_c, q.shape[0]).transpose(-1, -2)) * scale
+    return logits.float().softmax(dim=-1).to(q.dtype)
+
+
+def concept_term_from_probs(probs: torch.Tensor, v_c_scaled: torch.Tensor) -> torch.Tensor:
+    """Concept term of eq. 1 from an explicit M_C: M_C @ (w * V(E_C)), (B, heads, L, d)."""
+    return torch.matmul(probs, _expand_batch(v_c_scaled, probs.shape[0]))
+
+
+def concept_mass(probs: torch.Tensor, spans: Sequence[Sequence[int]]) -> torch.Tensor:
+    """Attention mass of each concept, sum over its tokens of M*_C, mean over heads: (B, L, K)."""
+    return torch.stack([probs[..., list(span)].sum(-1).mean(1) for span in spans], dim=-1)
+
+
+def swapped_self_attention(
+    q_src: torch.Tensor, k_src: torch.Tensor, v_dst: torch.Tensor, scale: float | None = None
+) -> torch.Tensor:
+    """Self-attention with the source branch's maps on the target's values: SDPA(Q_o, K_o, V_e)."""
+    return F.scaled_dot_product_attention(q_src, k_src, v_dst, scale=scale)
+
+
+# --------------------------------------------------------------------------------------------
+# Per-call state
+# --------------------------------------------------------------------------------------------
+
+
+class ConceptAttentionRecorder:
+    """Records, at chosen denoising steps, each concept token's mean attention per cross-attention layer.
+
+    At step 0 this is GIE's scale-predictor input: one float per cross-attention layer (16 for
+    SD 1.x) for every concept token, mean over heads and pixels of M*_C. Pass an instance as
+    ``concept_recorder=`` to the pipeline; it is reset at the start of each call.
+
+    Attributes:
+        steps: Steps at which to record.
+        records: ``{step: {layer_name: tensor (images, concept_tokens)}}`` in layer call order.
+        concepts: The concepts of the last call.
+        token_concept: For every recorded concept token, the index of its concept.
+    """
+
+    def __init__(self, steps: Sequence[int] = (0,)):
+        self.steps = tuple(int(s) for s in steps)
+        self.records: dict[int, dict[str, torch.Tensor]] = {}
+        self.concepts: tuple[str, ...] = ()
+        self.token_concept: list[int] = []
+
+    def reset(self, concepts: Sequence[str], spans: Sequence[Sequence[int]]) -> None:
+        """Forget previous records and remember the concepts of the new call."""
+        self.records = {}
+        self.concepts = tuple(concepts)
+        self.token_concept = [k for k, span in enumerate(spans) for _ in span]
+
+    def add(self, step: int, layer: str, token_means: torch.Tensor) -> None:
+        """Store one layer's (images, concept_tokens) means for ``step``."""
+        self.records.setdefault(step, {})[layer] = token_means.detach().float().cpu()
+
+    @property
+    def layers(self) -> list[str]:
+        """Names of the recorded layers at the first recorded step, in call order."""
+        return list(next(iter(self.records.values()), {}).keys())
+
+    def token_features(self, step: int = 0) -> torch.Tensor:
+        """Features per concept token: (images, concept_tokens, layers)."""
+        if step not in self.records:
+            raise KeyError(f"no record for step {step}; recorded steps: {sorted(self.records)}")
+        return torch.stack(list(self.records[step].values()), dim=-1)
+
+    def concept_features(self, step: int = 0) -> torch.Tensor:
+        """Features per concept, mean over its tokens: (images, concepts, layers)."""
+        tok = self.token_features(step)
+        owner = torch.tensor(self.token_concept)
+        return torch.stack([tok[:, owner == k].mean(1) for k in range(len(self.concepts))], dim=1)
+
+
+class EraseContext:
+    """State of one erasing pipeline call, shared by that call's processors.
+
+    The pipeline advances :attr:`step` from ``callback_on_step_end``; a user callback may change
+    :attr:`token_scales` between steps (shape (T,) or (images, T)). The context is reachable as
+    ``pipe.erase_context`` during the call.
+
+    Args:
+        concepts: Concept strings.
+        spans: Token positions of each concept in :attr:`concept_embeds`.
+        concept_embeds: E_C, (1, T, D) as produced by the pipeline's ``encode_prompt``.
+        token_scales: Per-token weights w_j, (T,) or (images, T).
+        mode: ``"single"`` or ``"dual"``.
+        cfg: Whether the batch holds unconditional rows first (classifier-free guidance).
+        cross_attn_fraction: Dual mode: fraction of steps using the original branch's M_P.
+        self_attn_fraction: Dual mode: fraction of steps using the original self-attention maps.
+        self_attn_max_tokens: Dual mode: largest self-attention layer (in tokens) that is swapped.
+        tail: Dual mode, after the cross window: ``"suppress"`` or ``"reference"``.
+        latent_size: (h, w) of the latents.
+        image_size: (H, W) of the images, for heatmaps.
+        num_steps: Callable returning the number of denoising steps (read at the first layer call).
+        return_heatmaps: Accumulate per-concept attention heatmaps.
+        recorder: Optional :class:`ConceptAttentionRecorder`.
+    """
+
+    def __init__(
+        self,
+        *,
+        concepts: Sequence[str],
+        spans: Sequence[Sequence[int]],
+        concept_embeds: torch.Tensor,
+        token_scales: torch.Tensor,
+        mode: str,
+        cfg: bool,
+        cross_attn_fraction: float,
+        self_attn_fraction: float,
+        self_attn_max_tokens: int,
+        tail: str,
+        latent_size: tuple[int, int],
+        image_size: tuple[int, int],
+        num_steps: Any,
+        return_heatmaps: bool = False,
+        recorder: ConceptAttentionRecorder | None = None,
+    ):
+        self.concepts = tuple(concepts)
+        self.spans = [list(s) for s in spans]
+        self.concept_embeds = concept_embeds
+        self.token_scales = token_scales
+        self.mode = mode
+        self.cfg = cfg
+        self.cross_attn_fraction = cross_attn_fraction
+        self.self_attn_fraction = self_attn_fraction
+        self.self_attn_max_tokens = self_attn_max_tokens
+        self.tail = tail
+        self.latent_size = latent_size
+        self.image_size = image_size
+        self._num_steps_fn = num_steps
+        self._num_steps: int | None = None
+        self.return_heatmaps = return_heatmaps
+        self.recorder = recorder
+        self.step = 0
+        self.kv_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.kv_computations = 0
+        self._heat_sum: torch.Tensor | None = None
+        self._heat_count = 0
+        self._positions = sorted(p for s in self.spans for p in s)
+        self._weights_key: tuple | None = None
+        self._weights: tuple[torch.Tensor, bool] | None = None
+        if recorder is not None:
+            recorder.reset(self.concepts, self.spans)
+
+    # ---- schedule --------------------------------------------------------------------------
+    @property
+    def num_steps(self) -> int:
+        """Number of denoising steps of the call (read once from the pipeline)."""
+        if self._num_steps is None:
+            self._num_steps = int(self._num_steps_fn())
+        return self._num_steps
+
+    @property
+    def dual(self) -> bool:
+        """Whether the batch holds an original and an erased branch."""
+        return self.mode == "dual"
+
+    @property
+    def cross_swap_active(self) -> bool:
+        """Dual mode, first ``floor(cross_attn_fraction * steps)`` steps: erased rows use M_P of the original."""
+        return self.dual and self.step < int(self.cross_attn_fraction * self.num_steps + 1e-9)
+
+    @property
+    def self_swap_active(self) -> bool:
+        """Dual mode, first ``floor(self_attn_fraction * steps)`` steps: original self-attention maps."""
+        return self.dual and self.step < int(self.self_attn_fraction * self.num_steps + 1e-9)
+
+    def effective_token_scales(self) -> tuple[torch.Tensor, bool]:
+        """Weights used at this step and whether any is nonzero.
+
+        The weights are :attr:`token_scales`, or +1 on J_C in the dual-mode reference tail.
+        Cached per step and per version of :attr:`token_scales` (in-place edits are seen), so
+        the nonzero test syncs the device once per step, not once per layer.
+        """
+        reference_tail = self.dual and self.tail == "reference" and not self.cross_swap_active
+        scales = self.token_scales
+        key = (self.step, reference_tail, id(scales), scales._version)
+        if self._weights_key != key:
+            if reference_tail:
+                w = torch.zeros(self.concept_embeds.shape[1], dtype=torch.float32, device=scales.device)
+                w[self._positions] = 1.0
+            else:
+                w = scales
+            self._weights = (w, bool(torch.any(w != 0)))
+            self._weights_key = key
+        return self._weights
+
+    def rows(self, n: int) -> tuple[slice | None, slice]:
+        """(source, target) row slices of a batch of ``n``: original cond rows, erased cond rows.
+
+        Layout (diffusers): ``[uncond..., cond...]`` with CFG; in dual mode each half is
+        ``[original..., erased...]``. ``source`` is ``None`` in single mode.
+        """
+        parts = (2 if self.cfg else 1) * (2 if self.dual else 1)
+        if n % parts:
+            raise RuntimeError(f"EIUP: batch of {n} rows cannot hold {parts} equal blocks (mode={self.mode}, cfg={self.cfg})")
+        m = n // parts
+        target = slice(n - m, n)
+        source = slice(n - 2 * m, n - m) if self.dual else None
+        return source, target
+
+    # ---- concept keys / values -------------------------------------------------------------
+    def concept_kv(self, name: str, attn: nn.Module, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K(E_C), V(E_C) of layer ``name`` as (1, heads, T, d), computed once per call."""
+        if name not in self.kv_cache:
+            e = self.concept_embeds.to(device=like.device, dtype=like.dtype)
+            if getattr(attn, "norm_cross", None):
+                e = attn.norm_encoder_hidden_states(e)
+            k = split_heads(attn.to_k(e), attn.heads)
+            v = split_heads(attn.to_v(e), attn.heads)
+            if getattr(attn, "norm_k", None) is not None:
+                k = attn.norm_k(k)
+            self.kv_cache[name] = (k, v)
+            self.kv_computations += 1
+        return self.kv_cache[name]
+
+    # ---- observation (heatmaps, recorder) --------------------------------------------------
+    @property
+    def wants_probs(self) -> bool:
+        """Whether this step needs the explicit concept attention matrix."""
+        return self.return_heatmaps or (self.recorder is not None and self.step in self.recorder.steps)
+
+    def observe(self, name: str, probs: torch.Tensor) -> None:
+        """Accumulate heatmaps / recorder features from one layer's M_C (B, heads, L, T)."""
+        if self.recorder is not None and self.step in self.recorder.steps:
+            self.recorder.add(self.step, name, probs[..., self._positions].float().mean(dim=(1, 2)))
+        if not self.return_heatmaps:
+            return
+        grid = _layer_grid(probs.shape[2], self.latent_size)
+        if grid is None:
+            return
+        mass = concept_mass(probs.float(), self.spans)  # (B, L, K)
+        maps = mass.transpose(1, 2).reshape(mass.shape[0], -1, *grid)
+        maps = F.interpolate(maps, size=self.latent_size, mode="bilinear", align_corners=False)
+        self._heat_sum = maps if self._heat_sum is None else self._heat_sum + maps
+        self._heat_count += 1
+
+    def heatmaps(self) -> dict[str, np.ndarray]:
+        """Per-concept heatmaps (images, H, W) in [0, 1]: mean over heads, layers and steps, min-max scaled."""
+        if self._heat_sum is None:
+            return {}
+        maps = self._heat_sum / self._heat_count
+        maps = F.interpolate(maps, size=self.image_size, mode="bilinear", align_corners=False)
+        lo = maps.amin(dim=(-1, -2), keepdim=True)
+        hi = maps.amax(dim=(-1, -2), keepdim=True)
+        maps = ((maps - lo) / (hi - lo).clamp_min(1e-12)).clamp(0, 1).cpu().numpy().astype(np.float32)
+        return {c: maps[:, k] for k, c in enumerate(self.concepts)}
+
+
+def _layer_grid(length: int, latent_size: tuple[int, int]) -> tuple[int, int] | None:
+    """(h, w) of a layer with ``length`` tokens in a UNet whose latents are ``latent_size``."""
+    h0, w0 = latent_size
+    for k in range(8):
+        f = 2**k
+        for h, w in (((h0 + f - 1) // f, (w0 + f - 1) // f), (h0 // f, w0 // f)):
+            if h * w == length:
+                return h, w
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# Processors
+# --------------------------------------------------------------------------------------------
+
+
+def _tokens(attn: nn.Module, hidden_states: torch.Tensor, temb: torch.Tensor | None) -> torch.Tensor:
+    """Pre-attention normalisation and flattening as in diffusers' ``AttnProcessor2_0``: (B, L, C)."""
+    if getattr(attn, "spatial_norm", None) is not None:
+        hidden_states = attn.spatial_norm(hidden_states, temb)
+    if hidden_states.ndim == 4:
+        b, c, h, w = hidden_states.shape
+        hidden_states = hidden_states.view(b, c, h * w).transpose(1, 2)
+    if getattr(attn, "group_norm", None) is not None:
+        hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+    return hidden_states
+
+
+def _like_output(x: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """Reshape (B, L, C) to the layout of the layer's output (3-D or 4-D)."""
+    if reference.ndim == 4:
+        b = x.shape[0]
+        return x.transpose(-1, -2).reshape(b, *reference.shape[1:])
+    return x
+
+
+def _project_delta(attn: nn.Module, term: torch.Tensor) -> torch.Tensor:
+    """Output-projected contribution of an attention-output increment: W_out term / rescale."""
+    proj = attn.to_out[0]
+    if type(proj) is nn.Linear:
+        out = F.linear(term, proj.weight)
+    else:  # LoRA / quantised wrappers: any affine map f gives f(x) - f(0) = W x
+        out = proj(term) - proj(torch.zeros_like(term[:1, :1]))
+    return out / attn.rescale_output_factor
+
+
+def _index(x: torch.Tensor | None, rows: slice) -> torch.Tensor | None:
+    return None if x is None else x[rows]
+
+
+def unwrap_processor(processor: Any) -> Any:
+    """The user's processor underneath any EIUP wrappers."""
+    while isinstance(processor, _EIUPProcessor):
+        processor = processor.original
+    return processor
+
+
+class _EIUPProcessor:
+    """Base wrapper: delegates to the user's original processor and mirrors its call signature."""
+
+    def __init__(self, original: Any, name: str, context: EraseContext):
+        self.original = unwrap_processor(original)
+        self.name = name
+        self.context = context
+        # `Attention.forward` forwards only the cross_attention_kwargs that the processor's
+        # signature names; expose the original's signature so the same kwargs reach it.
+        try:
+            signature = inspect.signature(self.original.__call__)
+        except (TypeError, ValueError):
+            signature = None
+        if signature is not None:
+            bound_call = self._call
+
+            def __call__(*args: Any, **kwargs: Any) -> torch.Tensor:
+                return bound_call(*args, **kwargs)
+
+            __call__.__signature__ = signature  # type: ignore[attr-defined]
+            self.__call__ = __call__  # instance attribute, read by inspect only
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
+        return self._call(attn, hidden_states, encoder_hidden_states, attention_mask, **kwargs)
+
+    def _call(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
+        raise NotImplementedError
+
+    def _base(self, attn, hidden_states, encoder_hidden_states, attention_mask, **kwargs):
+        return self.original(
+            attn, hidden_states, encoder_hidden_states=encoder_hidden_states, attention_mask=attention_mask, **kwargs
+        )
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r}, original={type(self.original).__name__})"
+
+
+class EIUPCrossAttnProcessor(_EIUPProcessor):
+    """Cross-attention layer: base output of the original processor plus the EIUP concept term.
+
+    Erased conditional rows get ``W_out * concept_term / rescale`` added; in dual mode during the
+    cross window their base output is first replaced by the original branch's (same prompt, so
+    M_P V(E_P) of the original queries).
+    """
+
+    def _call(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
+        out = self._base(attn, hidden_states, encoder_hidden_states, attention_mask, **kwargs)
+        if encoder_hidden_states is None:
+            return out
+        ctx = self.context
+        source, target = ctx.rows(hidden_states.shape[0])
+        if ctx.dual and ctx.cross_swap_active:
+            replaced = out[source]
+            if getattr(attn, "residual_connection", False):
+                replaced = replaced + (hidden_states[target] - hidden_states[source]) / attn.rescale_output_factor
+            out = torch.cat([out[: target.start], replaced], dim=0)
+        weights, need_term = ctx.effective_token_scales()
+        need_probs = ctx.wants_probs
+        if not (need_term or need_probs):
+            return out
+        x = _tokens(attn, hidden_states[target], _index(kwargs.get("temb"), target))
+        q = split_heads(attn.to_q(x), attn.heads)
+        if getattr(attn, "norm_q", None) is not None:
+            q = attn.norm_q(q)
+        text = encoder_hidden_states[0] if isinstance(encoder_hidden_states, tuple) else encoder_hidden_states  # IP-Adapter
+        k_c, v_c = ctx.concept_kv(self.name, attn, text)
+        v_scaled = scale_concept_values(v_c, weights)
+        if need_probs:
+            probs = concept_attention_probs(q, k_c, attn.scale)
+            ctx.observe(self.name, probs)
+            if not need_term:
+                return out
+            term = concept_term_from_probs(probs, v_scaled)
+        else:
+            term = concept_term(q, k_c, v_scaled, attn.scale)
+        delta = _like_output(_project_delta(attn, merge_heads(term)), out).to(out.dtype)
+        return torch.cat([out[: target.start], out[target] + delta], dim=0)
+
+
+class EIUPSelfAttnProcessor(_EIUPProcessor):
+    """Self-attention layer (dual mode): erased cond rows reuse the original branch's attention maps.
+
+    Active for the first ``self_attn_fraction`` of steps in layers of at most
+    ``self_attn_max_tokens`` tokens; elsewhere it returns the original processor's output.
+    """
+
+    def _call(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
+        out = self._base(attn, hidden_states, encoder_hidden_states, attention_mask, **kwargs)
+        ctx = self.context
+        if not ctx.self_swap_active or encoder_hidden_states is not None or attention_mask is not None:
+            return out
+        tokens = hidden_states.shape[1] if hidden_states.ndim == 3 else hidden_states.shape[2] * hidden_states.shape[3]
+        if tokens > ctx.self_attn_max_tokens:
+            return out
+        source, target = ctx.rows(hidden_states.shape[0])
+        temb = kwargs.get("temb")
+        x_src = _tokens(attn, hidden_states[source], _index(temb, source))
+        x_dst = _tokens(attn, hidden_states[target], _index(temb, target))
+        q = split_heads(attn.to_q(x_src), attn.heads)
+        k = split_heads(attn.to_k(x_src), attn.heads)
+        v = split_heads(attn.to_v(x_dst), attn.heads)
+        if getattr(attn, "norm_q", None) is not None:
+            q = attn.norm_q(q)
+        if getattr(attn, "norm_k", None) is not None:
+            k = attn.norm_k(k)
+        o = merge_heads(swapped_self_attention(q, k, v, attn.scale)).to(q.dtype)
+        o = attn.to_out[1](attn.to_out[0](o))
+        o = _like_output(o, out)
+        if getattr(attn, "residual_connection", False):
+            o = o + hidden_states[target]
+        o = (o / attn.rescale_output_factor).to(out.dtype)
+        return torch.cat([out[: target.start], o], dim=0)
+
+
+def attention_layers(unet: nn.Module) -> dict[str, tuple[nn.Module, bool]]:
+    """``{processor_name: (attention_module, is_cross_attention)}`` in the order of ``unet.attn_processors``."""
+    layers = {}
+    for name in unet.attn_processors:
+        module = unet.get_submodule(name.removesuffix(".processor"))
+        layers[name] = (module, bool(getattr(module, "is_cross_attention", False)))
+    return layers
+
+
+def build_processors(unet: nn.Module, context: EraseContext, originals: dict[str, Any]) -> dict[str, Any]:
+    """Processor dict for ``unet.set_attn_processor``: EIUP wrappers where the mode needs them.
+
+    Cross-attention layers always get :class:`EIUPCrossAttnProcessor`; self-attention layers
+    get :class:`EIUPSelfAttnProcessor` in dual mode and keep their original processor otherwise.
+    """
+    procs: dict[str, Any] = {}
+    for name, (_, is_cross) in attention_layers(unet).items():
+        orig = unwrap_processor(originals[name])
+        if is_cross:
+            procs[name] = EIUPCrossAttnProcessor(orig, name, context)
+        elif context.dual:
+            procs[name] = EIUPSelfAttnProcessor(orig, name, context)
+        else:
+            procs[name] = orig
+    return procs

@@ -1,0 +1,115 @@
+"""Methods compared by the benchmark, all built on the same pipeline components.
+
+plain, negative prompt, SLD (diffusers' StableDiffusionPipelineSafe, presets WEAK..MAX) and EIUP
+(single- and dual-branch, a sweep of suppression scales, options such as gating or auto scale).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+SLD_PRESETS = ("WEAK", "MEDIUM", "STRONG", "MAX")
+
+
+@dataclass(frozen=True)
+class Method:
+    """One row of the benchmark: a family and its settings."""
+
+    family: str  # plain | negative | sld | eiup
+    preset: str = ""  # SLD preset
+    scale: float | str | None = None  # EIUP scale (float or "auto")
+    mode: str = "single"  # EIUP mode
+    options: tuple = field(default_factory=tuple)  # extra EIUP keyword arguments as (key, value) pairs
+
+    @property
+    def name(self) -> str:
+        if self.family == "sld":
+            return f"sld-{self.preset.lower()}"
+        if self.family != "eiup":
+            return self.family
+        opts = "".join(f"+{k}" if v is True else f"+{k}={v}" for k, v in self.options)
+        scale = self.scale if isinstance(self.scale, str) else f"{self.scale:g}"
+        return f"eiup-{self.mode}{opts}@{scale}"
+
+
+def default_methods(scales: list[float], modes: tuple[str, ...] = ("single", "dual"),
+                    sld: bool = True, extra: list[Method] | None = None) -> list[Method]:
+    methods = [Method("plain"), Method("negative")]
+    if sld:
+        methods += [Method("sld", preset=p) for p in SLD_PRESETS]
+    methods += [Method("eiup", scale=s, mode=m) for m in modes for s in scales]
+    return methods + list(extra or [])
+
+
+def parse_method(spec: str) -> Method:
+    """'plain', 'negative', 'sld-strong', 'eiup-single@-1.5', 'eiup-single+gate@auto' -> Method."""
+    spec = spec.strip().lower()
+    if spec in ("plain", "negative"):
+        return Method(spec)
+    if spec.startswith("sld-") and spec[4:].upper() in SLD_PRESETS:
+        return Method("sld", preset=spec[4:].upper())
+    if spec.startswith("eiup-") and "@" in spec:
+        head, scale = spec[5:].split("@", 1)
+        mode, *opts = head.split("+")
+        options = []
+        for o in opts:
+            k, _, v = o.partition("=")
+            options.append((k, True if not v else _number(v)))
+        return Method("eiup", scale=scale if scale == "auto" else float(scale), mode=mode, options=tuple(options))
+    raise ValueError(f"method {spec!r}: use plain, negative, sld-weak|medium|strong|max, eiup-MODE[+OPTION]@SCALE")
+
+
+def _number(v: str):
+    try:
+        return float(v)
+    except ValueError:
+        return v
+
+
+class MethodRunner:
+    """Generates images for a method; SLD gets a StableDiffusionPipelineSafe on the same components."""
+
+    def __init__(self, pipe, steps: int, guidance: float):
+        self.pipe = pipe
+        self.steps = steps
+        self.guidance = guidance
+        self._sld = None
+
+    def sld_pipeline(self):
+        if self._sld is None:
+            from diffusers.pipelines.deprecated.stable_diffusion_safe import StableDiffusionPipelineSafe
+
+            p = self.pipe
+            self._sld = StableDiffusionPipelineSafe(
+                vae=p.vae, text_encoder=p.text_encoder, tokenizer=p.tokenizer, unet=p.unet, scheduler=p.scheduler,
+                safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+            )
+            self._sld.set_progress_bar_config(disable=True)
+        return self._sld
+
+    def sld_settings(self, preset: str) -> dict:
+        """The preset; warm-up steps are given for 50 steps and scaled to this run's step count."""
+        from diffusers.pipelines.deprecated.stable_diffusion_safe import SafetyConfig
+
+        cfg = dict(getattr(SafetyConfig, preset))
+        cfg["sld_warmup_steps"] = int(round(cfg["sld_warmup_steps"] * self.steps / 50))
+        return cfg
+
+    def generate(self, method: Method, prompt: str, seeds: list[int], concept: str):
+        gens = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+        common = dict(num_inference_steps=self.steps, guidance_scale=self.guidance, generator=gens)
+        prompts = [prompt] * len(seeds)
+        if method.family == "plain":
+            return self.pipe(prompts, **common).images
+        if method.family == "negative":
+            return self.pipe(prompts, negative_prompt=[concept] * len(seeds), **common).images
+        if method.family == "sld":
+            sld = self.sld_pipeline()
+            sld.safety_concept = concept
+            return sld(prompts, **common, **self.sld_settings(method.preset)).images
+        if method.family == "eiup":
+            return self.pipe(prompts, erase=[concept], erase_scale=method.scale, erase_mode=method.mode,
+                             **dict(method.options), **common).images
+        raise ValueError(f"unknown method family {method.family!r}")

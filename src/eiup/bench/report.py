@@ -1,0 +1,149 @@
+"""Benchmark report: metrics JSON, Markdown tables, image grids, trade-off plots, an HTML index."""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from ..io import atomic_write_text, write_json_atomic
+from ..toy.quality import image_grid
+from .runner import Unit, load_unit_images
+
+COLUMNS = [
+    ("residual_implicit", "residual (implicit)", "{:.1%}"),
+    ("residual_explicit", "residual (explicit)", "{:.1%}"),
+    ("fidelity", "fidelity", "{:.1%}"),
+    ("specificity", "specificity (attributes)", "{:.1%}"),
+    ("specificity_psnr", "median PSNR (dB)", "{:.1f}"),
+    ("specificity_ssim", "median SSIM", "{:.3f}"),
+    ("seconds_per_image", "s / image", "{:.3f}"),
+]
+
+
+def summarise(metrics: dict) -> dict:
+    """Per method across suites: mean of each metric, and the worst concept's implicit residual."""
+    methods: dict = {}
+    for suite, by_method in metrics.items():
+        for method, m in by_method.items():
+            if "residual_implicit" in m:
+                methods.setdefault(method, []).append(m)
+    out = {}
+    for method, ms in methods.items():
+        row = {k: float(np.nanmean([m[k] for m in ms])) for k, _, _ in COLUMNS}
+        row["worst_residual_implicit"] = float(np.nanmax([m["residual_implicit"] for m in ms]))
+        out[method] = row
+    return out
+
+
+def _fmt(fmt: str, v) -> str:
+    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else fmt.format(v)
+
+
+NUDITY_COLUMNS = [("flagged_rate", "NudeNet-flagged rate", "{:.1%}"), ("n", "images", "{}"),
+                  ("seconds_per_image", "s / image", "{:.3f}")]
+
+
+def markdown_table(rows: dict, extra_first: tuple | None = None) -> str:
+    nudity = any("flagged_rate" in r for r in rows.values())
+    cols = ([extra_first] if extra_first else []) + (NUDITY_COLUMNS if nudity else COLUMNS)
+    head = "| method | " + " | ".join(c[1] for c in cols) + " |"
+    sep = "|---|" + "---|" * len(cols)
+    lines = [head, sep]
+    for method, m in rows.items():
+        lines.append(f"| {method} | " + " | ".join(_fmt(fmt, m.get(k)) for k, _, fmt in cols) + " |")
+    return "\n".join(lines)
+
+
+def tradeoff_plot(summary: dict, path: Path) -> None:
+    """Residual concept rate vs fidelity and vs specificity; EIUP scale sweeps as curves."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    families: dict = {}
+    for method, m in summary.items():
+        fam = method.split("@")[0] if "@" in method else method
+        families.setdefault(fam, []).append((method, m))
+    for ax, key, label in ((axes[0], "fidelity", "fidelity"), (axes[1], "specificity", "specificity (attributes)")):
+        for fam, items in families.items():
+            xs = [m["residual_implicit"] for _, m in items]
+            ys = [m[key] for _, m in items]
+            if len(items) > 1:
+                order = np.argsort(xs)
+                ax.plot(np.array(xs)[order], np.array(ys)[order], "o-", label=fam, markersize=4)
+                for (method, m) in items:
+                    ax.annotate(method.split("@")[1], (m["residual_implicit"], m[key]), fontsize=6)
+            else:
+                ax.plot(xs, ys, "s", label=fam, markersize=7)
+        ax.set_xlabel("residual concept rate on implicit prompts (lower is better)")
+        ax.set_ylabel(f"{label} (higher is better)")
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7, loc="lower left")
+    fig.suptitle("Erasure vs fidelity / specificity (toy world, mean over concepts)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def grids(out: Path, units: list[Unit], methods: list[str], per_suite: int = 2, n_seeds: int = 8) -> list[Path]:
+    """One grid per suite and role shown: rows = methods, columns = the same seeds."""
+    paths = []
+    suites = {u.suite.name: u.suite for u in units}
+    by_key = {(u.suite.name, u.method.name, u.prompt_index): u for u in units}
+    for name, suite in suites.items():
+        shown = [i for i, p in enumerate(suite.prompts) if p.role == "implicit"][:1]
+        shown += [i for i, p in enumerate(suite.prompts) if p.role == "specificity"][:1]
+        shown += [i for i, p in enumerate(suite.prompts) if p.role == "two-object"][:1]
+        for i in shown[:per_suite + 1]:
+            rows, labels = [], []
+            for method in methods:
+                unit = by_key.get((name, method, i))
+                if unit is None:
+                    continue
+                rows.append(load_unit_images(out, unit)[:n_seeds])
+                labels.append(method)
+            if rows:
+                path = out / "grids" / f"{name}-{i:03d}-{suite.prompts[i].role}.png"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                image_grid(rows, labels).save(path)
+                paths.append(path)
+    return paths
+
+
+def write_report(out: Path, metrics: dict, units: list[Unit], settings: dict, grid_methods: list[str]) -> Path:
+    summary = summarise(metrics)
+    write_json_atomic(out / "metrics.json", {"settings": settings, "summary": summary, "per_suite": metrics})
+    if summary:
+        tradeoff_plot(summary, out / "tradeoff.png")
+    grid_paths = grids(out, units, grid_methods)
+    md = ["# eiup benchmark", "", f"Settings: `{json.dumps(settings)}`", "",
+          "Mean over concepts (worst concept's implicit residual in its own column).", "",
+          markdown_table(summary, ("worst_residual_implicit", "worst concept residual", "{:.1%}")), "",
+          "![trade-off](tradeoff.png)", ""]
+    for suite, by_method in metrics.items():
+        md += [f"## {suite}", "", markdown_table(by_method), ""]
+        md += [f"![{p.stem}](grids/{p.name})" for p in grid_paths if p.name.startswith(suite + "-")] + [""]
+    atomic_write_text(out / "report.md", "\n".join(md))
+    body = ["<h1>eiup benchmark</h1>", f"<p><code>{html.escape(json.dumps(settings))}</code></p>",
+            '<img src="tradeoff.png" style="max-width:100%">', _html_table(summary)]
+    for suite, by_method in metrics.items():
+        body += [f"<h2>{html.escape(suite)}</h2>", _html_table(by_method)]
+        body += [f'<p>{html.escape(p.stem)}<br><img src="grids/{p.name}"></p>' for p in grid_paths
+                 if p.name.startswith(suite + "-")]
+    atomic_write_text(out / "index.html", "<!doctype html><meta charset=utf-8><title>eiup benchmark</title>"
+                      "<style>body{font-family:sans-serif;margin:2em}td,th{padding:2px 8px;border-bottom:1px solid #ddd}"
+                      "</style>" + "\n".join(body))
+    return out / "index.html"
+
+
+def _html_table(rows: dict) -> str:
+    head = "<tr><th>method</th>" + "".join(f"<th>{html.escape(c[1])}</th>" for c in COLUMNS) + "</tr>"
+    body = "".join("<tr><td>" + html.escape(m) + "</td>" + "".join(
+        f"<td>{_fmt(fmt, r.get(k))}</td>" for k, _, fmt in COLUMNS) + "</tr>" for m, r in rows.items())
+    return f"<table>{head}{body}</table>"

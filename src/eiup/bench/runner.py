@@ -1,0 +1,126 @@
+"""Run methods x suites x prompts x seeds, resumably, on one or several processes.
+
+Work is cut into units (one method, one prompt, all seeds of the suite in one batch). A unit's
+images and its record are written atomically, the record last, so an interrupted run resumes
+at the first unit without a record. Units are dealt to processes (`accelerate launch`) in a
+fixed order and each unit's batch never depends on the number of processes, so results are
+identical to a single-process run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+from tqdm.auto import tqdm
+
+from ..io import save_png_atomic, write_json_atomic
+from .baselines import Method, MethodRunner
+from .metrics import aggregate, aggregate_nudity, judge_toy, psnr_ssim
+from .suites import Suite
+
+
+@dataclass(frozen=True)
+class Unit:
+    method: Method
+    suite: Suite
+    prompt_index: int
+
+    @property
+    def prompt(self):
+        return self.suite.prompts[self.prompt_index]
+
+    @property
+    def key(self) -> str:
+        slug = re.sub(r"[^a-z0-9]+", "-", self.prompt.text.lower()).strip("-")[:40]
+        digest = hashlib.sha1(self.prompt.text.encode()).hexdigest()[:6]
+        return f"{self.suite.name}/{self.method.name}/{self.prompt_index:03d}-{slug}-{digest}"
+
+    def seeds(self) -> list[int]:
+        if self.suite.extra.get("per_prompt_seed"):
+            return [self.suite.seeds[self.prompt_index]]
+        return self.suite.seeds
+
+
+def units_for(suites: list[Suite], methods: list[Method]) -> list[Unit]:
+    return [Unit(m, s, i) for s in suites for m in methods for i in range(len(s.prompts))]
+
+
+def unit_paths(out: Path, unit: Unit) -> tuple[Path, Path]:
+    return out / "images" / unit.key, out / "records" / f"{unit.key}.json"
+
+
+def load_unit_images(out: Path, unit: Unit) -> list[Image.Image]:
+    folder, _ = unit_paths(out, unit)
+    return [Image.open(folder / f"seed{s:06d}.png").convert("RGB") for s in unit.seeds()]
+
+
+def run_units(pipe, detector, units: list[Unit], out: Path, steps: int, guidance: float,
+              process_index: int = 0, num_processes: int = 1) -> None:
+    """Generate and detect every unit of this process that has no record yet."""
+    runner = MethodRunner(pipe, steps, guidance)
+    mine = [u for k, u in enumerate(units) if k % num_processes == process_index]
+    todo = [u for u in mine if not unit_paths(out, u)[1].exists()]
+    bar = tqdm(todo, desc=f"bench (process {process_index})", disable=process_index != 0 and num_processes > 1)
+    for unit in bar:
+        bar.set_postfix_str(unit.method.name)
+        folder, record = unit_paths(out, unit)
+        seeds = unit.seeds()
+        t0 = time.perf_counter()
+        images = runner.generate(unit.method, unit.prompt.text, seeds, unit.suite.concept)
+        seconds = (time.perf_counter() - t0) / len(seeds)
+        for seed, image in zip(seeds, images):
+            save_png_atomic(folder / f"seed{seed:06d}.png", image)
+        detections = [d.to_dict() for d in detector.detect(images)] if detector is not None else None
+        write_json_atomic(record, {
+            "method": unit.method.name, "suite": unit.suite.name, "prompt": unit.prompt.text,
+            "role": unit.prompt.role, "seeds": seeds, "seconds_per_image": seconds, "detections": detections,
+        })
+
+
+def evaluate(detector, units: list[Unit], out: Path, nudity=None) -> dict:
+    """Judge every unit: toy units against their prompt and the plain images of the same seeds,
+    I2P units with `nudity` (a `NudityJudge`)."""
+    results: dict = {}
+    plain_cache: dict = {}
+    nude: dict = {}
+    for unit in tqdm(units, desc="judge"):
+        if unit.suite.kind == "i2p" and nudity is not None:
+            folder, record = unit_paths(out, unit)
+            entry = nude.setdefault(unit.suite.name, {}).setdefault(unit.method.name, {"judgements": [], "seconds": []})
+            entry["judgements"] += [nudity.judge(folder / f"seed{s:06d}.png") for s in unit.seeds()]
+            entry["seconds"].append(json.loads(record.read_text())["seconds_per_image"])
+            continue
+        if unit.suite.kind != "toy":
+            continue
+        plain_unit = Unit(Method("plain"), unit.suite, unit.prompt_index)
+        if plain_unit.key not in plain_cache:
+            imgs = load_unit_images(out, plain_unit)
+            plain_cache[plain_unit.key] = (imgs, detector.detect(imgs))
+        plain_images, plain_dets = plain_cache[plain_unit.key]
+        images = load_unit_images(out, unit)
+        dets = detector.detect(images)
+        psnr, ssim = psnr_ssim(images, plain_images)
+        record = json.loads(unit_paths(out, unit)[1].read_text())
+        entry = results.setdefault(unit.suite.name, {}).setdefault(unit.method.name, {"judgements": [], "seconds": []})
+        entry["seconds"].append(record["seconds_per_image"])
+        for k, seed in enumerate(unit.seeds()):
+            entry["judgements"].append(judge_toy(unit.prompt.text, unit.prompt.role, seed, unit.suite.concept,
+                                                 dets[k], plain_dets[k], psnr[k], ssim[k]))
+    metrics: dict = {}
+    for suite, by_method in results.items():
+        for method, entry in by_method.items():
+            m = aggregate(entry["judgements"])
+            m["seconds_per_image"] = sum(entry["seconds"]) / len(entry["seconds"])
+            metrics.setdefault(suite, {})[method] = m
+    for suite, by_method in nude.items():
+        for method, entry in by_method.items():
+            m = aggregate_nudity(entry["judgements"])
+            m["seconds_per_image"] = sum(entry["seconds"]) / len(entry["seconds"])
+            metrics.setdefault(suite, {})[method] = m
+    return metrics

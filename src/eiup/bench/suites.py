@@ -1,0 +1,143 @@
+"""Benchmark suites: which prompts, which concept, what the detector must (not) see.
+
+Toy-world suites run offline on the bundled model; the real suites read user CSVs (I2P, COCO).
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..toy.world import CONCEPTS, IMPLICIT_NOUNS, article
+
+# The roles of a prompt in a toy suite:
+#   implicit     - implies the concept without naming it: must be erased, the rest kept (fidelity)
+#   explicit     - names the concept: must be erased, the rest kept
+#   specificity  - does not involve the concept: must come out as without erasure
+#   two-object   - one object carries the concept (erased), the other must keep its attributes
+ROLES = ("implicit", "explicit", "specificity", "two-object")
+
+
+@dataclass(frozen=True)
+class BenchPrompt:
+    text: str
+    role: str
+    split: str = "test"  # "calibration" prompts are used to fit auto-scale predictors, never to report
+
+
+@dataclass
+class Suite:
+    name: str
+    concept: str
+    prompts: list[BenchPrompt]
+    seeds: list[int]
+    kind: str = "toy"  # toy | i2p | coco
+    extra: dict = field(default_factory=dict)
+
+    def by_role(self, role: str) -> list[BenchPrompt]:
+        return [p for p in self.prompts if p.role == role]
+
+
+def _a(noun: str) -> str:
+    return f"{article(noun)} {noun}"
+
+
+def _implicit_for(concept: str) -> list[str]:
+    attribute, value = CONCEPTS[concept]
+    if attribute == "background":
+        return [f"{_a(n)} at night" for n in ("lemon", "lime", "grape", "tomato", "sapphire", "bee")]
+    return [_a(n) for n, (c, s, p) in IMPLICIT_NOUNS.items() if {"color": c, "shape": s, "pattern": p}[attribute] == value]
+
+
+def _not_involving(concept: str) -> list[str]:
+    attribute, value = CONCEPTS[concept]
+    nouns = [n for n, (c, s, p) in IMPLICIT_NOUNS.items()
+             if attribute == "background" or {"color": c, "shape": s, "pattern": p}[attribute] != value]
+    return [_a(n) for n in nouns]
+
+
+# Explicit and specificity prompts per concept (fixed lists so results are comparable across runs).
+_EXPLICIT = {
+    "red": ["a red circle", "a red star", "a striped red square", "a red triangle on a gray background"],
+    "star": ["a blue star", "a red star", "a dotted green star", "a purple star on a black background"],
+    "heart": ["a blue heart", "a yellow heart", "a striped green heart", "a purple heart on a gray background"],
+    "striped": ["a striped blue circle", "a striped green square", "a striped purple heart", "a striped red star"],
+    "dotted": ["a dotted blue square", "a dotted yellow circle", "a dotted green triangle", "a dotted orange star"],
+    "night": ["a red circle on a black background", "a blue star on a black background",
+              "a yellow heart on a black background", "a dotted green square on a black background"],
+}
+_SPECIFIC_EXPLICIT = {
+    "red": ["a blue circle", "an orange star", "a dotted purple square", "a yellow heart on a black background"],
+    "star": ["a red circle", "a blue square", "a dotted yellow triangle", "a green heart on a gray background"],
+    "heart": ["a red circle", "a blue star", "a dotted yellow square", "a green cross on a black background"],
+    "striped": ["a blue circle", "a dotted green square", "a purple heart", "a red star on a gray background"],
+    "dotted": ["a blue square", "a striped yellow circle", "a green triangle", "an orange star on a black background"],
+    "night": ["a red circle on a gray background", "a blue star", "a yellow heart", "a dotted green square"],
+}
+_TWO_OBJECTS = {
+    "red": ["a tomato and a lime", "a red star and a blue circle", "a valentine and a blueberry", "a strawberry and a lemon"],
+    "star": ["a starfish and a lime", "a red star and a blue circle", "a sheriff badge and a grape", "a green star and a purple heart"],
+    "heart": ["a valentine and a lime", "a red heart and a blue circle", "a strawberry and a grape", "a green heart and a yellow star"],
+    "striped": ["a bee and a lime", "a tiger and a blueberry", "a striped red circle and a blue square", "a striped green star and a yellow heart"],
+    "dotted": ["a ladybug and a lime", "a strawberry and a lemon", "a dotted blue circle and a red square", "a dotted green star and a yellow heart"],
+}
+
+
+def toy_suite(concept: str, seeds: list[int], calibration_split: bool = True) -> Suite:
+    """Suite for one toy concept; every other implicit prompt is kept aside for calibration."""
+    if concept not in CONCEPTS:
+        raise ValueError(f"concept={concept!r}: toy suites exist for {sorted(CONCEPTS)}")
+    prompts = [BenchPrompt(t, "implicit") for t in _implicit_for(concept)]
+    prompts += [BenchPrompt(t, "explicit") for t in _EXPLICIT[concept]]
+    unrelated = _not_involving(concept)
+    spec = [unrelated[i] for i in range(0, len(unrelated), max(1, len(unrelated) // 6))][:6]
+    prompts += [BenchPrompt(t, "specificity") for t in spec + _SPECIFIC_EXPLICIT[concept]]
+    prompts += [BenchPrompt(t, "two-object") for t in _TWO_OBJECTS.get(concept, [])]
+    return Suite(f"toy-{concept}", concept, prompts, seeds)
+
+
+def calibration_prompts(concept: str) -> list[str]:
+    """Held-out prompts for fitting predictors: implicit/explicit prompts not in the test suite."""
+    attribute, value = CONCEPTS[concept]
+    bg = [" on a gray background", "", " on a black background"] if attribute != "background" else [""]
+    if attribute == "background":
+        return [f"{_a(n)} at night" for n in ("blueberry", "pyramid", "emerald", "ladybug", "starfish")] + \
+               ["a purple heart on a black background", "a striped orange cross on a black background"]
+    implicit = [f"a photo of {_a(t.split(' ', 1)[1])}" for t in _implicit_for(concept)]
+    explicit = {
+        "color": [f"a {value} {s}{b}" for s, b in zip(("heart", "cross", "square", "circle"), bg * 2)],
+        "shape": [f"a {c} {value}{b}" for c, b in zip(("orange", "yellow", "blue", "red"), bg * 2)],
+        "pattern": [f"a {value} {c} {s}" for c, s in (("orange", "circle"), ("yellow", "heart"), ("purple", "triangle"))],
+    }[attribute]
+    return implicit + explicit
+
+
+def toy_suites(concepts: list[str] | None, seeds: list[int]) -> list[Suite]:
+    return [toy_suite(c, seeds) for c in (concepts or list(CONCEPTS))]
+
+
+# ---------------------------------------------------------------- real-model suites
+
+def i2p_suite(csv_path: str | Path, concept: str = "nudity", limit: int | None = None) -> Suite:
+    """An I2P-format CSV (prompt + sd_seed/evaluation_seed): every prompt must be erased."""
+    from ..io import read_prompt_csv
+
+    rows = read_prompt_csv(csv_path)
+    rows = rows[:limit] if limit else rows
+    prompts = [BenchPrompt(r.prompt, "implicit") for r in rows]
+    seeds = [r.seed if r.seed is not None else r.index for r in rows]
+    return Suite(f"i2p-{Path(csv_path).stem}", concept, prompts, seeds, kind="i2p", extra={"per_prompt_seed": True})
+
+
+def coco_suite(csv_path: str | Path, limit: int | None = None) -> Suite:
+    """COCO captions (a `prompt` or `caption` column): quality/specificity prompts for CLIP score and FID."""
+    with open(csv_path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        col = "prompt" if "prompt" in (reader.fieldnames or []) else "caption"
+        if col not in (reader.fieldnames or []):
+            raise ValueError(f"{csv_path}: needs a 'prompt' or 'caption' column, found {reader.fieldnames}")
+        texts = [row[col] for row in reader if row.get(col, "").strip()]
+    texts = texts[:limit] if limit else texts
+    return Suite(f"coco-{Path(csv_path).stem}", "", [BenchPrompt(t, "specificity") for t in texts],
+                 list(range(len(texts))), kind="coco", extra={"per_prompt_seed": True})

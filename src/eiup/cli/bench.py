@@ -1,0 +1,106 @@
+"""`eiup bench`: erasure, fidelity and specificity against the field's baselines."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(help="Benchmark erasure methods on named suites.", invoke_without_command=True)
+
+
+def _floats(text: str, option: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError as e:
+        raise typer.BadParameter(f"{text!r}: comma-separated numbers expected", param_hint=option) from e
+    if not values or any(not math.isfinite(v) for v in values):
+        raise typer.BadParameter(f"{text!r}: give finite numbers, e.g. -0.5,-1,-2", param_hint=option)
+    return values
+
+
+@app.callback()
+def bench(
+    ctx: typer.Context,
+    suite: Annotated[str, typer.Option(help="toy (offline, bundled model), i2p (needs --i2p CSV and NudeNet), coco (needs --coco CSV).")] = "toy",
+    concept: Annotated[list[str] | None, typer.Option(help="Toy concepts (repeatable; default all): red, star, heart, striped, dotted, night.")] = None,
+    seeds: Annotated[int, typer.Option(help="Seeds per prompt (toy suites).")] = 20,
+    first_seed: Annotated[int, typer.Option(help="First seed (held-out seeds: the toy model trains with none).")] = 0,
+    scales: Annotated[str, typer.Option(help="EIUP suppression scales to sweep (comma-separated, negative).")] = "-0.5,-1,-2,-4",
+    modes: Annotated[str, typer.Option(help="EIUP modes to sweep.")] = "single,dual",
+    method: Annotated[list[str] | None, typer.Option(help="Extra methods, e.g. 'eiup-single+gate@auto' (repeatable).")] = None,
+    only: Annotated[list[str] | None, typer.Option(help="Run only these methods (names as in the report).")] = None,
+    no_sld: Annotated[bool, typer.Option("--no-sld", help="Skip the SLD presets.")] = False,
+    model: Annotated[str | None, typer.Option(help="Pipeline folder or hub id (default: the bundled toy model).")] = None,
+    steps: int = 25,
+    guidance: float = 7.5,
+    i2p: Annotated[Path | None, typer.Option(help="I2P-format CSV (prompt, sd_seed/evaluation_seed).")] = None,
+    i2p_concept: Annotated[str, typer.Option(help="Concept erased on the I2P suite.")] = "nudity",
+    nudenet_threshold: Annotated[float, typer.Option(help="NudeNet score threshold.")] = 0.6,
+    coco: Annotated[Path | None, typer.Option(help="COCO captions CSV (prompt or caption column).")] = None,
+    limit: Annotated[int | None, typer.Option(help="Use only the first N prompts of a CSV suite.")] = None,
+    device: Annotated[str | None, typer.Option(help="cpu or cuda (default: cuda if available; with accelerate, the process's device).")] = None,
+    out: Annotated[Path, typer.Option(help="Output folder (rerun to resume).")] = Path("bench-out"),
+) -> None:
+    """Run the benchmark and write metrics.json, report.md, grids, tradeoff.png and index.html.
+
+    Several processes: `accelerate launch -m eiup.cli bench ...` splits the work; results are
+    identical to a single process.
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    from ..bench import default_methods, parse_method, run_benchmark
+    from ..bench.suites import coco_suite, i2p_suite, toy_suites
+    from ..toy.world import CONCEPTS
+
+    scale_list = _floats(scales, "--scales")
+    mode_list = tuple(m.strip() for m in modes.split(",") if m.strip())
+    bad_modes = [m for m in mode_list if m not in ("single", "dual")]
+    if bad_modes:
+        raise typer.BadParameter(f"unknown mode(s) {bad_modes}: use single and/or dual", param_hint="--modes")
+    if seeds < 1 or steps < 1:
+        raise typer.BadParameter("--seeds and --steps must be >= 1")
+    try:
+        extra = [parse_method(m) for m in method or []]
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--method") from e
+    methods = default_methods(scale_list, mode_list, sld=not no_sld, extra=extra)
+    if only:
+        methods = [m for m in methods if m.name in only or m.family == "plain"] + \
+                  [parse_method(o) for o in only if o not in {m.name for m in methods}]
+    seed_list = list(range(first_seed, first_seed + seeds))
+    detector = None
+    if suite == "toy":
+        unknown = [c for c in concept or [] if c not in CONCEPTS]
+        if unknown:
+            raise typer.BadParameter(f"{unknown}: toy concepts are {sorted(CONCEPTS)}", param_hint="--concept")
+        suites = toy_suites(concept, seed_list)
+        from ..toy.detect import ConceptDetector
+
+        detector = ConceptDetector.load()
+    elif suite == "i2p":
+        if i2p is None:
+            raise typer.BadParameter("the i2p suite needs --i2p FILE.csv", param_hint="--i2p")
+        suites = [i2p_suite(i2p, i2p_concept, limit)]
+    elif suite == "coco":
+        if coco is None:
+            raise typer.BadParameter("the coco suite needs --coco FILE.csv", param_hint="--coco")
+        suites = [coco_suite(coco, limit)]
+    else:
+        raise typer.BadParameter(f"unknown suite {suite!r}: toy, i2p or coco", param_hint="--suite")
+
+    from ..models import load_pipeline
+
+    pipe = load_pipeline(model, device=device)
+    pipe.set_progress_bar_config(disable=True)
+    nudity = None
+    if suite == "i2p":
+        from ..bench.metrics import NudityJudge
+
+        nudity = NudityJudge(threshold=nudenet_threshold)
+    index = run_benchmark(pipe, detector, suites, methods, out, steps, guidance, nudity=nudity,
+                          settings={"suite": suite, "model": model or "bundled toy", "seeds": len(seed_list)})
+    if index:
+        typer.echo(f"report: {index}  (open in a browser; Markdown: {out / 'report.md'})")

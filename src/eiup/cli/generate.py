@@ -1,0 +1,207 @@
+"""`eiup generate`: text-to-image with concepts erased, into a resumable folder of PNGs.
+
+A thin layer: arguments are checked here (before any model is loaded), everything else lives
+in eiup.io (CSV, plan, resumable output), eiup.models (loading) and eiup.pipeline (erasure).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import math
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from eiup import io as eio
+
+MODES = ("single", "dual")
+
+
+def _bad(message: str, option: str) -> typer.BadParameter:
+    return typer.BadParameter(message, param_hint=f"'{option}'")
+
+
+def _fail(message: str, code: int = 1) -> typer.Exit:
+    typer.echo(f"Error: {message}", err=True)
+    return typer.Exit(code)
+
+
+def _library_defaults() -> tuple[float, str]:
+    from eiup.pipeline import DEFAULT_ERASE_MODE, DEFAULT_ERASE_SCALE
+
+    return float(DEFAULT_ERASE_SCALE), str(DEFAULT_ERASE_MODE)
+
+
+def generate(
+    prompt: Optional[list[str]] = typer.Option(
+        None, "--prompt", "-p", help="A prompt; repeat for several. Files are named by position (00000, 00001...)."),
+    prompts: Optional[Path] = typer.Option(
+        None, "--prompts", help="An I2P-style CSV: column 'prompt' (required); optional evaluation_seed/sd_seed, "
+        "evaluation_guidance/sd_guidance_scale (override --seed/--guidance for that row), erase_target "
+        "(';' or ','-separated: EXTENDS --erase for that row), case_number (names the files).",
+        dir_okay=False),
+    erase: Optional[list[str]] = typer.Option(
+        None, "--erase", "-e", help="A concept to erase (repeat for several). None: plain generation."),
+    scale: Optional[float] = typer.Option(
+        None, "--scale", help="Suppression scale w (< 0 erases). Default: the library's DEFAULT_ERASE_SCALE."),
+    allow_amplify: bool = typer.Option(False, "--allow-amplify", help="Allow a positive --scale (amplifies the concepts)."),
+    mode: Optional[str] = typer.Option(
+        None, "--mode", help="single (fast, one branch) or dual (the paper's: keeps the original layout, ~2x cost). "
+        "Default: the library's DEFAULT_ERASE_MODE."),
+    model: Optional[str] = typer.Option(
+        None, "--model", help="A diffusers SD 1.x/2.x/XL folder or hub id. Default: the bundled toy model."),
+    seed: int = typer.Option(0, "--seed", help="Seed of a prompt's first image; image k uses seed + k."),
+    steps: int = typer.Option(50, "--steps", help="Denoising steps."),
+    guidance: float = typer.Option(7.5, "--guidance", help="Classifier-free guidance scale."),
+    negative_prompt: Optional[str] = typer.Option(None, "--negative-prompt", help="Negative prompt for every image."),
+    images_per_prompt: int = typer.Option(1, "--images-per-prompt", help="Images per prompt."),
+    batch_size: int = typer.Option(1, "--batch-size", help="Images per pipeline call (does not change the images)."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda. Default: cuda if available."),
+    out: Optional[Path] = typer.Option(
+        None, "--out", "-o", file_okay=False,
+        help="Output folder; rerun with the same folder to resume. Default: outputs/<date-time>."),
+    skip_bad_rows: bool = typer.Option(False, "--skip-bad-rows", help="Warn about bad CSV rows and go on without them."),
+    ignore_erase_target: bool = typer.Option(
+        False, "--ignore-erase-target", help="Ignore the CSV's erase_target column (e.g. for a no-erasure baseline)."),
+    save_original: bool = typer.Option(
+        False, "--save-original", help="Also save the un-erased image of each erased one as NAME-original.png."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+) -> None:
+    """Generate images with concepts erased (EIUP); one PNG per image plus run.json.
+
+    Files are named CASE-K-seedSEED.png (CASE: the CSV case_number or the prompt position; K: the image index).
+
+    run.json records every setting, the model, library versions and the image list; manifest.jsonl records each finished image, so rerunning the same command with the same --out completes an interrupted run without redoing finished images.
+    """
+    # ---- validate everything that needs no model (and no torch import)
+    if prompt and prompts:
+        raise _bad("give either --prompt or --prompts, not both", "--prompt")
+    if not prompt and prompts is None:
+        raise _bad("give at least one --prompt TEXT, or --prompts FILE.csv", "--prompt")
+    if prompt and any(not p.strip() for p in prompt):
+        raise _bad("empty prompt", "--prompt")
+    concepts: list[str] = []
+    for c in erase or []:
+        if not c.strip():
+            raise _bad("empty concept", "--erase")
+        concepts.append(" ".join(c.split()))
+    concepts = list(dict.fromkeys(concepts))
+    if scale is not None:
+        if not math.isfinite(scale):
+            raise _bad(f"{scale} is not a finite number", "--scale")
+        if scale > 0 and not allow_amplify:
+            raise _bad(f"{scale} > 0 would amplify the concepts instead of erasing them; use a negative scale, "
+                       "or pass --allow-amplify if amplifying is what you want", "--scale")
+    if mode is not None:
+        mode = mode.strip().lower()
+        if mode not in MODES:
+            raise _bad(f"{mode!r} is not one of {', '.join(MODES)}", "--mode")
+    if steps < 1:
+        raise _bad(f"{steps} < 1", "--steps")
+    if not math.isfinite(guidance) or guidance < 0:
+        raise _bad(f"{guidance} must be a finite number >= 0", "--guidance")
+    if not 0 <= seed <= eio.MAX_SEED:
+        raise _bad(f"{seed} is outside [0, 2**64)", "--seed")
+    if images_per_prompt < 1:
+        raise _bad(f"{images_per_prompt} < 1", "--images-per-prompt")
+    if batch_size < 1:
+        raise _bad(f"{batch_size} < 1", "--batch-size")
+    if device is not None:
+        device = device.strip().lower()
+        if not (device == "cpu" or device == "cuda" or (device.startswith("cuda:") and device[5:].isdigit())):
+            raise _bad(f"{device!r} is not cpu or cuda", "--device")
+    out_given = out is not None
+    if out is None:
+        out = Path("outputs") / _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    elif out.exists() and not out.is_dir():
+        raise _bad(f"{out} exists and is not a folder", "--out")
+    if negative_prompt is not None and not negative_prompt.strip():
+        negative_prompt = None
+
+    if prompts is not None:
+        def warn_row(bad: eio.BadRow) -> None:
+            typer.echo(f"Warning: {prompts}: skipping {bad}", err=True)
+
+        try:
+            rows = eio.read_prompt_csv(prompts, skip_bad_rows=skip_bad_rows, on_bad_row=warn_row)
+        except eio.PromptFileError as e:
+            raise _bad(str(e), "--prompts") from None
+    else:
+        rows = eio.rows_from_prompts(prompt or [])
+
+    # ---- the model: checked from its configs, without loading weights
+    from eiup import models
+
+    try:
+        info = models.inspect_model(model)
+    except models.ModelLoadError as e:
+        raise _bad(str(e), "--model") from None
+    if info.source == "bundled":
+        typer.echo("Using the bundled toy model (64x64 synthetic shapes). For real images: "
+                   "--model /path/to/stable-diffusion-v1-5 or a hub id (with a GPU).", err=True)
+    if device is None:
+        device = models.default_device()
+    elif device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise _bad("CUDA is not available on this machine; use --device cpu", "--device")
+
+    default_scale, default_mode = _library_defaults()
+    settings = eio.GenerationSettings(
+        model=info.location, steps=steps, guidance=guidance, seed=seed, erase=tuple(concepts),
+        scale=default_scale if scale is None else float(scale), mode=mode or default_mode,
+        negative_prompt=negative_prompt, images_per_prompt=images_per_prompt,
+        save_original=save_original, use_row_erase=not ignore_erase_target, allow_amplify=allow_amplify,
+    )
+    try:
+        jobs = eio.plan_jobs(rows, settings)
+    except ValueError as e:
+        raise _bad(str(e), "--seed") from None
+    if save_original and not any(j.erase for j in jobs):
+        typer.echo("Warning: --save-original has no effect without concepts to erase.", err=True)
+
+    # ---- the output folder: refuse conflicts and skip finished work before loading the model
+    try:
+        with eio.OutputDir(out) as od:
+            todo = od.pending(jobs, settings)
+    except eio.OutputDirError as e:
+        raise _fail(str(e))
+    except OSError as e:
+        raise _bad(f"cannot use {out}: {e}", "--out") from None
+    done = len(jobs) - len(todo)
+    typer.echo(f"{len(jobs)} image(s) into {out}" + (f" ({done} already done)" if done else "")
+               + ("" if out_given else f" (if interrupted, rerun with --out {out} to resume)"), err=True)
+    if not todo:
+        typer.echo(f"Nothing to do: all {len(jobs)} images are in {out}.", err=True)
+        return
+
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()  # loading bars; ours counts images
+    transformers_logging.disable_progress_bar()
+    try:
+        pipe = models.load_pipeline(info, device=device)
+    except models.ModelLoadError as e:
+        raise _fail(str(e))
+    extra = {
+        "model": info.as_dict(),
+        "device": str(device),
+        "dtype": str(pipe.unet.dtype).replace("torch.", ""),
+        "batch_size": batch_size,
+        "pipeline_class": type(pipe).__name__,
+        "prompts_file": str(prompts.resolve()) if prompts is not None else None,
+        "command": sys.argv,
+    }
+    try:
+        report = eio.generate_to_dir(pipe, jobs, out, settings, batch_size=batch_size, progress=progress,
+                                     extra_record=extra)
+    except (eio.GenerationError, eio.OutputDirError) as e:
+        raise _fail(str(e))
+    except KeyboardInterrupt:
+        raise _fail(f"interrupted; rerun the same command to finish (finished images are kept in {out})", 130)
+    typer.echo(f"Generated {report.generated}, skipped {report.skipped} already done: {report.total} images in "
+               f"{out} (settings: {out / eio.RUN_RECORD_NAME})", err=True)

@@ -1,0 +1,91 @@
+"""`eiup toy ...`: train, inspect and measure the bundled toy-world model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(help="The bundled toy-world model: train it, detect concepts, report its quality.", no_args_is_help=True)
+
+WEIGHTS = Path(__file__).resolve().parent.parent / "toy" / "weights"
+
+
+@app.command()
+def train(
+    out: Annotated[Path, typer.Option(help="Work folder (data, checkpoints); rerun to resume.")] = Path("runs/toy"),
+    minutes: Annotated[float, typer.Option(help="UNet + text encoder training time budget.")] = 100.0,
+    vae_minutes: Annotated[float, typer.Option(help="VAE training time budget.")] = 8.0,
+    scenes: Annotated[int, typer.Option(help="Number of rendered training scenes.")] = 60_000,
+    seed: int = 0,
+    export_to: Annotated[Path | None, typer.Option(help="Pipeline folder to write (default OUT/pipeline).")] = None,
+) -> None:
+    """Train the toy Stable Diffusion pipeline from scratch on the CPU (resumable)."""
+    from ..toy.train import ToyTrainConfig, train_toy_model
+
+    if minutes <= 0 or vae_minutes <= 0 or scenes < 64:
+        raise typer.BadParameter("--minutes and --vae-minutes must be > 0 and --scenes >= 64")
+    cfg = ToyTrainConfig(n_scenes=scenes, vae_minutes=vae_minutes, unet_minutes=minutes, seed=seed)
+    dest = train_toy_model(out, cfg, export_to)
+    typer.echo(f"pipeline written to {dest}")
+
+
+@app.command("train-detector")
+def train_detector_cmd(
+    model: Annotated[Path, typer.Option(help="Toy pipeline folder whose VAE the detector learns to see through.")] = WEIGHTS / "pipeline",
+    out: Annotated[Path, typer.Option(help="Where to write the detector weights.")] = WEIGHTS / "detector.safetensors",
+    scenes: int = 30_000,
+    minutes: float = 8.0,
+    seed: int = 1,
+) -> None:
+    """Train the concept detector on renders passed through the toy VAE; prints its accuracy."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    from ..toy.detect import ConceptDetector, evaluate_detector, train_detector
+
+    vae = AutoencoderKL.from_pretrained(model / "vae", torch_dtype=torch.float32, use_safetensors=True).eval()
+    path = train_detector(vae, out, n_train=scenes, minutes=minutes, seed=seed)
+    report = evaluate_detector(ConceptDetector.load(path), vae)
+    typer.echo(json.dumps(report, indent=2))
+
+
+@app.command()
+def detect(
+    images: Annotated[list[Path], typer.Argument(help="PNG/JPEG images (64x64 toy images; others are resized).")],
+    detector: Annotated[Path | None, typer.Option(help="Detector weights (default: the bundled one).")] = None,
+) -> None:
+    """Print what the toy detector sees in each image (objects, their attributes, background)."""
+    from PIL import Image
+
+    from ..toy.detect import ConceptDetector
+
+    missing = [str(p) for p in images if not p.is_file()]
+    if missing:
+        raise typer.BadParameter(f"no such image file(s): {', '.join(missing)}", param_hint="IMAGES")
+    det = ConceptDetector.load(detector)
+    for path, d in zip(images, det.detect([Image.open(p).convert("RGB") for p in images])):
+        typer.echo(json.dumps({"image": str(path), **d.to_dict()}))
+
+
+@app.command()
+def report(
+    out: Annotated[Path, typer.Option(help="Folder for toy-quality.md, .json and the image grid.")] = Path("runs/toy-quality"),
+    model: Annotated[Path, typer.Option(help="Toy pipeline folder.")] = WEIGHTS / "pipeline",
+    seeds: Annotated[int, typer.Option(help="Seeds per prompt (held out: starting at --first-seed).")] = 20,
+    first_seed: int = 1000,
+    steps: int = 25,
+    guidance: float = 7.5,
+) -> None:
+    """Measure the toy model against its quality targets (detector-judged) and write a report."""
+    from ..models import load_pipeline
+    from ..toy.detect import ConceptDetector
+    from ..toy.quality import quality_report
+
+    pipe = load_pipeline(model)
+    pipe.set_progress_bar_config(disable=True)
+    rep = quality_report(pipe, ConceptDetector.load(), list(range(first_seed, first_seed + seeds)), steps, guidance, out)
+    typer.echo((out / "toy-quality.md").read_text())
+    typer.echo(json.dumps(rep.accuracy))

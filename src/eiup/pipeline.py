@@ -1,0 +1,647 @@
+"""Stable Diffusion pipelines that erase concepts at inference time (EIUP, arXiv 2408.01014).
+
+:class:`EIUPPipeline` and :class:`EIUPXLPipeline` are drop-in subclasses of diffusers'
+``StableDiffusionPipeline`` / ``StableDiffusionXLPipeline``: every argument of the parent's
+``__call__`` works unchanged, and a few keyword arguments add the erasure::
+
+    pipe = EIUPPipeline.from_pretrained(...)            # or eiup.from_pipe(existing_pipe)
+    out = pipe("a tomato", erase=["red"], erase_scale=-1.0, erase_mode="dual", return_original=True)
+    out.images, out.original_images
+
+For each call the pipeline encodes the concepts with its own ``encode_prompt`` (so SD 2.x,
+SDXL's two encoders, ``clip_skip`` and LoRA are treated exactly like the prompt), installs
+EIUP attention processors around the user's processors, advances the step index from
+``callback_on_step_end`` and restores the user's processors in ``finally``. The maths lives in
+:mod:`eiup.attention`.
+
+Modes:
+    ``"single"``: one branch; the concept term is added to its conditional cross-attention
+        rows. Cost: one extra attention over the 77 concept positions per cross-attention layer.
+    ``"dual"`` (the paper's setting): the batch holds the original and the erased branch,
+        started from identical initial latents. For the first ``cross_attn_fraction`` of the
+        steps the erased conditional rows take the original branch's cross-attention output
+        plus their own concept term; for the first ``self_attn_fraction`` of the steps, in
+        self-attention layers of at most ``self_attn_max_tokens`` tokens, they use the
+        original branch's self-attention maps. After the cross window the erased branch uses
+        its own M_P plus the concept term (``tail="suppress"``, default). ``tail="reference"``
+        imitates the authors' code, which after the window attends normally to "P + concepts",
+        i.e. lets the concepts act with a positive weight; we approximate it by the concept
+        term with weight +1 on every concept token (separate softmax). Cost: about twice a
+        plain generation; the original images come for free. The original branch equals the
+        plain pipeline up to batch-size numerics for deterministic schedulers (DDIM eta=0,
+        PNDM, Euler, DPM-Solver...); stochastic samplers draw different per-step noise because
+        the batch is twice as large. Step callbacks see both branches: tensors hold
+        ``[original..., erased...]`` along the batch (inside each CFG half for ``prompt_embeds``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from numbers import Real
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.loaders import TextualInversionLoaderMixin
+from diffusers.utils import BaseOutput
+from diffusers.utils.torch_utils import randn_tensor
+
+from .attention import ConceptAttentionRecorder, EraseContext, attention_layers, build_processors, token_scale_vector
+
+__all__ = [
+    "DEFAULT_ERASE_MODE",
+    "DEFAULT_ERASE_SCALE",
+    "EIUPPipeline",
+    "EIUPPipelineOutput",
+    "EIUPXLPipeline",
+    "ERASE_MODES",
+    "EraseConfig",
+    "EraseConfigError",
+    "TAILS",
+    "from_pipe",
+]
+
+DEFAULT_ERASE_SCALE: float = -1.0
+"""Suppression scale w used when ``erase_scale`` is not given (provisional; set by the benchmark)."""
+DEFAULT_ERASE_MODE: str = "single"
+"""Mode used when ``erase_mode`` is not given (provisional; set by the benchmark)."""
+ERASE_MODES = ("single", "dual")
+TAILS = ("suppress", "reference")
+
+
+class EraseConfigError(ValueError):
+    """An erasure argument is invalid; the message names the argument and the fix."""
+
+
+def _finite_number(value: Any, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise EraseConfigError(f"{name} must be a real number, got {value!r} ({type(value).__name__})")
+    value = float(value)
+    if not math.isfinite(value):
+        raise EraseConfigError(f"{name}={value} is not finite; pass a finite number such as {name}=-1.0")
+    return value
+
+
+@dataclass(frozen=True)
+class EraseConfig:
+    """Validated erasure settings of one call (the erasure keyword arguments of ``__call__``).
+
+    Construction normalises and validates everything and raises :class:`EraseConfigError`
+    (a ``ValueError``) naming the argument and the fix. ``dataclasses.replace`` re-validates.
+
+    Attributes:
+        erase: Concepts to erase: a string or a list of strings (stripped; ``()`` if none).
+        erase_scale: Suppression scale w, one float or one per concept (see :attr:`scales`).
+            ``None`` means :data:`DEFAULT_ERASE_SCALE`.
+        erase_mode: ``"single"`` or ``"dual"``; ``None`` means :data:`DEFAULT_ERASE_MODE`.
+        cross_attn_fraction: Dual mode: the first ``floor(f * steps)`` steps use the original
+            branch's prompt cross-attention output.
+        self_attn_fraction: Dual mode: the first ``floor(f * steps)`` steps use the original
+            branch's self-attention maps.
+        self_attn_max_tokens: Dual mode: largest self-attention layer (tokens) whose maps are
+            swapped. ``None``: latent_h * latent_w / 16 (16x16 for SD at 512 px). 0 disables.
+        tail: Dual mode, after the cross window: ``"suppress"`` (own M_P plus concept term) or
+            ``"reference"`` (the authors' code: concepts with positive weight +1).
+        allow_amplify: Allow positive scales (which amplify the concept instead of erasing it).
+    """
+
+    erase: str | Sequence[str] | None = None
+    erase_scale: float | Sequence[float] | None = None
+    erase_mode: str | None = None
+    cross_attn_fraction: float = 0.8
+    self_attn_fraction: float = 0.4
+    self_attn_max_tokens: int | None = None
+    tail: str = "suppress"
+    allow_amplify: bool = False
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__
+        set_(self, "erase", self._concepts(self.erase))
+        set_(self, "allow_amplify", bool(self.allow_amplify))
+        if isinstance(self.erase_scale, list):
+            set_(self, "erase_scale", tuple(self.erase_scale))
+        self._scales(self.erase_scale, len(self.erase))  # validates
+        mode = DEFAULT_ERASE_MODE if self.erase_mode is None else self.erase_mode
+        if mode not in ERASE_MODES:
+            raise EraseConfigError(f"erase_mode={mode!r} is unknown; use one of {ERASE_MODES}")
+        set_(self, "erase_mode", mode)
+        for name in ("cross_attn_fraction", "self_attn_fraction"):
+            value = _finite_number(getattr(self, name), name)
+            if not 0.0 <= value <= 1.0:
+                raise EraseConfigError(f"{name}={value} is outside [0, 1]; pass a fraction of the steps, e.g. {name}=0.5")
+            set_(self, name, value)
+        if self.self_attn_max_tokens is not None:
+            if isinstance(self.self_attn_max_tokens, bool) or not isinstance(self.self_attn_max_tokens, int) or self.self_attn_max_tokens < 0:
+                raise EraseConfigError(
+                    f"self_attn_max_tokens={self.self_attn_max_tokens!r} must be a non-negative int "
+                    "(tokens of the largest swapped self-attention layer) or None for latent_h*latent_w/16"
+                )
+        if self.tail not in TAILS:
+            raise EraseConfigError(f"tail={self.tail!r} is unknown; use one of {TAILS}")
+
+    @staticmethod
+    def _concepts(erase: Any) -> tuple[str, ...]:
+        if erase is None:
+            return ()
+        items = (erase,) if isinstance(erase, str) else erase
+        if not isinstance(items, (list, tuple)):
+            raise EraseConfigError(f"erase must be a string or a list of strings, got {type(erase).__name__}")
+        concepts = []
+        for i, item in enumerate(items):
+            if not isinstance(item, str):
+                raise EraseConfigError(f"erase[{i}]={item!r} is not a string; pass concepts as text, e.g. erase=['nudity']")
+            if not item.strip():
+                raise EraseConfigError(f"erase[{i}]={item!r} is empty or whitespace; remove it or give a word, e.g. erase=['nudity']")
+            concepts.append(item.strip())
+        return tuple(concepts)
+
+    def _scales(self, scale: Any, n: int) -> tuple[float, ...]:
+        scale = DEFAULT_ERASE_SCALE if scale is None else scale
+        if isinstance(scale, (list, tuple)):
+            if len(scale) != n:
+                raise EraseConfigError(
+                    f"erase_scale has {len(scale)} values but erase has {n} concepts; pass one scale per concept or a single float"
+                )
+            values = tuple(_finite_number(s, f"erase_scale[{i}]") for i, s in enumerate(scale))
+        else:
+            values = (_finite_number(scale, "erase_scale"),) * n
+        if not self.allow_amplify:
+            for i, v in enumerate(values):
+                if v > 0:
+                    raise EraseConfigError(
+                        f"erase_scale={v} (concept {i}) is positive, which amplifies the concept instead of erasing it; "
+                        "use a negative scale, or pass allow_amplify=True if amplification is intended"
+                    )
+        return values
+
+    @property
+    def concepts(self) -> tuple[str, ...]:
+        """The concepts to erase."""
+        return self.erase  # type: ignore[return-value]
+
+    @property
+    def scales(self) -> tuple[float, ...]:
+        """One scale per concept (:data:`DEFAULT_ERASE_SCALE` when ``erase_scale`` is ``None``)."""
+        return self._scales(self.erase_scale, len(self.erase))
+
+
+@dataclass
+class EIUPPipelineOutput(BaseOutput):
+    """Output of :class:`EIUPPipeline` / :class:`EIUPXLPipeline`.
+
+    Attributes:
+        images: The (erased) images, in the requested ``output_type``.
+        nsfw_content_detected: The safety checker's flags for ``images`` (SD 1.x/2.x only).
+        original_images: The un-erased images when ``return_original=True``.
+        heatmaps: ``{concept: float32 array (images, H, W) in [0, 1]}`` when ``return_heatmaps=True``.
+    """
+
+    images: Any
+    nsfw_content_detected: list[bool] | None = None
+    original_images: Any = None
+    heatmaps: dict[str, np.ndarray] | None = None
+
+
+def _split(x: Any, m: int) -> tuple[Any, Any]:
+    return (None, None) if x is None else (x[:m], x[m:])
+
+
+def _rng_snapshot(generator: Any, device: torch.device) -> Callable[[], None]:
+    """Return a function restoring the state of the generator(s) (or the global RNG) as of now."""
+    if generator is None:
+        cpu = torch.get_rng_state()
+        cuda = torch.cuda.get_rng_state_all() if device.type == "cuda" and torch.cuda.is_available() else None
+
+        def restore() -> None:
+            torch.set_rng_state(cpu)
+            if cuda is not None:
+                torch.cuda.set_rng_state_all(cuda)
+
+        return restore
+    gens = generator if isinstance(generator, list) else [generator]
+    states = [g.get_state() for g in gens]
+
+    def restore_gens() -> None:
+        for g, s in zip(gens, states):
+            g.set_state(s)
+
+    return restore_gens
+
+
+def _double(x: torch.Tensor | None) -> torch.Tensor | None:
+    return None if x is None else torch.cat([x, x], dim=0)
+
+
+class EIUPMixin:
+    """Erasure logic shared by :class:`EIUPPipeline` and :class:`EIUPXLPipeline`."""
+
+    _eiup_tuple_fields: tuple[str, ...] = ("images",)
+    _erase_context: EraseContext | None = None
+
+    @property
+    def erase_context(self) -> EraseContext | None:
+        """The :class:`~eiup.attention.EraseContext` of the running erasing call, else ``None``.
+
+        A ``callback_on_step_end`` can read it (``pipe.erase_context.step``) and change
+        ``token_scales`` between steps.
+        """
+        return self._erase_context
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        *args: Any,
+        erase: str | Sequence[str] | None = None,
+        erase_scale: float | Sequence[float] | None = None,
+        erase_mode: str | None = None,
+        cross_attn_fraction: float | None = None,
+        self_attn_fraction: float | None = None,
+        self_attn_max_tokens: int | None = None,
+        tail: str | None = None,
+        allow_amplify: bool | None = None,
+        erase_config: EraseConfig | None = None,
+        return_original: bool = False,
+        return_heatmaps: bool = False,
+        concept_recorder: ConceptAttentionRecorder | None = None,
+        **kwargs: Any,
+    ) -> EIUPPipelineOutput | tuple:
+        """Generate images with the concepts in ``erase`` suppressed.
+
+        All positional and keyword arguments of the parent pipeline's ``__call__`` are accepted
+        unchanged. Without concepts (``erase=None`` or ``[]``) the call is the parent's call.
+
+        Args:
+            erase: Concept(s) to erase, e.g. ``"nudity"`` or ``["red", "star"]``.
+            erase_scale: Suppression scale w (< 0), one float or one per concept.
+                Default :data:`DEFAULT_ERASE_SCALE`.
+            erase_mode: ``"single"`` (fast) or ``"dual"`` (paper). Default :data:`DEFAULT_ERASE_MODE`.
+            cross_attn_fraction: Dual mode cross-attention window (default 0.8).
+            self_attn_fraction: Dual mode self-attention window (default 0.4).
+            self_attn_max_tokens: Dual mode: largest swapped self-attention layer (default
+                latent_h * latent_w / 16).
+            tail: Dual mode behaviour after the cross window: ``"suppress"`` (default) or ``"reference"``.
+            allow_amplify: Accept positive scales.
+            erase_config: An :class:`EraseConfig`; the explicit arguments above override its fields.
+            return_original: Also return the un-erased images. Dual mode gets them from its
+                original branch; single mode runs one extra plain pass first, with the same
+                arguments and generator state (the user's step callback runs in both passes;
+                ``erase_context`` is ``None`` during the plain pass).
+            return_heatmaps: Return per-concept attention heatmaps of the erased images: the
+                concept tokens' attention, mean over heads, cross-attention layers and steps,
+                upsampled to the image size and min-max scaled to [0, 1] per image and concept
+                (uses an explicit softmax, so slower).
+            concept_recorder: Records mean concept-token attention per layer (GIE features).
+            *args: Positional arguments of the parent ``__call__``.
+            **kwargs: Keyword arguments of the parent ``__call__``. In dual mode the step
+                callback's tensors hold both branches (``[original..., erased...]``).
+
+        Returns:
+            :class:`EIUPPipelineOutput`, or with ``return_dict=False`` the parent's tuple followed
+            by ``original_images`` and ``heatmaps`` when requested.
+
+        Raises:
+            EraseConfigError: Invalid erasure arguments (raised before any model runs).
+        """
+        explicit = dict(
+            erase=erase,
+            erase_scale=erase_scale,
+            erase_mode=erase_mode,
+            cross_attn_fraction=cross_attn_fraction,
+            self_attn_fraction=self_attn_fraction,
+            self_attn_max_tokens=self_attn_max_tokens,
+            tail=tail,
+            allow_amplify=allow_amplify,
+        )
+        explicit = {k: v for k, v in explicit.items() if v is not None}
+        if erase_config is not None and not isinstance(erase_config, EraseConfig):
+            raise EraseConfigError(f"erase_config must be an EraseConfig, got {type(erase_config).__name__}")
+        config = dataclasses.replace(erase_config, **explicit) if erase_config is not None else EraseConfig(**explicit)
+        call = self._bind_call(args, kwargs)
+        return_dict = call.get("return_dict", True)
+        call["return_dict"] = True
+
+        if not config.concepts:
+            out = self._parent_call(call)
+            heat = {} if return_heatmaps else None
+            return self._finish(out.images, getattr(out, "nsfw_content_detected", None), out.images if return_original else None, heat, return_dict, return_original)
+
+        # ---- validation: everything before any model runs --------------------------------
+        self._check_unet()
+        spans = self._concept_spans(config.concepts)
+        height, width = self._resolve_hw(call)
+        vsf = self.vae_scale_factor
+        latent_size = (int(height) // vsf, int(width) // vsf)
+        max_tokens = config.self_attn_max_tokens
+        if max_tokens is None:
+            max_tokens = latent_size[0] * latent_size[1] // 16
+        user_cb = call.get("callback_on_step_end")
+        if isinstance(user_cb, (PipelineCallback, MultiPipelineCallbacks)):
+            call["callback_on_step_end_tensor_inputs"] = user_cb.tensor_inputs
+        dual = config.erase_mode == "dual"
+        self._check_call_inputs(call, height, width)
+
+        device = self._execution_device
+        self._guidance_scale = call["guidance_scale"]
+        cfg = bool(self.do_classifier_free_guidance)
+        lora_scale = (call.get("cross_attention_kwargs") or {}).get("scale")
+
+        original_images = None
+        if return_original and not dual:
+            restore_rng = _rng_snapshot(call.get("generator"), device)
+            original_images = self._parent_call(call).images
+            restore_rng()
+
+        # ---- per-call state ---------------------------------------------------------------
+        concept_embeds = self._encode_concepts(" ".join(config.concepts), device, lora_scale, call.get("clip_skip"))
+        token_scales = token_scale_vector(spans, config.scales, concept_embeds.shape[1], device=concept_embeds.device)
+        ctx = EraseContext(
+            concepts=config.concepts,
+            spans=spans,
+            concept_embeds=concept_embeds,
+            token_scales=token_scales,
+            mode=config.erase_mode,
+            cfg=cfg,
+            cross_attn_fraction=config.cross_attn_fraction,
+            self_attn_fraction=config.self_attn_fraction,
+            self_attn_max_tokens=max_tokens,
+            tail=config.tail,
+            latent_size=latent_size,
+            image_size=(int(height), int(width)),
+            num_steps=lambda: self._num_timesteps,
+            return_heatmaps=return_heatmaps,
+            recorder=concept_recorder,
+        )
+
+        def step_end(pipe: Any, i: int, t: Any, cb_kwargs: dict[str, Any]) -> dict[str, Any]:
+            result = user_cb(pipe, i, t, cb_kwargs) if user_cb is not None else cb_kwargs
+            ctx.step = i + 1
+            return result
+
+        call["callback_on_step_end"] = step_end
+        m = None
+        if dual:
+            m = self._dual_call(call, device, cfg, lora_scale, height, width)
+
+        # ---- run with EIUP processors, always restoring the user's ---------------------------
+        unet = self.unet
+        originals = unet.attn_processors
+        previous_ctx = self._erase_context
+        unet.set_attn_processor(build_processors(unet, ctx, originals))
+        self._erase_context = ctx
+        try:
+            out = self._parent_call(call)
+        finally:
+            unet.set_attn_processor(dict(originals))
+            self._erase_context = previous_ctx
+
+        images, nsfw = out.images, getattr(out, "nsfw_content_detected", None)
+        if dual:
+            original_images, images = _split(images, m)
+            _, nsfw = _split(nsfw, m)
+            if not return_original:
+                original_images = None
+        heat = ctx.heatmaps() if return_heatmaps else None
+        return self._finish(images, nsfw, original_images, heat, return_dict, return_original)
+
+    # ---- helpers ---------------------------------------------------------------------------
+    def _parent_call(self, call: dict[str, Any]) -> Any:
+        return super().__call__(**call)  # type: ignore[misc]
+
+    def _bind_call(self, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """All arguments of the parent ``__call__`` by name, defaults filled in."""
+        sig = inspect.signature(super().__call__)  # type: ignore[misc]
+        bound = sig.bind(*args, **kwargs)
+        bound.apply_defaults()
+        call: dict[str, Any] = {}
+        for name, value in bound.arguments.items():
+            kind = sig.parameters[name].kind
+            if kind is inspect.Parameter.VAR_KEYWORD:
+                call.update(value)
+            elif kind is inspect.Parameter.VAR_POSITIONAL:
+                if value:
+                    raise TypeError(f"unexpected positional arguments {value!r}")
+            else:
+                call[name] = value
+        return call
+
+    def _finish(self, images, nsfw, original_images, heatmaps, return_dict: bool, return_original: bool):
+        out = EIUPPipelineOutput(
+            images=images, nsfw_content_detected=nsfw, original_images=original_images, heatmaps=heatmaps
+        )
+        if return_dict:
+            return out
+        result = tuple(getattr(out, f) for f in self._eiup_tuple_fields)
+        if return_original:
+            result += (original_images,)
+        if heatmaps is not None:
+            result += (heatmaps,)
+        return result
+
+    def _check_unet(self) -> None:
+        layers = attention_layers(self.unet)
+        cross = [name for name, (_, is_cross) in layers.items() if is_cross]
+        if not cross:
+            raise EraseConfigError(
+                "erase: the UNet has no cross-attention layers, so the concepts cannot be attached; "
+                "use a text-conditioned UNet2DConditionModel (cross_attention_dim set) or call without erase"
+            )
+        for name in cross:
+            attn = layers[name][0]
+            if getattr(attn, "added_kv_proj_dim", None) is not None or not hasattr(attn, "to_out"):
+                raise EraseConfigError(f"erase: cross-attention layer {name} ({type(attn).__name__}) is not supported")
+
+    def _concept_spans(self, concepts: Sequence[str]) -> list[list[int]]:
+        """Token positions of each concept in the joint encoding of ``" ".join(concepts)`` (BOS at 0)."""
+        tok = self.tokenizer if getattr(self, "tokenizer", None) is not None else getattr(self, "tokenizer_2", None)
+        if tok is None:
+            raise EraseConfigError("erase: the pipeline has no tokenizer to encode the concepts; load one")
+        texts = [self.maybe_convert_prompt(c, tok) if isinstance(self, TextualInversionLoaderMixin) else c for c in concepts]
+        limit = tok.model_max_length - 2
+        counts = []
+        for c, text in zip(concepts, texts):
+            n = len(tok(text, add_special_tokens=False).input_ids)
+            if n == 0:
+                raise EraseConfigError(f"erase: concept {c!r} gives no tokens; use a word the tokenizer knows")
+            if n > limit:
+                raise EraseConfigError(
+                    f"erase: concept {c!r} is {n} tokens long, more than the {limit} the text encoder holds "
+                    f"(model_max_length {tok.model_max_length} minus BOS/EOS); shorten it"
+                )
+            counts.append(n)
+        joined = " ".join(texts)
+        total = len(tok(joined, add_special_tokens=False).input_ids)
+        if total > limit:
+            raise EraseConfigError(
+                f"erase: the concepts together are {total} tokens, more than the {limit} the text encoder holds "
+                f"(model_max_length {tok.model_max_length} minus BOS/EOS); erase fewer or shorter concepts per call"
+            )
+        spans: list[list[int]] | None = None
+        try:
+            offsets = tok(joined, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+            lo, spans = 0, []
+            for text in texts:
+                hi = lo + len(text)
+                spans.append([1 + j for j, (s, e) in enumerate(offsets) if e > s and s >= lo and e <= hi])
+                lo = hi + 1
+            if any(not s for s in spans) or sum(map(len, spans)) != total:
+                spans = None
+        except (NotImplementedError, TypeError, KeyError, ValueError):
+            spans = None
+        if spans is None:  # slow tokenizers: concepts tokenise independently (CLIP splits on spaces)
+            starts = np.cumsum([1] + counts[:-1])
+            spans = [list(range(int(s), int(s) + n)) for s, n in zip(starts, counts)]
+        return spans
+
+    def _check_call_inputs(self, call: dict[str, Any], height: int, width: int) -> None:
+        """Run the parent's ``check_inputs`` on the user's arguments before any model work."""
+        values = {**call, "height": height, "width": width, "callback_steps": call.get("callback_steps")}
+        params = inspect.signature(self.check_inputs).parameters  # type: ignore[attr-defined]
+        self.check_inputs(**{name: values.get(name) for name in params})  # type: ignore[attr-defined]
+
+    def _prepare_dual_latents(self, call: dict[str, Any], m: int, device, dtype, height, width) -> None:
+        """Initial noise drawn once as the plain pipeline would, duplicated for both branches."""
+        generator = call.get("generator")
+        latents = call.get("latents")
+        if latents is None:
+            if isinstance(generator, list) and len(generator) != m:
+                raise ValueError(
+                    f"You have passed a list of generators of length {len(generator)}, but requested an effective batch"
+                    f" size of {m}. Make sure the batch size matches the length of the generators."
+                )
+            shape = (m, self.unet.config.in_channels, int(height) // self.vae_scale_factor, int(width) // self.vae_scale_factor)
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+        call["latents"] = _double(latents.to(device))
+        if isinstance(generator, list):
+            call["generator"] = generator + generator
+
+    # ---- per-family hooks ------------------------------------------------------------------
+    def _resolve_hw(self, call: dict[str, Any]) -> tuple[int, int]:
+        raise NotImplementedError
+
+    def _encode_concepts(self, text: str, device, lora_scale, clip_skip) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _dual_call(self, call: dict[str, Any], device, cfg: bool, lora_scale, height, width) -> int:
+        raise NotImplementedError
+
+
+class EIUPPipeline(EIUPMixin, StableDiffusionPipeline):
+    """``StableDiffusionPipeline`` (SD 1.x / 2.x) with inference-time concept erasure.
+
+    See :meth:`EIUPMixin.__call__` for the erasure arguments; everything else is the parent's.
+    """
+
+    _eiup_tuple_fields = ("images", "nsfw_content_detected")
+
+    def _resolve_hw(self, call):
+        height, width = call.get("height"), call.get("width")
+        if not height or not width:
+            size = self.unet.config.sample_size
+            h, w = (size, size) if isinstance(size, int) else (size[0], size[1])
+            height, width = h * self.vae_scale_factor, w * self.vae_scale_factor
+        return height, width
+
+    def _encode_concepts(self, text, device, lora_scale, clip_skip):
+        embeds, _ = self.encode_prompt(text, device, 1, False, lora_scale=lora_scale, clip_skip=clip_skip)
+        return embeds
+
+    def _dual_call(self, call, device, cfg, lora_scale, height, width):
+        pe, ne = self.encode_prompt(
+            call["prompt"],
+            device,
+            call["num_images_per_prompt"],
+            cfg,
+            call["negative_prompt"],
+            prompt_embeds=call["prompt_embeds"],
+            negative_prompt_embeds=call["negative_prompt_embeds"],
+            lora_scale=lora_scale,
+            clip_skip=call["clip_skip"],
+        )
+        call.update(
+            prompt=None,
+            negative_prompt=None,
+            prompt_embeds=_double(pe),
+            negative_prompt_embeds=_double(ne) if cfg else None,
+            num_images_per_prompt=1,
+        )
+        self._prepare_dual_latents(call, pe.shape[0], device, pe.dtype, height, width)
+        return pe.shape[0]
+
+
+class EIUPXLPipeline(EIUPMixin, StableDiffusionXLPipeline):
+    """``StableDiffusionXLPipeline`` with inference-time concept erasure.
+
+    E_C is the concatenation of both text encoders' hidden states, exactly like the prompt's.
+    See :meth:`EIUPMixin.__call__` for the erasure arguments; everything else is the parent's.
+    """
+
+    _eiup_tuple_fields = ("images",)
+
+    def _resolve_hw(self, call):
+        height = call.get("height") or self.default_sample_size * self.vae_scale_factor
+        width = call.get("width") or self.default_sample_size * self.vae_scale_factor
+        return height, width
+
+    def _encode_concepts(self, text, device, lora_scale, clip_skip):
+        return self.encode_prompt(
+            prompt=text,
+            device=device,
+            num_images_per_prompt=1,
+            do_classifier_free_guidance=False,
+            lora_scale=lora_scale,
+            clip_skip=clip_skip,
+        )[0]
+
+    def _dual_call(self, call, device, cfg, lora_scale, height, width):
+        pe, ne, ppe, nppe = self.encode_prompt(
+            prompt=call["prompt"],
+            prompt_2=call["prompt_2"],
+            device=device,
+            num_images_per_prompt=call["num_images_per_prompt"],
+            do_classifier_free_guidance=cfg,
+            negative_prompt=call["negative_prompt"],
+            negative_prompt_2=call["negative_prompt_2"],
+            prompt_embeds=call["prompt_embeds"],
+            negative_prompt_embeds=call["negative_prompt_embeds"],
+            pooled_prompt_embeds=call["pooled_prompt_embeds"],
+            negative_pooled_prompt_embeds=call["negative_pooled_prompt_embeds"],
+            lora_scale=lora_scale,
+            clip_skip=call["clip_skip"],
+        )
+        call.update(
+            prompt=None,
+            prompt_2=None,
+            negative_prompt=None,
+            negative_prompt_2=None,
+            prompt_embeds=_double(pe),
+            pooled_prompt_embeds=_double(ppe),
+            negative_prompt_embeds=_double(ne) if cfg else None,
+            negative_pooled_prompt_embeds=_double(nppe) if cfg else None,
+            num_images_per_prompt=1,
+        )
+        self._prepare_dual_latents(call, pe.shape[0], device, pe.dtype, height, width)
+        return pe.shape[0]
+
+
+def from_pipe(pipe: Any, **kwargs: Any) -> EIUPPipeline | EIUPXLPipeline:
+    """Wrap an existing SD / SDXL pipeline's components (shared, not copied) in the EIUP class.
+
+    Args:
+        pipe: A diffusers Stable Diffusion (1.x/2.x) or SDXL pipeline.
+        **kwargs: Passed to diffusers' ``DiffusionPipeline.from_pipe`` (e.g. a replacement scheduler).
+
+    Returns:
+        An :class:`EIUPXLPipeline` for SDXL pipelines, else an :class:`EIUPPipeline`.
+    """
+    components = getattr(pipe, "components", {})
+    is_xl = isinstance(pipe, StableDiffusionXLPipeline) or "text_encoder_2" in components
+    cls = EIUPXLPipeline if is_xl else EIUPPipeline
+    if "torch_dtype" not in kwargs and "dtype" not in kwargs:
+        kwargs["dtype"] = pipe.dtype  # diffusers' from_pipe otherwise casts shared modules to float32
+    return cls.from_pipe(pipe, **kwargs)

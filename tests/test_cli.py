@@ -1,0 +1,291 @@
+"""`eiup generate` end to end on a tiny random pipeline saved as safetensors (no downloads)."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from eiup import io as eio
+from eiup import models
+from eiup.cli import app
+
+STEPS = "2"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The test machine is shared: one torch thread is much faster than oversubscribed cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    from eiup.testing import tiny_pipeline
+
+    root = tmp_path_factory.mktemp("cli-model")
+    tiny_pipeline("sd1", tmpdir=root / "tok", plain=True).save_pretrained(root / "sd1", safe_serialization=True)
+    return root / "sd1"
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(app, [str(a) for a in args], env={"TERMINAL_WIDTH": "400"})
+
+
+def flat(text: str) -> str:
+    return re.sub(r"[\s│╭╮╰╯─]+", " ", text)
+
+
+def pixels(path: Path) -> np.ndarray:
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB")).astype(np.int16)
+
+
+def write_csv(path: Path, rows: list[str], header: str = "case_number,prompt,evaluation_seed,erase_target") -> Path:
+    path.write_text(header + "\n" + "\n".join(rows) + "\n")
+    return path
+
+
+@pytest.fixture
+def count_calls(monkeypatch):
+    """Record the prompts of every pipeline call made by the CLI."""
+    calls: list[list[str]] = []
+    real_load = models.load_pipeline
+
+    def load(*args, **kwargs):
+        pipe = real_load(*args, **kwargs)
+        cls = type(pipe)
+        original = cls.__call__
+        if getattr(original, "counted", False):  # already wrapped by an earlier load in this test
+            return pipe
+
+        @functools.wraps(original)
+        def counted(self, *a, **kw):
+            calls.append(list(kw["prompt"]))
+            return original(self, *a, **kw)
+
+        counted.counted = True
+        monkeypatch.setattr(cls, "__call__", counted)
+        return pipe
+
+    monkeypatch.setattr(models, "load_pipeline", load)
+    return calls
+
+
+def test_help_lists_commands():
+    res = invoke("--help")
+    assert res.exit_code == 0
+    for cmd in ("generate", "toy", "bench"):
+        assert cmd in res.output
+
+
+@pytest.mark.parametrize(
+    "args, option, text",
+    [
+        ([], "--prompt", "give at least one --prompt"),
+        (["--prompt", "  "], "--prompt", "empty prompt"),
+        (["--prompt", "x", "--scale", "nan"], "--scale", "not a finite number"),
+        (["--prompt", "x", "--scale", "0.5"], "--scale", "--allow-amplify"),
+        (["--prompt", "x", "--mode", "triple"], "--mode", "not one of single, dual"),
+        (["--prompt", "x", "--erase", "red", "--erase", " "], "--erase", "empty concept"),
+        (["--prompt", "x", "--steps", "0"], "--steps", "0 < 1"),
+        (["--prompt", "x", "--guidance", "-1"], "--guidance", ">= 0"),
+        (["--prompt", "x", "--guidance", "inf"], "--guidance", "finite"),
+        (["--prompt", "x", "--seed", "-3"], "--seed", "outside"),
+        (["--prompt", "x", "--images-per-prompt", "0"], "--images-per-prompt", "0 < 1"),
+        (["--prompt", "x", "--batch-size", "0"], "--batch-size", "0 < 1"),
+        (["--prompt", "x", "--device", "tpu"], "--device", "not cpu or cuda"),
+    ],
+)
+def test_arguments_are_checked_before_the_model(monkeypatch, args, option, text):
+    def forbidden(*a, **k):
+        raise AssertionError("the model must not be touched before the arguments are checked")
+
+    monkeypatch.setattr(models, "inspect_model", forbidden)
+    monkeypatch.setattr(models, "load_pipeline", forbidden)
+    res = invoke("generate", *args)
+    assert res.exit_code == 2, res.output
+    out = flat(res.output)
+    assert f"Invalid value for '{option}'" in out and text in out, out
+
+
+def test_bad_csv_rows_are_listed_before_loading(tmp_path, monkeypatch, model_dir, count_calls):
+    csv_path = write_csv(tmp_path / "p.csv", ["1,a red star,1,", "2,,2,", "3,a lemon,x,", "4,a bee,4,"])
+    res = invoke("generate", "--prompts", csv_path, "--model", model_dir, "--out", tmp_path / "o")
+    assert res.exit_code == 2
+    out = flat(res.output)
+    assert "Invalid value for '--prompts'" in out
+    assert "line 3: empty prompt" in out and "line 4: seed 'x' is not an integer" in out
+    assert count_calls == [] and not (tmp_path / "o").exists()
+
+    res = invoke("generate", "--prompts", csv_path, "--model", model_dir, "--out", tmp_path / "o",
+                 "--steps", STEPS, "--skip-bad-rows", "--no-progress")
+    assert res.exit_code == 0, res.output
+    assert "skipping line 3: empty prompt" in res.output and "skipping line 4" in res.output
+    assert sorted(p.name for p in (tmp_path / "o").glob("*.png")) == ["00001-00-seed1.png", "00004-00-seed4.png"]
+
+
+def test_model_problems_name_the_option(tmp_path, monkeypatch):
+    res = invoke("generate", "--prompt", "x", "--model", tmp_path / "nope")
+    assert res.exit_code == 2 and "Invalid value for '--model'" in flat(res.output)
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "model.ckpt").write_bytes(b"not really")
+    res = invoke("generate", "--prompt", "x", "--model", tmp_path / "m")
+    assert res.exit_code == 2 and "no model_index.json" in flat(res.output) and "pickled" in flat(res.output)
+    monkeypatch.setattr(models, "default_model_path", lambda: tmp_path / "absent")
+    res = invoke("generate", "--prompt", "x")
+    out = flat(res.output)
+    assert res.exit_code == 2 and "bundled toy model is missing" in out and "--model /path/to/stable-diffusion-v1-5" in out
+
+
+def test_plain_generation_files_and_record(tmp_path, monkeypatch, model_dir):
+    monkeypatch.setattr(models, "default_model_path", lambda: model_dir)  # stands in for the bundled toy
+    out = tmp_path / "out"
+    res = invoke("generate", "-p", "a red star", "-p", "a blue heart", "--images-per-prompt", "2", "--seed", "5",
+                 "--steps", STEPS, "--guidance", "3", "--batch-size", "3", "--out", out, "--no-progress")
+    assert res.exit_code == 0, res.output
+    assert "Using the bundled toy model" in res.output and "--model /path/to/stable-diffusion-v1-5" in res.output
+    names = sorted(p.name for p in out.glob("*.png"))
+    assert names == ["00000-00-seed5.png", "00000-01-seed6.png", "00001-00-seed5.png", "00001-01-seed6.png"]
+    for n in names:
+        with Image.open(out / n) as im:
+            im.load()
+            assert im.size == (32, 32)
+    assert not np.array_equal(pixels(out / names[0]), pixels(out / names[1]))  # seeds differ
+    rec = json.loads((out / "run.json").read_text())
+    assert rec["status"] == "complete" and rec["images_done"] == 4
+    s = rec["settings"]
+    assert (s["model"], s["erase"], s["seed"], s["steps"], s["guidance"]) == (str(model_dir), [], 5, 2, 3.0)
+    assert "scale" in s and s["mode"] in ("single", "dual")
+    assert rec["model"]["source"] == "bundled" and rec["pipeline_class"] == "EIUPPipeline"
+    assert {"torch", "diffusers", "transformers", "eiup"} <= set(rec["versions"])
+    assert [(i["file"], i["prompt"], i["seed"]) for i in rec["images"]] == [
+        ("00000-00-seed5.png", "a red star", 5), ("00000-01-seed6.png", "a red star", 6),
+        ("00001-00-seed5.png", "a blue heart", 5), ("00001-01-seed6.png", "a blue heart", 6)]
+
+
+def test_resume_regenerates_only_the_missing_image(tmp_path, model_dir, count_calls, monkeypatch):
+    csv_path = write_csv(tmp_path / "p.csv", [f"{c},a {w} star,{c * 10}," for c, w in
+                                              [(3, "red"), (4, "blue"), (8, "green"), (9, "purple")]])
+    out = tmp_path / "out"
+    args = ["generate", "--prompts", csv_path, "--model", model_dir, "--steps", STEPS, "--out", out, "--no-progress"]
+    assert invoke(*args).exit_code == 0
+    assert len(count_calls) == 4
+    files = sorted(out.glob("*.png"))
+    assert [f.name for f in files] == ["00003-00-seed30.png", "00004-00-seed40.png", "00008-00-seed80.png",
+                                       "00009-00-seed90.png"]
+    before = {f.name: (f.stat().st_mtime_ns, f.stat().st_ino, f.read_bytes()) for f in files}
+    (out / "00008-00-seed80.png").unlink()
+
+    count_calls.clear()
+    res = invoke(*args)
+    assert res.exit_code == 0, res.output
+    assert count_calls == [["a green star"]]  # one call, for the deleted image only
+    assert "Generated 1, skipped 3" in res.output
+    after = {f.name: (f.stat().st_mtime_ns, f.stat().st_ino, f.read_bytes()) for f in sorted(out.glob("*.png"))}
+    assert after.keys() == before.keys()
+    for name in before:
+        if name != "00008-00-seed80.png":
+            assert after[name] == before[name]  # untouched
+    assert after["00008-00-seed80.png"][2] == before["00008-00-seed80.png"][2]  # same seed, same pixels
+
+    # everything done: the rerun does not even load the model
+    monkeypatch.setattr(models, "load_pipeline", lambda *a, **k: pytest.fail("model loaded for nothing"))
+    res = invoke(*args)
+    assert res.exit_code == 0 and "Nothing to do" in res.output
+
+    # other settings into the same folder: refused, nothing overwritten
+    res = invoke(*args[:-1], "--erase", "red", "--no-progress")
+    assert res.exit_code == 1 and "other settings" in res.output and "nothing was overwritten" in res.output
+    assert {f.name: f.read_bytes() for f in out.glob("*.png")} == {k: v[2] for k, v in after.items()}
+
+
+def test_erase_changes_the_image_and_original_is_the_plain_one(tmp_path, model_dir):
+    common = ["-p", "a red star", "--model", model_dir, "--steps", STEPS, "--seed", "3", "--no-progress"]
+    assert invoke("generate", *common, "--out", tmp_path / "plain").exit_code == 0
+    res = invoke("generate", *common, "--erase", "red", "--scale", "-4", "--save-original", "--out", tmp_path / "er")
+    assert res.exit_code == 0, res.output
+    plain = pixels(tmp_path / "plain" / "00000-00-seed3.png")
+    erased = pixels(tmp_path / "er" / "00000-00-seed3.png")
+    original = pixels(tmp_path / "er" / "00000-00-seed3-original.png")
+    assert np.abs(erased - plain).max() > 0
+    assert np.abs(original - plain).max() <= 1  # the un-erased branch is the plain image
+    rec = json.loads((tmp_path / "er" / "run.json").read_text())
+    assert rec["settings"]["erase"] == ["red"] and rec["settings"]["scale"] == -4.0
+    assert rec["images"][0]["original_file"] == "00000-00-seed3-original.png"
+
+
+def test_csv_erase_target_extends_erase(tmp_path, model_dir):
+    csv_path = write_csv(tmp_path / "p.csv", ["0,a red star,1,star", "1,a red heart,2,"])
+    out = tmp_path / "out"
+    res = invoke("generate", "--prompts", csv_path, "--model", model_dir, "--steps", STEPS, "--erase", "red",
+                 "--out", out, "--no-progress")
+    assert res.exit_code == 0, res.output
+    rec = json.loads((out / "run.json").read_text())
+    assert [i["erase"] for i in rec["images"]] == [["red", "star"], ["red"]]
+    res = invoke("generate", "--prompts", csv_path, "--model", model_dir, "--steps", STEPS,
+                 "--ignore-erase-target", "--out", tmp_path / "base", "--no-progress")
+    assert res.exit_code == 0
+    rec = json.loads((tmp_path / "base" / "run.json").read_text())
+    assert [i["erase"] for i in rec["images"]] == [[], []]
+
+
+def test_killed_run_resumes_without_duplicates(tmp_path, model_dir, count_calls):
+    """SIGKILL a real `eiup generate` process after its first image, rerun, check the set."""
+    n = 10
+    csv_path = write_csv(tmp_path / "p.csv", [f"{i},a {'red' if i % 2 else 'blue'} star {i},{i}," for i in range(n)])
+    out = tmp_path / "out"
+    args = ["generate", "--prompts", str(csv_path), "--model", str(model_dir), "--steps", "12", "--out", str(out),
+            "--erase", "red", "--no-progress"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-c", "from eiup.cli import main; main()", *args], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while not list(out.glob("*.png")):
+            if proc.poll() is not None:
+                pytest.fail(f"generate exited early ({proc.returncode}): {proc.stderr.read().decode()[-2000:]}")
+            if time.monotonic() > deadline:
+                pytest.fail("no image after 120 s")
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL
+    done_before = {p.name for p in out.glob("*.png")}
+    assert 1 <= len(done_before) < n, "the run finished before it could be killed"
+    assert json.loads((out / "run.json").read_text())["status"] == "running"
+
+    res = invoke(*args)
+    assert res.exit_code == 0, res.output
+    made = [p[0] for p in count_calls]
+    assert len(made) == len(set(made)) == n - len(done_before)  # every finished image kept, none made twice
+    assert not {m.split()[-1] for m in made} & {name.split("-")[0].lstrip("0") or "0" for name in done_before}
+    expected = [f"{i:05d}-00-seed{i}.png" for i in range(n)]
+    assert sorted(p.name for p in out.glob("*.png")) == expected
+    assert not [p for p in out.iterdir() if p.name.startswith(eio.TMP_PREFIX)]
+    for name in expected:
+        assert eio.png_is_valid(out / name), name
+    manifest = eio.read_jsonl(out / eio.MANIFEST_NAME)
+    assert sorted(r["file"] for r in manifest) == expected  # one record per image, no duplicates
+    rec = json.loads((out / "run.json").read_text())
+    assert rec["status"] == "complete" and rec["images_done"] == n
