@@ -234,6 +234,8 @@ class EraseContext:
         num_steps: Any,
         return_heatmaps: bool = False,
         recorder: ConceptAttentionRecorder | None = None,
+        gate: str | None = None,
+        gate_threshold: float = 0.4,
     ):
         self.concepts = tuple(concepts)
         self.spans = [list(s) for s in spans]
@@ -251,6 +253,9 @@ class EraseContext:
         self._num_steps: int | None = None
         self.return_heatmaps = return_heatmaps
         self.recorder = recorder
+        self.gate = gate
+        self.gate_threshold = gate_threshold
+        self.predicted_scales: dict[str, np.ndarray] | None = None
         self.step = 0
         self.kv_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.kv_computations = 0
@@ -338,7 +343,8 @@ class EraseContext:
     @property
     def wants_probs(self) -> bool:
         """Whether this step needs the explicit concept attention matrix."""
-        return self.return_heatmaps or (self.recorder is not None and self.step in self.recorder.steps)
+        return self.gate is not None or self.return_heatmaps or (
+            self.recorder is not None and self.step in self.recorder.steps)
 
     def observe(self, name: str, probs: torch.Tensor) -> None:
         """Accumulate heatmaps / recorder features from one layer's M_C (B, heads, L, T)."""
@@ -496,6 +502,11 @@ class EIUPCrossAttnProcessor(_EIUPProcessor):
             ctx.observe(self.name, probs)
             if not need_term:
                 return out
+            if ctx.gate is not None:
+                from .scale import presence_gate, token_gate
+
+                gate = presence_gate(concept_mass(probs.float(), ctx.spans), ctx.gate_threshold)
+                probs = probs * token_gate(gate, ctx.spans, probs.shape[-1])[:, None].to(probs.dtype)
             term = concept_term_from_probs(probs, v_scaled)
         else:
             term = concept_term(q, k_c, v_scaled, attn.scale)

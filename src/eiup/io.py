@@ -421,8 +421,9 @@ class GenerationSettings:
     guidance: float = 7.5
     seed: int = 0
     erase: tuple[str, ...] = ()
-    scale: float = -1.0
+    scale: float | str = -1.0  # a number, or "auto" (calibrated per image)
     mode: str = "single"
+    gate: str | None = None
     negative_prompt: str | None = None
     images_per_prompt: int = 1
     save_original: bool = False
@@ -466,6 +467,7 @@ class ImageJob:
             "erase": list(self.erase),
             "scale": settings.scale if erasing else None,
             "mode": settings.mode if erasing else None,
+            **({"gate": settings.gate} if erasing and settings.gate else {}),
             "original": bool(settings.save_original and erasing),
         }
 
@@ -852,6 +854,8 @@ def generate_to_dir(
                     want_original = bool(settings.save_original and batch[0].erase)
                     if batch[0].erase:
                         kwargs.update(erase=list(batch[0].erase), erase_scale=settings.scale, erase_mode=settings.mode)
+                        if settings.gate:
+                            kwargs["gate"] = settings.gate
                         if settings.allow_amplify:
                             kwargs["allow_amplify"] = True
                         if want_original:

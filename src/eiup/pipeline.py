@@ -71,8 +71,12 @@ DEFAULT_ERASE_SCALE: float = -1.0
 """Suppression scale w used when ``erase_scale`` is not given (provisional; set by the benchmark)."""
 DEFAULT_ERASE_MODE: str = "single"
 """Mode used when ``erase_mode`` is not given (provisional; set by the benchmark)."""
+DEFAULT_GATE: str | None = None
+"""Gate used by the CLI when ``--gate/--no-gate`` is not given (provisional; set by the benchmark)."""
 ERASE_MODES = ("single", "dual")
 TAILS = ("suppress", "reference")
+GATES = ("presence",)
+AUTO = "auto"
 
 
 class EraseConfigError(ValueError):
@@ -109,6 +113,14 @@ class EraseConfig:
         tail: Dual mode, after the cross window: ``"suppress"`` (own M_P plus concept term) or
             ``"reference"`` (the authors' code: concepts with positive weight +1).
         allow_amplify: Allow positive scales (which amplify the concept instead of erasing it).
+        gate: ``None`` or ``"presence"``: weight the concept term per pixel by how strongly the
+            pixel attends to the concept compared with the rest of the image (see
+            :func:`eiup.scale.presence_gate`), so regions without the concept are left alone.
+        gate_threshold: Presence gate: relative concept attention (to the image's maximum)
+            below which a pixel is not suppressed, in [0, 1).
+
+    ``erase_scale="auto"`` predicts one scale per image and concept from the concept's
+    attention at the first step, with a predictor calibrated by ``eiup calibrate``.
     """
 
     erase: str | Sequence[str] | None = None
@@ -119,6 +131,8 @@ class EraseConfig:
     self_attn_max_tokens: int | None = None
     tail: str = "suppress"
     allow_amplify: bool = False
+    gate: str | None = None
+    gate_threshold: float = 0.4
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -144,6 +158,12 @@ class EraseConfig:
                 )
         if self.tail not in TAILS:
             raise EraseConfigError(f"tail={self.tail!r} is unknown; use one of {TAILS}")
+        if self.gate is not None and self.gate not in GATES:
+            raise EraseConfigError(f"gate={self.gate!r} is unknown; use None or one of {GATES}")
+        threshold = _finite_number(self.gate_threshold, "gate_threshold")
+        if not 0.0 <= threshold < 1.0:
+            raise EraseConfigError(f"gate_threshold={threshold} is outside [0, 1); e.g. gate_threshold=0.4")
+        set_(self, "gate_threshold", threshold)
 
     @staticmethod
     def _concepts(erase: Any) -> tuple[str, ...]:
@@ -161,8 +181,17 @@ class EraseConfig:
             concepts.append(item.strip())
         return tuple(concepts)
 
+    @property
+    def auto(self) -> bool:
+        """Whether the scale is predicted per image (``erase_scale="auto"``)."""
+        return isinstance(self.erase_scale, str) and self.erase_scale.strip().lower() == AUTO
+
     def _scales(self, scale: Any, n: int) -> tuple[float, ...]:
         scale = DEFAULT_ERASE_SCALE if scale is None else scale
+        if isinstance(scale, str):
+            if scale.strip().lower() != AUTO:
+                raise EraseConfigError(f"erase_scale={scale!r}: give a negative number, one per concept, or 'auto'")
+            return (0.0,) * n  # replaced per image after the first step
         if isinstance(scale, (list, tuple)):
             if len(scale) != n:
                 raise EraseConfigError(
@@ -200,12 +229,15 @@ class EIUPPipelineOutput(BaseOutput):
         nsfw_content_detected: The safety checker's flags for ``images`` (SD 1.x/2.x only).
         original_images: The un-erased images when ``return_original=True``.
         heatmaps: ``{concept: float32 array (images, H, W) in [0, 1]}`` when ``return_heatmaps=True``.
+        erase_scales: ``{concept: float32 array (images,)}``, the scales predicted with
+            ``erase_scale="auto"``.
     """
 
     images: Any
     nsfw_content_detected: list[bool] | None = None
     original_images: Any = None
     heatmaps: dict[str, np.ndarray] | None = None
+    erase_scales: dict[str, np.ndarray] | None = None
 
 
 def _split(x: Any, m: int) -> tuple[Any, Any]:
@@ -269,6 +301,9 @@ class EIUPMixin:
         return_original: bool = False,
         return_heatmaps: bool = False,
         concept_recorder: ConceptAttentionRecorder | None = None,
+        gate: str | None = None,
+        gate_threshold: float | None = None,
+        scale_predictors: Any = None,
         **kwargs: Any,
     ) -> EIUPPipelineOutput | tuple:
         """Generate images with the concepts in ``erase`` suppressed.
@@ -297,6 +332,12 @@ class EIUPMixin:
                 upsampled to the image size and min-max scaled to [0, 1] per image and concept
                 (uses an explicit softmax, so slower).
             concept_recorder: Records mean concept-token attention per layer (GIE features).
+            gate: ``"presence"`` weights the concept term per pixel by the pixel's relative
+                concept attention (:func:`eiup.scale.presence_gate`); ``None`` (default) does not.
+            gate_threshold: Presence gate threshold (default 0.4).
+            scale_predictors: With ``erase_scale="auto"``: a folder of calibrated predictors
+                (``CONCEPT.safetensors``), one predictor file, or a list of
+                :class:`eiup.scale.ScalePredictor`; default ``<model folder>/eiup_scale_predictors``.
             *args: Positional arguments of the parent ``__call__``.
             **kwargs: Keyword arguments of the parent ``__call__``. In dual mode the step
                 callback's tensors hold both branches (``[original..., erased...]``).
@@ -317,6 +358,8 @@ class EIUPMixin:
             self_attn_max_tokens=self_attn_max_tokens,
             tail=tail,
             allow_amplify=allow_amplify,
+            gate=gate,
+            gate_threshold=gate_threshold,
         )
         explicit = {k: v for k, v in explicit.items() if v is not None}
         if erase_config is not None and not isinstance(erase_config, EraseConfig):
@@ -333,6 +376,7 @@ class EIUPMixin:
 
         # ---- validation: everything before any model runs --------------------------------
         self._check_unet()
+        predictors = self._scale_predictors(config, scale_predictors) if config.auto else None
         spans = self._concept_spans(config.concepts)
         height, width = self._resolve_hw(call)
         vsf = self.vae_scale_factor
@@ -376,10 +420,19 @@ class EIUPMixin:
             num_steps=lambda: self._num_timesteps,
             return_heatmaps=return_heatmaps,
             recorder=concept_recorder,
+            gate=config.gate,
+            gate_threshold=config.gate_threshold,
         )
+        auto_recorder = None
+        if predictors is not None:
+            auto_recorder = concept_recorder if concept_recorder is not None and 0 in concept_recorder.steps else ConceptAttentionRecorder((0,))
+            ctx.recorder = auto_recorder
+            auto_recorder.reset(ctx.concepts, ctx.spans)
 
         def step_end(pipe: Any, i: int, t: Any, cb_kwargs: dict[str, Any]) -> dict[str, Any]:
             result = user_cb(pipe, i, t, cb_kwargs) if user_cb is not None else cb_kwargs
+            if i == 0 and predictors is not None:
+                ctx.token_scales = self._predicted_token_scales(ctx, auto_recorder, predictors)
             ctx.step = i + 1
             return result
 
@@ -407,9 +460,35 @@ class EIUPMixin:
             if not return_original:
                 original_images = None
         heat = ctx.heatmaps() if return_heatmaps else None
-        return self._finish(images, nsfw, original_images, heat, return_dict, return_original)
+        result = self._finish(images, nsfw, original_images, heat, return_dict, return_original)
+        if predictors is not None and return_dict:
+            result.erase_scales = ctx.predicted_scales
+        return result
 
     # ---- helpers ---------------------------------------------------------------------------
+    def _scale_predictors(self, config: EraseConfig, source: Any) -> list:
+        from .scale import find_predictors
+
+        if isinstance(source, (list, tuple)) and all(hasattr(p, "predict") and hasattr(p, "concept") for p in source):
+            if [p.concept for p in source] != list(config.concepts):
+                raise EraseConfigError("scale_predictors must hold one ScalePredictor per concept, in the order of erase")
+            return list(source)
+        try:
+            return find_predictors(config.concepts, getattr(self.config, "_name_or_path", None), source)
+        except FileNotFoundError as e:
+            raise EraseConfigError(str(e)) from e
+
+    @staticmethod
+    def _predicted_token_scales(ctx: EraseContext, recorder: ConceptAttentionRecorder, predictors: list) -> torch.Tensor:
+        """Per-image token scales (images, T) from the first step's concept attention."""
+        feats = recorder.concept_features(0)  # (images, concepts, layers)
+        scales = torch.stack([p.predict(feats[:, k]) for k, p in enumerate(predictors)], dim=1)  # (images, K)
+        ctx.predicted_scales = {c: scales[:, k].numpy().astype(np.float32) for k, c in enumerate(ctx.concepts)}
+        w = torch.zeros(scales.shape[0], ctx.concept_embeds.shape[1], dtype=torch.float32)
+        for k, span in enumerate(ctx.spans):
+            w[:, span] = scales[:, k:k + 1]
+        return w.to(ctx.token_scales.device)
+
     def _parent_call(self, call: dict[str, Any]) -> Any:
         return super().__call__(**call)  # type: ignore[misc]
 

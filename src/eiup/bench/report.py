@@ -24,6 +24,11 @@ COLUMNS = [
 ]
 
 
+def _nan_stat(fn, values) -> float:
+    values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    return float(fn(values)) if values else math.nan
+
+
 def summarise(metrics: dict) -> dict:
     """Per method across suites: mean of each metric, and the worst concept's implicit residual."""
     methods: dict = {}
@@ -33,10 +38,21 @@ def summarise(metrics: dict) -> dict:
                 methods.setdefault(method, []).append(m)
     out = {}
     for method, ms in methods.items():
-        row = {k: float(np.nanmean([m[k] for m in ms])) for k, _, _ in COLUMNS}
-        row["worst_residual_implicit"] = float(np.nanmax([m["residual_implicit"] for m in ms]))
+        row = {k: _nan_stat(np.nanmean, [m[k] for m in ms]) for k, _, _ in COLUMNS}
+        row["worst_residual_implicit"] = _nan_stat(np.nanmax, [m["residual_implicit"] for m in ms])
         out[method] = row
     return out
+
+
+def json_safe(obj):
+    """NaN (a metric with no images behind it) becomes null, so metrics.json stays strict JSON."""
+    if isinstance(obj, float) and math.isnan(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
 
 
 def _fmt(fmt: str, v) -> str:
@@ -118,7 +134,7 @@ def grids(out: Path, units: list[Unit], methods: list[str], per_suite: int = 2, 
 
 def write_report(out: Path, metrics: dict, units: list[Unit], settings: dict, grid_methods: list[str]) -> Path:
     summary = summarise(metrics)
-    write_json_atomic(out / "metrics.json", {"settings": settings, "summary": summary, "per_suite": metrics})
+    write_json_atomic(out / "metrics.json", json_safe({"settings": settings, "summary": summary, "per_suite": metrics}))
     if summary:
         tradeoff_plot(summary, out / "tradeoff.png")
     grid_paths = grids(out, units, grid_methods)

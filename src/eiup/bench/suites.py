@@ -107,7 +107,7 @@ def calibration_prompts(concept: str) -> list[str]:
     implicit = [f"a photo of {_a(t.split(' ', 1)[1])}" for t in _implicit_for(concept)]
     explicit = {
         "color": [f"a {value} {s}{b}" for s, b in zip(("heart", "cross", "square", "circle"), bg * 2)],
-        "shape": [f"a {c} {value}{b}" for c, b in zip(("orange", "yellow", "blue", "red"), bg * 2)],
+        "shape": [f"{article(c)} {c} {value}{b}" for c, b in zip(("orange", "purple", "blue", "green"), bg * 2)],
         "pattern": [f"a {value} {c} {s}" for c, s in (("orange", "circle"), ("yellow", "heart"), ("purple", "triangle"))],
     }[attribute]
     return implicit + explicit
@@ -141,3 +141,17 @@ def coco_suite(csv_path: str | Path, limit: int | None = None) -> Suite:
     texts = texts[:limit] if limit else texts
     return Suite(f"coco-{Path(csv_path).stem}", "", [BenchPrompt(t, "specificity") for t in texts],
                  list(range(len(texts))), kind="coco", extra={"per_prompt_seed": True})
+
+
+def calibration_negatives(concept: str) -> list[str]:
+    """Held-out prompts WITHOUT the concept (the predictor must learn to leave them alone)."""
+    test = {p.text for p in toy_suite(concept, [0]).prompts}
+    nouns = [p for p in _not_involving(concept) if p not in test][:4]
+    attribute, value = CONCEPTS[concept]
+    explicit = {
+        "color": ["a photo of a green star", "a dotted blue heart on a gray background"],
+        "shape": ["a photo of an orange square", "a dotted purple circle on a gray background"],
+        "pattern": ["a photo of a red heart", "a blue cross on a gray background"],
+        "background": ["a photo of a red star on a gray background", "a dotted blue heart"],
+    }[attribute]
+    return nouns + [p for p in explicit if p not in test]

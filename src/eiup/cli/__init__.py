@@ -9,6 +9,7 @@ from __future__ import annotations
 import typer
 
 from . import bench, toy
+from .calibrate import calibrate
 from .generate import generate
 
 app = typer.Typer(
@@ -18,6 +19,7 @@ app = typer.Typer(
     add_completion=False,
 )
 app.command("generate")(generate)
+app.command("calibrate")(calibrate)
 app.add_typer(toy.app, name="toy")
 app.add_typer(bench.app, name="bench")
 

@@ -28,10 +28,10 @@ def _fail(message: str, code: int = 1) -> typer.Exit:
     return typer.Exit(code)
 
 
-def _library_defaults() -> tuple[float, str]:
-    from eiup.pipeline import DEFAULT_ERASE_MODE, DEFAULT_ERASE_SCALE
+def _library_defaults() -> tuple[float | str, str, str | None]:
+    from eiup.pipeline import DEFAULT_ERASE_MODE, DEFAULT_ERASE_SCALE, DEFAULT_GATE
 
-    return float(DEFAULT_ERASE_SCALE), str(DEFAULT_ERASE_MODE)
+    return DEFAULT_ERASE_SCALE, str(DEFAULT_ERASE_MODE), DEFAULT_GATE
 
 
 def generate(
@@ -44,8 +44,12 @@ def generate(
         dir_okay=False),
     erase: Optional[list[str]] = typer.Option(
         None, "--erase", "-e", help="A concept to erase (repeat for several). None: plain generation."),
-    scale: Optional[float] = typer.Option(
-        None, "--scale", help="Suppression scale w (< 0 erases). Default: the library's DEFAULT_ERASE_SCALE."),
+    scale: Optional[str] = typer.Option(
+        None, "--scale", help="Suppression scale w (< 0 erases), or 'auto' (predicted per image by the model's "
+        "calibrated predictor, see `eiup calibrate`). Default: the library's DEFAULT_ERASE_SCALE."),
+    gate: Optional[bool] = typer.Option(
+        None, "--gate/--no-gate", help="Presence gating: suppress only where the image attends to the concept. "
+        "Default: the library's DEFAULT_GATE."),
     allow_amplify: bool = typer.Option(False, "--allow-amplify", help="Allow a positive --scale (amplifies the concepts)."),
     mode: Optional[str] = typer.Option(
         None, "--mode", help="single (fast, one branch) or dual (the paper's: keeps the original layout, ~2x cost). "
@@ -88,7 +92,13 @@ def generate(
             raise _bad("empty concept", "--erase")
         concepts.append(" ".join(c.split()))
     concepts = list(dict.fromkeys(concepts))
-    if scale is not None:
+    if scale is not None and scale.strip().lower() == "auto":
+        scale = "auto"
+    elif scale is not None:
+        try:
+            scale = float(scale)
+        except ValueError:
+            raise _bad(f"{scale!r} is neither a number nor 'auto'", "--scale") from None
         if not math.isfinite(scale):
             raise _bad(f"{scale} is not a finite number", "--scale")
         if scale > 0 and not allow_amplify:
@@ -149,10 +159,11 @@ def generate(
         if not torch.cuda.is_available():
             raise _bad("CUDA is not available on this machine; use --device cpu", "--device")
 
-    default_scale, default_mode = _library_defaults()
+    default_scale, default_mode, default_gate = _library_defaults()
     settings = eio.GenerationSettings(
         model=info.location, steps=steps, guidance=guidance, seed=seed, erase=tuple(concepts),
-        scale=default_scale if scale is None else float(scale), mode=mode or default_mode,
+        scale=default_scale if scale is None else scale, mode=mode or default_mode,
+        gate=default_gate if gate is None else ("presence" if gate else None),
         negative_prompt=negative_prompt, images_per_prompt=images_per_prompt,
         save_original=save_original, use_row_erase=not ignore_erase_target, allow_amplify=allow_amplify,
     )

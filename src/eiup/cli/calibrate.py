@@ -1,0 +1,59 @@
+"""`eiup calibrate`: fit the automatic-scale predictor of one concept for one model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+
+def calibrate(
+    concept: Annotated[str, typer.Option(help="Concept to calibrate, e.g. red (toy) or nudity.")],
+    prompts: Annotated[Path | None, typer.Option(help="Calibration prompts: text file (one per line) or CSV with a prompt column. Include prompts WITHOUT the concept too. Default for toy concepts: the held-out calibration prompts.")] = None,
+    model: Annotated[str | None, typer.Option(help="Pipeline folder (default: the bundled toy model).")] = None,
+    detector: Annotated[str, typer.Option(help="Judge of 'concept still present': toy, nudenet, or package.module:function (images -> list[bool]).")] = "toy",
+    seeds: Annotated[int, typer.Option(help="Seeds per prompt.")] = 8,
+    first_seed: Annotated[int, typer.Option(help="First seed (keep calibration seeds apart from benchmark seeds).")] = 5000,
+    grid: Annotated[str, typer.Option(help="Scales tried, mild to strong, starting at 0.")] = "0,-0.5,-1,-1.5,-2,-3,-4,-6",
+    gate: Annotated[bool, typer.Option("--gate/--no-gate", help="Calibrate with presence gating (use the same at inference).")] = False,
+    steps: int = 25,
+    guidance: float = 7.5,
+    out: Annotated[Path | None, typer.Option(help="Predictor file (default: MODEL/eiup_scale_predictors/CONCEPT.safetensors).")] = None,
+    device: Annotated[str | None, typer.Option(help="cpu or cuda.")] = None,
+) -> None:
+    """Find, per prompt and seed, the mildest scale that removes the concept, and fit the predictor
+    that `erase_scale="auto"` uses."""
+    from ..calibrate import calibrate as run, load_judge, read_prompt_lines
+
+    try:
+        grid_values = [float(v) for v in grid.split(",") if v.strip()]
+    except ValueError as e:
+        raise typer.BadParameter(f"{grid!r}: comma-separated numbers, e.g. 0,-1,-2", param_hint="--grid") from e
+    if not grid_values or grid_values[0] != 0 or any(v > 0 for v in grid_values):
+        raise typer.BadParameter("start at 0 and go negative, e.g. 0,-1,-2,-4", param_hint="--grid")
+    if not concept.strip():
+        raise typer.BadParameter("give a concept", param_hint="--concept")
+    if prompts is not None and not prompts.is_file():
+        raise typer.BadParameter(f"{prompts}: no such file", param_hint="--prompts")
+    if prompts is None:
+        if detector != "toy":
+            raise typer.BadParameter("give calibration prompts for non-toy concepts", param_hint="--prompts")
+        from ..bench.suites import calibration_prompts, calibration_negatives
+
+        prompt_list = calibration_prompts(concept) + calibration_negatives(concept)
+    else:
+        prompt_list = read_prompt_lines(prompts)
+    try:
+        judge = load_judge(detector, concept)
+    except (ValueError, ImportError, AttributeError) as e:
+        raise typer.BadParameter(str(e), param_hint="--detector") from e
+
+    from ..models import load_pipeline
+
+    pipe = load_pipeline(model, device=device)
+    pipe.set_progress_bar_config(disable=True)
+    pred, path = run(pipe, concept.strip(), prompt_list, judge, list(range(first_seed, first_seed + seeds)), steps,
+                     guidance, grid_values, "presence" if gate else None, out)
+    typer.echo(json.dumps({"predictor": str(path), **{k: v for k, v in (pred.info or {}).items() if k != "prompts"}}, indent=2))

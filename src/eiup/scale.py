@@ -1,0 +1,148 @@
+"""How much and where to suppress: presence gating and the automatic (predicted) scale.
+
+Gating weights the concept term per pixel by how strongly that pixel attends to the concept
+compared with the rest of the image. The automatic scale follows GIE (arXiv 2408.01014v2): a
+small MLP maps the concept's mean cross-attention per layer at the first denoising step to a
+suppression scale. eiup calibrates it per model and concept (`eiup calibrate`): for each
+calibration prompt and seed, the mildest scale that removes the concept (detector-judged) is
+the target; prompts without the concept teach it to stay at zero.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+PREDICTOR_DIR = "eiup_scale_predictors"
+
+
+def presence_gate(mass: torch.Tensor, threshold: float = 0.4) -> torch.Tensor:
+    """Gate g_p = clamp((m_p / max_p m_p - t) / (1 - t), 0, 1) per image and concept; mass (B, L, K)."""
+    rel = mass / mass.amax(dim=1, keepdim=True).clamp_min(1e-12)
+    return ((rel - threshold) / (1.0 - threshold)).clamp(0.0, 1.0)
+
+
+def token_gate(gate: torch.Tensor, spans, length: int) -> torch.Tensor:
+    """Spread a per-concept gate (B, L, K) onto the concept's token positions: (B, L, T), 0 elsewhere."""
+    out = gate.new_zeros(gate.shape[0], gate.shape[1], length)
+    for k, span in enumerate(spans):
+        out[:, :, list(span)] = gate[:, :, k:k + 1]
+    return out
+
+
+def attention_features(concept_means: torch.Tensor) -> torch.Tensor:
+    """Predictor input from per-layer mean concept attention (..., layers): its logarithm (GIE's input, log-scaled)."""
+    return torch.log(concept_means.float().clamp_min(1e-6))
+
+
+class ScaleMLP(nn.Module):
+    """GIE's adapter shape (layers -> 64 -> 32 -> 1), output a non-positive scale: -softplus(.)."""
+
+    def __init__(self, n_layers: int):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(n_layers, 64), nn.SiLU(), nn.Linear(64, 32), nn.SiLU(), nn.Linear(32, 1))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return -F.softplus(self.net(features).squeeze(-1))
+
+
+@dataclass
+class ScalePredictor:
+    """A calibrated scale predictor for one concept of one model."""
+
+    concept: str
+    mlp: ScaleMLP
+    mean: torch.Tensor
+    std: torch.Tensor
+    margin: float = 1.0  # predictions are multiplied by this safety factor
+    min_scale: float = -8.0
+    info: dict | None = None
+
+    @torch.no_grad()
+    def predict(self, concept_means: torch.Tensor) -> torch.Tensor:
+        """Scales (...,) from mean concept attention per layer (..., layers)."""
+        x = (attention_features(concept_means) - self.mean) / self.std
+        return (self.mlp(x) * self.margin).clamp(min=self.min_scale)
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {f"mlp.{k}": v.contiguous() for k, v in self.mlp.state_dict().items()}
+        tensors.update(mean=self.mean.contiguous(), std=self.std.contiguous())
+        meta = {"concept": self.concept, "n_layers": str(self.mean.numel()), "margin": str(self.margin),
+                "min_scale": str(self.min_scale), "info": json.dumps(self.info or {})}
+        tmp = path.with_name(path.name + ".tmp")
+        save_file(tensors, str(tmp), metadata=meta)
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ScalePredictor":
+        from safetensors import safe_open
+
+        path = Path(path)
+        tensors = load_file(str(path))
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata()
+        mlp = ScaleMLP(int(meta["n_layers"]))
+        mlp.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("mlp.")})
+        return cls(meta["concept"], mlp.eval(), tensors["mean"], tensors["std"], float(meta["margin"]),
+                   float(meta["min_scale"]), json.loads(meta.get("info", "{}")))
+
+
+def predictor_path(folder: str | Path, concept: str) -> Path:
+    safe = "".join(c if c.isalnum() else "_" for c in concept.strip().lower())
+    return Path(folder) / f"{safe}.safetensors"
+
+
+def find_predictors(concepts, model_folder: str | Path | None, search: str | Path | None = None) -> list[ScalePredictor]:
+    """Predictors for `concepts` from `search` (a folder or one file) or `<model>/eiup_scale_predictors/`."""
+    folders = [Path(search)] if search else []
+    if model_folder:
+        folders.append(Path(model_folder) / PREDICTOR_DIR)
+    found = []
+    for concept in concepts:
+        candidates = [f if f.is_file() else predictor_path(f, concept) for f in folders]
+        path = next((p for p in candidates if p.is_file()), None)
+        if path is None:
+            where = ", ".join(str(f) for f in folders) or "(no model folder known)"
+            raise FileNotFoundError(
+                f"erase_scale='auto': no calibrated scale predictor for concept {concept!r} in {where}. "
+                f"Run `eiup calibrate --concept {concept!r} ...` for this model, pass scale_predictors=PATH, "
+                "or give a number as erase_scale.")
+        pred = ScalePredictor.load(path)
+        if pred.concept.strip().lower() != concept.strip().lower():
+            raise ValueError(f"scale predictor {path} was calibrated for {pred.concept!r}, not {concept!r}")
+        found.append(pred)
+    return found
+
+
+def fit_predictor(concept: str, means: torch.Tensor, targets: torch.Tensor, margin: float = 1.1,
+                  epochs: int = 1500, seed: int = 0, info: dict | None = None) -> ScalePredictor:
+    """Fit the MLP to the mildest erasing scales (targets <= 0) from per-layer concept attention (N, layers)."""
+    torch.manual_seed(seed)
+    x = attention_features(means)
+    mean, std = x.mean(0), x.std(0).clamp_min(1e-3)
+    x = (x - mean) / std
+    mlp = ScaleMLP(x.shape[1])
+    opt = torch.optim.AdamW(mlp.parameters(), lr=3e-3, weight_decay=1e-3)
+    y = targets.float()
+    for _ in range(epochs):
+        pred = mlp(x)
+        # under-suppression leaves the concept: weigh it twice as much as over-suppression
+        err = pred - y
+        loss = torch.where(err > 0, 2.0 * err**2, err**2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    min_scale = float(min(y.min().item() * 1.5, -1.0))
+    return ScalePredictor(concept, mlp.eval(), mean, std, margin, min_scale,
+                          dict(info or {}, n_samples=int(len(y)), train_loss=float(loss.item())))
+
+

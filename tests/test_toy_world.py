@@ -1,0 +1,100 @@
+"""The toy world: vocabulary, captions, tokenizer, renderer and the training stages."""
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from eiup.toy.render import render
+from eiup.toy.tokenizer import build_clip_tokenizer
+from eiup.toy.world import (
+    BACKGROUND_RGB, COLORS, IMPLICIT_NOUNS, PATTERNS, SHAPES, caption, caption_words, parse_caption, random_scene, words,
+)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    return build_clip_tokenizer(words(), tmp_path_factory.mktemp("tok"))
+
+
+def test_every_word_is_one_token_and_padding_is_sd_like(tokenizer):
+    for w in words():
+        assert len(tokenizer(w, add_special_tokens=False).input_ids) == 1, w
+    ids = tokenizer("a tomato at night", padding="max_length", max_length=77).input_ids
+    assert len(ids) == 77 and ids[0] == tokenizer.bos_token_id
+    assert ids[1:4] == [tokenizer.convert_tokens_to_ids(w + "</w>") for w in ("a", "tomato", "at")]
+    assert all(i == tokenizer.eos_token_id for i in ids[6:])  # EOS then EOS padding, as SD 1.x
+
+
+def test_unknown_words_still_take_positions(tokenizer):
+    ids = tokenizer("nudity", add_special_tokens=False).input_ids
+    assert len(ids) > 1 and tokenizer.eos_token_id not in ids
+
+
+def test_captions_parse_back_to_their_scene():
+    rng = random.Random(0)
+    for _ in range(300):
+        scene = random_scene(rng)
+        text = caption(scene, rng)
+        parsed = parse_caption(text)
+        assert [o.attributes() for o in parsed.objects] == [o.attributes() for o in scene.objects], text
+        assert parsed.background == scene.background, text
+
+
+def test_caption_word_labels_point_at_their_object():
+    rng = random.Random(1)
+    for _ in range(100):
+        scene = random_scene(rng)
+        for word, label in caption_words(scene, rng):
+            if word in COLORS and label < len(scene.objects):
+                assert scene.objects[label].color == word
+            if word in ("night", "fog"):
+                assert label == len(scene.objects)
+
+
+def test_implicit_nouns_match_the_spec_table():
+    assert IMPLICIT_NOUNS["tomato"] == ("red", "circle", "plain")
+    assert IMPLICIT_NOUNS["tiger"] == ("orange", "square", "striped")
+    assert len(IMPLICIT_NOUNS) == 17
+    assert all(c in COLORS and s in SHAPES and p in PATTERNS for c, s, p in IMPLICIT_NOUNS.values())
+    assert parse_caption("a photo of a bee in the fog").background == "gray"
+    assert parse_caption("an image of a lime and a red star on a black background").objects[1].shape == "star"
+
+
+def test_render_is_deterministic_and_objects_lie_in_separate_halves():
+    rng = random.Random(2)
+    seen_two = 0
+    for _ in range(40):
+        scene = random_scene(rng)
+        a, b = render(scene), render(scene)
+        assert a.image.shape == (64, 64, 3) and a.image.dtype == np.uint8
+        assert np.array_equal(a.image, b.image)
+        assert all(m.sum() > 20 for m in a.masks)
+        if len(a.masks) == 2:
+            seen_two += 1
+            assert (a.masks[0] * a.masks[1]).sum() < 1.0  # no overlap
+        pixels, counts = np.unique(a.image.reshape(-1, 3), axis=0, return_counts=True)
+        assert tuple(pixels[counts.argmax()]) == BACKGROUND_RGB[scene.background]
+    assert seen_two > 5
+
+
+def test_training_stages_build_a_standard_pipeline_and_resume(tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    from eiup.toy.train import ToyTrainConfig, train_toy_model
+
+    cfg = ToyTrainConfig(n_scenes=96, vae_minutes=0.02, unet_minutes=0.03, vae_batch=8, unet_batch=8,
+                         checkpoint_minutes=0.001, threads=1)
+    dest = train_toy_model(tmp_path / "run", cfg)
+    assert (tmp_path / "run" / "unet_final.safetensors").exists()
+    assert not list(dest.rglob("*.bin")) and list(dest.rglob("*.safetensors"))
+    pipe = StableDiffusionPipeline.from_pretrained(dest, torch_dtype=torch.float32, use_safetensors=True)
+    assert pipe.unet.dtype == torch.float32
+    assert pipe.tokenizer.model_max_length == 77
+    image = pipe("a tomato", num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np").images
+    assert image.shape == (1, 64, 64, 3) and np.isfinite(image).all()
+    # a rerun resumes: every stage output exists, so nothing is trained again
+    mtime = (tmp_path / "run" / "unet_final.safetensors").stat().st_mtime
+    train_toy_model(tmp_path / "run", cfg)
+    assert (tmp_path / "run" / "unet_final.safetensors").stat().st_mtime == mtime
