@@ -12,11 +12,13 @@ and in both cases the UNet's attention processors are the very same objects as b
 ``pipe.erase_context`` is back to ``None``. The oracle says when a call must succeed, so a
 valid input refused is a failure too.
 
-Finite scales are kept to |w| <= 1e3 here: far larger magnitudes are a known defect (NaN
-images, or an error after model work), pinned by ``test_reliability.py::test_huge_scale_*``.
+Finite scales reach |w| <= 1e3, past the library's bound (``MAX_ABS_SCALE``) that refuses
+magnitudes which only destroy the image or overflow float16 (``test_reliability.py::test_huge_scale_*``).
 """
 
 from __future__ import annotations
+
+from eiup.pipeline import MAX_ABS_SCALE
 
 import math
 import re
@@ -24,7 +26,7 @@ import re
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
 from eiup.pipeline import EraseConfigError
@@ -99,6 +101,8 @@ def erase_arguments(only_valid: bool) -> st.SearchStrategy[dict]:
 
 
 erase_args = st.booleans().flatmap(erase_arguments)
+ARGS = dict(concepts=["red"], scale=MISSING, mode=MISSING, cross_attn_fraction=MISSING, self_attn_fraction=MISSING,
+            allow_amplify=MISSING)  # base of the explicit examples
 
 # ---- oracle --------------------------------------------------------------------------------
 
@@ -124,7 +128,7 @@ def invalid_arguments(tok, concepts, scale, mode, fracs, amplify) -> set[str]:
         values = list(scale) if isinstance(scale, list) else [scale] * max(n, 1)
         if isinstance(scale, list) and len(scale) != n:
             bad.add("erase_scale")
-        if not all(math.isfinite(v) for v in values):
+        if not all(math.isfinite(v) for v in values) or (n and any(abs(v) > MAX_ABS_SCALE for v in values)):
             bad.add("erase_scale")
         elif n and any(v > 0 for v in values) and not amplify:
             bad.update({"erase_scale", "allow_amplify"})
@@ -151,6 +155,12 @@ def names_in(message: str) -> set[str]:
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(prompt=prompts, args=erase_args, as_string=st.booleans(), return_original=st.booleans(),
        seed=st.integers(0, 2**32 - 1))
+@example(prompt="a red star", args=dict(ARGS, scale=math.nan), as_string=True, return_original=True, seed=0)
+@example(prompt="a red star", args=dict(ARGS, mode="dual", cross_attn_fraction=math.inf), as_string=False,
+         return_original=False, seed=0)
+@example(prompt=" ".join(VOCAB * 2), args=dict(ARGS, concepts=["red", " blue heart ", "日本"], scale=[-1.0, -0.0, -5.5],
+         mode="dual"), as_string=False, return_original=True, seed=1)
+@example(prompt="", args=dict(ARGS, concepts=["\u3000"]), as_string=True, return_original=False, seed=0)
 def test_any_input_erases_or_refuses_cleanly(sd1, prompt, args, as_string, return_original, seed):
     pipe = sd1
     concepts = args["concepts"]

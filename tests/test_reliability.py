@@ -18,7 +18,6 @@ import json
 import logging
 import math
 import pickle
-import re
 import threading
 from pathlib import Path
 
@@ -177,10 +176,6 @@ def test_bad_erase_input_refused_before_model_work(sd1, kwargs, name, mode, retu
 
 @pytest.mark.parametrize("mode", ["single", "dual"])
 @pytest.mark.parametrize("scale", [-1e39, -1e30], ids=["over-float32-max", "float32-but-overflows"])
-@pytest.mark.xfail(strict=True, raises=(AssertionError, RuntimeError), reason=(
-    "BUG: EraseConfig accepts any finite Python float; |erase_scale| > float32 max raises RuntimeError "
-    "in token_scale_vector after the text encoder (and single-mode return_original's whole plain pass) ran; "
-    "|erase_scale| >~ 1e21 silently gives NaN images"))
 def test_huge_scale_refused_or_finite(sd1, scale, mode):
     with ModelCalls(sd1) as model:
         try:
@@ -440,11 +435,8 @@ def test_used_with_erasure_then_without_equals_fresh_plain_pipeline(tmp_path):
     ]
     for extra in ({}, {"erase": None}, {"erase": []}):
         for case in cases:
-            for output_type in ("np", "latent"):
-                kw = {**KW, "output_type": output_type}
-                mine = np.asarray(used(**case(), **kw, **extra).images)
-                theirs = np.asarray(fresh(**case(), **kw).images)
-                assert mine.shape == theirs.shape and np.array_equal(mine, theirs), (extra, case()["prompt"], output_type)
+            mine, theirs = used(**case(), **KW, **extra).images, fresh(**case(), **KW).images
+            assert mine.shape == theirs.shape and np.array_equal(mine, theirs), (extra, case()["prompt"])
 
 
 # --------------------------------------------------------------------------------------------
@@ -456,12 +448,11 @@ class Stop(Exception):
     pass
 
 
-FAILURES = [
+FAILURES = [  # (mode, return_original, exception, index of the failing callback call)
     ("single", False, Stop, 1),
     ("single", True, Stop, 2),  # return_original: the callback also runs in the plain pass (steps 0-2 first)
-    ("single", True, KeyboardInterrupt, 4),  # second pass, step 1
-    ("dual", False, Stop, 1),
-    ("dual", True, KeyboardInterrupt, 0),
+    ("single", True, KeyboardInterrupt, 4),  # erasing pass, step 1
+    ("dual", True, Stop, 1),
     ("dual", False, KeyboardInterrupt, 2),  # last step
 ]
 

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from diffusers.models.attention_processor import AttnProcessor2_0
 from torch import nn
 
 __all__ = [
@@ -263,7 +264,9 @@ class EraseContext:
         self._heat_count = 0
         self._positions = sorted(p for s in self.spans for p in s)
         self._weights_key: tuple | None = None
+        self._weights_src: torch.Tensor | None = None
         self._weights: tuple[torch.Tensor, bool] | None = None
+        self._v_scaled: dict[str, torch.Tensor] = {}
         if recorder is not None:
             recorder.reset(self.concepts, self.spans)
 
@@ -294,13 +297,15 @@ class EraseContext:
         """Weights used at this step and whether any is nonzero.
 
         The weights are :attr:`token_scales`, or +1 on J_C in the dual-mode reference tail.
-        Cached per step and per version of :attr:`token_scales` (in-place edits are seen), so
-        the nonzero test syncs the device once per step, not once per layer.
+        Cached until :attr:`token_scales` is replaced or edited in place (its version counter)
+        or the reference tail starts, so the nonzero test syncs the device only when the weights
+        change, not once per layer; the scaled concept values of every layer
+        (:meth:`scaled_concept_values`) are cached with them.
         """
         reference_tail = self.dual and self.tail == "reference" and not self.cross_swap_active
         scales = self.token_scales
-        key = (self.step, reference_tail, id(scales), scales._version)
-        if self._weights_key != key:
+        key = (reference_tail, scales._version)
+        if self._weights_key != key or self._weights_src is not scales:
             if reference_tail:
                 w = torch.zeros(self.concept_embeds.shape[1], dtype=torch.float32, device=scales.device)
                 w[self._positions] = 1.0
@@ -308,7 +313,17 @@ class EraseContext:
                 w = scales
             self._weights = (w, bool(torch.any(w != 0)))
             self._weights_key = key
+            self._weights_src = scales  # held, so a new tensor can never reuse the id of the old one
+            self._v_scaled = {}
         return self._weights
+
+    def scaled_concept_values(self, name: str, v_c: torch.Tensor) -> torch.Tensor:
+        """w * V(E_C) of layer ``name`` (eq. 2) for the current :meth:`effective_token_scales`, cached."""
+        w = self.effective_token_scales()[0]  # first: a change of the weights empties the cache
+        v = self._v_scaled.get(name)
+        if v is None:
+            v = self._v_scaled[name] = scale_concept_values(v_c, w)
+        return v
 
     def rows(self, n: int) -> tuple[slice | None, slice]:
         """(source, target) row slices of a batch of ``n``: original cond rows, erased cond rows.
@@ -473,21 +488,35 @@ class EIUPCrossAttnProcessor(_EIUPProcessor):
     Erased conditional rows get ``W_out * concept_term / rescale`` added; in dual mode during the
     cross window their base output is first replaced by the original branch's (same prompt, so
     M_P V(E_P) of the original queries).
+
+    When the original processor is diffusers' ``AttnProcessor2_0`` (the default with torch 2) and
+    a term or map is needed, the base attention is computed here with the same operations
+    (:meth:`_fused_call`): the concept term shares the query projection and is added before the
+    output projection, and in the dual cross window the erased rows' own prompt attention is
+    skipped. Any other processor is delegated to. When neither a term nor a map is needed
+    (zero scale, no heatmaps) the original processor runs unchanged, bit for bit.
     """
 
+    def __init__(self, original: Any, name: str, context: EraseContext):
+        super().__init__(original, name, context)
+        self.fused = type(self.original) is AttnProcessor2_0
+
     def _call(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
-        out = self._base(attn, hidden_states, encoder_hidden_states, attention_mask, **kwargs)
         if encoder_hidden_states is None:
-            return out
+            return self._base(attn, hidden_states, encoder_hidden_states, attention_mask, **kwargs)
         ctx = self.context
+        weights, need_term = ctx.effective_token_scales()
+        need_probs = ctx.wants_probs
+        swap = ctx.dual and ctx.cross_swap_active
+        if (need_term or need_probs) and self.fused and kwargs.keys() <= {"temb"} and torch.is_tensor(encoder_hidden_states):
+            return self._fused_call(attn, hidden_states, encoder_hidden_states, attention_mask, kwargs.get("temb"), swap, need_term)
+        out = self._base(attn, hidden_states, encoder_hidden_states, attention_mask, **kwargs)
         source, target = ctx.rows(hidden_states.shape[0])
-        if ctx.dual and ctx.cross_swap_active:
+        if swap:
             replaced = out[source]
             if getattr(attn, "residual_connection", False):
                 replaced = replaced + (hidden_states[target] - hidden_states[source]) / attn.rescale_output_factor
             out = torch.cat([out[: target.start], replaced], dim=0)
-        weights, need_term = ctx.effective_token_scales()
-        need_probs = ctx.wants_probs
         if not (need_term or need_probs):
             return out
         x = _tokens(attn, hidden_states[target], _index(kwargs.get("temb"), target))
@@ -495,23 +524,66 @@ class EIUPCrossAttnProcessor(_EIUPProcessor):
         if getattr(attn, "norm_q", None) is not None:
             q = attn.norm_q(q)
         text = encoder_hidden_states[0] if isinstance(encoder_hidden_states, tuple) else encoder_hidden_states  # IP-Adapter
+        term = self._concept_term(attn, q, text, need_term)
+        if term is None:
+            return out
+        delta = _like_output(_project_delta(attn, merge_heads(term)), out).to(out.dtype)
+        return torch.cat([out[: target.start], out[target] + delta], dim=0)
+
+    def _concept_term(self, attn, q: torch.Tensor, text: torch.Tensor, need_term: bool) -> torch.Tensor | None:
+        """Concept term (B, heads, L, d) for the erased rows' queries ``q``; ``None`` when only observed."""
+        ctx = self.context
         k_c, v_c = ctx.concept_kv(self.name, attn, text)
-        v_scaled = scale_concept_values(v_c, weights)
-        if need_probs:
+        v_scaled = ctx.scaled_concept_values(self.name, v_c)
+        if ctx.wants_probs:
             probs = concept_attention_probs(q, k_c, attn.scale)
             ctx.observe(self.name, probs)
             if not need_term:
-                return out
+                return None
             if ctx.gate is not None:
                 from .scale import presence_gate, token_gate
 
                 gate = presence_gate(concept_mass(probs.float(), ctx.spans), ctx.gate_threshold)
                 probs = probs * token_gate(gate, ctx.spans, probs.shape[-1])[:, None].to(probs.dtype)
-            term = concept_term_from_probs(probs, v_scaled)
-        else:
-            term = concept_term(q, k_c, v_scaled, attn.scale)
-        delta = _like_output(_project_delta(attn, merge_heads(term)), out).to(out.dtype)
-        return torch.cat([out[: target.start], out[target] + delta], dim=0)
+            return concept_term_from_probs(probs, v_scaled)
+        return concept_term(q, k_c, v_scaled, attn.scale)
+
+    def _fused_call(self, attn, hidden_states, encoder_hidden_states, attention_mask, temb, swap: bool, need_term: bool):
+        """``AttnProcessor2_0``'s operations, with the concept term added to the erased rows before ``to_out``."""
+        ctx = self.context
+        residual = hidden_states
+        input_ndim = hidden_states.ndim
+        x = _tokens(attn, hidden_states, temb)
+        b = x.shape[0]
+        source, target = ctx.rows(b)
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, encoder_hidden_states.shape[1], b)
+            attention_mask = attention_mask.view(b, attn.heads, -1, attention_mask.shape[-1])
+        query = attn.to_q(x)
+        text = attn.norm_encoder_hidden_states(encoder_hidden_states) if attn.norm_cross else encoder_hidden_states
+        q = split_heads(query, attn.heads)
+        k = split_heads(attn.to_k(text), attn.heads)
+        v = split_heads(attn.to_v(text), attn.heads)
+        if attn.norm_q is not None:
+            q = attn.norm_q(q)
+        if attn.norm_k is not None:
+            k = attn.norm_k(k)
+        # dual cross window: the erased rows take the original rows' M_P V(E_P); theirs is not computed
+        n = target.start if swap else b
+        mask = None if attention_mask is None else attention_mask[:n]
+        o = F.scaled_dot_product_attention(q[:n], k[:n], v[:n], attn_mask=mask, dropout_p=0.0, is_causal=False)
+        term = self._concept_term(attn, q[target], encoder_hidden_states, need_term)
+        if swap:
+            o = torch.cat([o, o[source] if term is None else o[source] + term], dim=0)
+        elif term is not None:
+            o[target] += term
+        h = merge_heads(o).to(query.dtype)
+        h = attn.to_out[1](attn.to_out[0](h))
+        if input_ndim == 4:
+            h = h.transpose(-1, -2).reshape(residual.shape)
+        if attn.residual_connection:
+            h = h + residual
+        return h / attn.rescale_output_factor
 
 
 class EIUPSelfAttnProcessor(_EIUPProcessor):

@@ -269,7 +269,7 @@ def inspect_model(model: str | Path | None = None) -> ModelInfo:
         if not (path / "model_index.json").is_file():
             raise ModelNotFoundError(
                 f"the bundled toy model is missing from this installation (expected {path}); it ships with "
-                f"release builds of eiup, or is built by training the toy model (`eiup toy`). {REAL_WEIGHTS_HINT}"
+                f"release builds of eiup, or is built by training the toy model (`eiup toy train --export-to <that folder>`). {REAL_WEIGHTS_HINT}"
             )
         return _inspect_local(path, "bundled")
     text = str(model)

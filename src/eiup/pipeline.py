@@ -69,6 +69,9 @@ __all__ = [
 
 DEFAULT_ERASE_SCALE: float = -1.0
 """Suppression scale w used when ``erase_scale`` is not given (provisional; set by the benchmark)."""
+MAX_ABS_SCALE: float = 100.0
+"""Largest |erase_scale| accepted: far beyond any useful value (the image is destroyed long
+before), and safe from overflow in float16 attention."""
 DEFAULT_ERASE_MODE: str = "single"
 """Mode used when ``erase_mode`` is not given (provisional; set by the benchmark)."""
 DEFAULT_GATE: str | None = None
@@ -200,6 +203,11 @@ class EraseConfig:
             values = tuple(_finite_number(s, f"erase_scale[{i}]") for i, s in enumerate(scale))
         else:
             values = (_finite_number(scale, "erase_scale"),) * n
+        for i, v in enumerate(values):
+            if abs(v) > MAX_ABS_SCALE:
+                raise EraseConfigError(
+                    f"erase_scale={v} (concept {i}) is beyond +-{MAX_ABS_SCALE:g}, which only destroys the image; "
+                    "useful scales lie between about -0.5 and -8")
         if not self.allow_amplify:
             for i, v in enumerate(values):
                 if v > 0:

@@ -101,6 +101,9 @@ def generate(
             raise _bad(f"{scale!r} is neither a number nor 'auto'", "--scale") from None
         if not math.isfinite(scale):
             raise _bad(f"{scale} is not a finite number", "--scale")
+        if abs(scale) > 100:
+            raise _bad(f"{scale} is beyond +-100, which only destroys the image; useful scales lie between "
+                       "about -0.5 and -8", "--scale")
         if scale > 0 and not allow_amplify:
             raise _bad(f"{scale} > 0 would amplify the concepts instead of erasing them; use a negative scale, "
                        "or pass --allow-amplify if amplifying is what you want", "--scale")
