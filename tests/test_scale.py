@@ -106,3 +106,22 @@ def test_gate_changes_the_erasure_but_not_a_zero_scale(tiny):
 def test_bad_gate_and_auto_arguments_fail_early(tiny, bad, match):
     with pytest.raises(ValueError, match=match):
         _run(tiny, erase=["red"], **bad)
+
+
+def test_calibrate_fits_and_saves_a_predictor_that_auto_mode_loads(tiny, tmp_path):
+    from eiup.calibrate import calibrate
+
+    calls = []
+
+    def judge(images):  # stand-in detector: the concept is "present" in bright images
+        calls.append(len(images))
+        return [float(np.asarray(im, dtype=np.float32).mean()) > 120 for im in images]
+
+    pred, path = calibrate(tiny, "red", ["a red circle", "a blue star"], judge, seeds=[0, 1], steps=2,
+                           grid=(0.0, -2.0, -4.0), out=tmp_path / "red.safetensors", margin=1.0)
+    assert path.is_file() and calls == [2] * 6  # 2 prompts x 3 scales, a batch of 2 seeds each
+    assert pred.info["grid"] == [0.0, -2.0, -4.0] and pred.info["n_samples"] == 4
+    out = _run(tiny, erase=["red"], erase_scale="auto", scale_predictors=str(path))
+    assert out.erase_scales["red"].shape == (2,) and (out.erase_scales["red"] <= 0).all()
+    with pytest.raises(ValueError, match="grid"):
+        calibrate(tiny, "red", ["a red circle"], judge, seeds=[0], grid=(-1.0, -2.0), out=tmp_path / "x.safetensors")

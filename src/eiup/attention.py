@@ -13,7 +13,10 @@ heatmaps or recorder features are requested.
 
 The processors wrap the user's original processor of each layer: the base attention is
 delegated unchanged and the concept term is added afterwards through the (affine) output
-projection, so a zero scale reproduces the user's pipeline exactly. All per-call state lives in
+projection, so a zero scale reproduces the user's pipeline exactly. When the original is
+diffusers' ``AttnProcessor2_0`` the cross-attention wrapper instead runs the same operations
+itself and adds the term before the output projection, sharing the query (no second ``to_q`` /
+``to_out`` for the erased rows). All per-call state lives in
 an :class:`EraseContext` created by the pipeline for one ``__call__``; there is no global state.
 """
 
@@ -258,7 +261,7 @@ class EraseContext:
         self.gate_threshold = gate_threshold
         self.predicted_scales: dict[str, np.ndarray] | None = None
         self.step = 0
-        self.kv_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.kv_cache: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
         self.kv_computations = 0
         self._heat_sum: torch.Tensor | None = None
         self._heat_count = 0
@@ -300,7 +303,7 @@ class EraseContext:
         Cached until :attr:`token_scales` is replaced or edited in place (its version counter)
         or the reference tail starts, so the nonzero test syncs the device only when the weights
         change, not once per layer; the scaled concept values of every layer
-        (:meth:`scaled_concept_values`) are cached with them.
+        (:meth:`scaled_concept_kv`) are cached with them.
         """
         reference_tail = self.dual and self.tail == "reference" and not self.cross_swap_active
         scales = self.token_scales
@@ -317,13 +320,19 @@ class EraseContext:
             self._v_scaled = {}
         return self._weights
 
-    def scaled_concept_values(self, name: str, v_c: torch.Tensor) -> torch.Tensor:
-        """w * V(E_C) of layer ``name`` (eq. 2) for the current :meth:`effective_token_scales`, cached."""
+    def scaled_concept_kv(self, name: str, attn: nn.Module, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K(E_C) and w * V(E_C) (eq. 2) of layer ``name`` for the current :meth:`effective_token_scales`.
+
+        Cached; only K and w * V are kept: V is dropped once scaled and, if the weights change,
+        recomputed alone by :meth:`concept_kv`.
+        """
         w = self.effective_token_scales()[0]  # first: a change of the weights empties the cache
-        v = self._v_scaled.get(name)
-        if v is None:
-            v = self._v_scaled[name] = scale_concept_values(v_c, w)
-        return v
+        v_scaled = self._v_scaled.get(name)
+        if v_scaled is None:
+            k, v = self.concept_kv(name, attn, like)
+            v_scaled = self._v_scaled[name] = scale_concept_values(v, w)
+            self.kv_cache[name] = (k, None)
+        return self.kv_cache[name][0], v_scaled
 
     def rows(self, n: int) -> tuple[slice | None, slice]:
         """(source, target) row slices of a batch of ``n``: original cond rows, erased cond rows.
@@ -341,18 +350,23 @@ class EraseContext:
 
     # ---- concept keys / values -------------------------------------------------------------
     def concept_kv(self, name: str, attn: nn.Module, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """K(E_C), V(E_C) of layer ``name`` as (1, heads, T, d), computed once per call."""
-        if name not in self.kv_cache:
+        """K(E_C), V(E_C) of layer ``name`` as (1, heads, T, d), computed once per call.
+
+        V alone is recomputed if :meth:`scaled_concept_kv` has dropped it.
+        """
+        k, v = self.kv_cache.get(name, (None, None))
+        if v is None:
             e = self.concept_embeds.to(device=like.device, dtype=like.dtype)
             if getattr(attn, "norm_cross", None):
                 e = attn.norm_encoder_hidden_states(e)
-            k = split_heads(attn.to_k(e), attn.heads)
+            if k is None:
+                k = split_heads(attn.to_k(e), attn.heads)
+                if getattr(attn, "norm_k", None) is not None:
+                    k = attn.norm_k(k)
+                self.kv_computations += 1
             v = split_heads(attn.to_v(e), attn.heads)
-            if getattr(attn, "norm_k", None) is not None:
-                k = attn.norm_k(k)
             self.kv_cache[name] = (k, v)
-            self.kv_computations += 1
-        return self.kv_cache[name]
+        return k, v
 
     # ---- observation (heatmaps, recorder) --------------------------------------------------
     @property
@@ -533,8 +547,7 @@ class EIUPCrossAttnProcessor(_EIUPProcessor):
     def _concept_term(self, attn, q: torch.Tensor, text: torch.Tensor, need_term: bool) -> torch.Tensor | None:
         """Concept term (B, heads, L, d) for the erased rows' queries ``q``; ``None`` when only observed."""
         ctx = self.context
-        k_c, v_c = ctx.concept_kv(self.name, attn, text)
-        v_scaled = ctx.scaled_concept_values(self.name, v_c)
+        k_c, v_scaled = ctx.scaled_concept_kv(self.name, attn, text)
         if ctx.wants_probs:
             probs = concept_attention_probs(q, k_c, attn.scale)
             ctx.observe(self.name, probs)
@@ -622,22 +635,28 @@ class EIUPSelfAttnProcessor(_EIUPProcessor):
 
 
 def attention_layers(unet: nn.Module) -> dict[str, tuple[nn.Module, bool]]:
-    """``{processor_name: (attention_module, is_cross_attention)}`` in the order of ``unet.attn_processors``."""
+    """``{processor_name: (attention_module, is_cross_attention)}`` in the order of ``unet.attn_processors``.
+
+    One walk of the module tree (the same pre-order walk ``attn_processors`` makes).
+    """
     layers = {}
-    for name in unet.attn_processors:
-        module = unet.get_submodule(name.removesuffix(".processor"))
-        layers[name] = (module, bool(getattr(module, "is_cross_attention", False)))
+    for name, module in unet.named_modules(remove_duplicate=False):
+        if name and hasattr(module, "get_processor"):
+            layers[f"{name}.processor"] = (module, bool(getattr(module, "is_cross_attention", False)))
     return layers
 
 
-def build_processors(unet: nn.Module, context: EraseContext, originals: dict[str, Any]) -> dict[str, Any]:
+def build_processors(
+    unet: nn.Module, context: EraseContext, originals: dict[str, Any], layers: dict[str, tuple[nn.Module, bool]] | None = None
+) -> dict[str, Any]:
     """Processor dict for ``unet.set_attn_processor``: EIUP wrappers where the mode needs them.
 
     Cross-attention layers always get :class:`EIUPCrossAttnProcessor`; self-attention layers
     get :class:`EIUPSelfAttnProcessor` in dual mode and keep their original processor otherwise.
+    ``layers`` is :func:`attention_layers` of ``unet`` when the caller has it already.
     """
     procs: dict[str, Any] = {}
-    for name, (_, is_cross) in attention_layers(unet).items():
+    for name, (_, is_cross) in (attention_layers(unet) if layers is None else layers).items():
         orig = unwrap_processor(originals[name])
         if is_cross:
             procs[name] = EIUPCrossAttnProcessor(orig, name, context)

@@ -383,7 +383,7 @@ class EIUPMixin:
             return self._finish(out.images, getattr(out, "nsfw_content_detected", None), out.images if return_original else None, heat, return_dict, return_original)
 
         # ---- validation: everything before any model runs --------------------------------
-        self._check_unet()
+        layers = self._check_unet()
         predictors = self._scale_predictors(config, scale_predictors) if config.auto else None
         spans = self._concept_spans(config.concepts)
         height, width = self._resolve_hw(call)
@@ -406,7 +406,7 @@ class EIUPMixin:
         original_images = None
         if return_original and not dual:
             restore_rng = _rng_snapshot(call.get("generator"), device)
-            original_images = self._parent_call(call).images
+            original_images = self._parent_call(call, device).images
             restore_rng()
 
         # ---- per-call state ---------------------------------------------------------------
@@ -450,15 +450,19 @@ class EIUPMixin:
             m = self._dual_call(call, device, cfg, lora_scale, height, width)
 
         # ---- run with EIUP processors, always restoring the user's ---------------------------
-        unet = self.unet
-        originals = unet.attn_processors
+        # (set on the layers directly: unet.set_attn_processor walks the whole module tree twice)
+        originals = {name: module.processor for name, (module, _) in layers.items()}
+        procs = build_processors(self.unet, ctx, originals, layers)
+        replaced = [name for name in procs if procs[name] is not originals[name]]
         previous_ctx = self._erase_context
-        unet.set_attn_processor(build_processors(unet, ctx, originals))
+        for name in replaced:
+            layers[name][0].set_processor(procs[name])
         self._erase_context = ctx
         try:
-            out = self._parent_call(call)
+            out = self._parent_call(call, device)
         finally:
-            unet.set_attn_processor(dict(originals))
+            for name in replaced:
+                layers[name][0].set_processor(originals[name])
             self._erase_context = previous_ctx
 
         images, nsfw = out.images, getattr(out, "nsfw_content_detected", None)
@@ -497,8 +501,23 @@ class EIUPMixin:
             w[:, span] = scales[:, k:k + 1]
         return w.to(ctx.token_scales.device)
 
-    def _parent_call(self, call: dict[str, Any]) -> Any:
-        return super().__call__(**call)  # type: ignore[misc]
+    def _parent_call(self, call: dict[str, Any], device: torch.device | None = None) -> Any:
+        """The parent's ``__call__``; with ``device``, :attr:`_execution_device` returns it during the call."""
+        if device is None:
+            return super().__call__(**call)  # type: ignore[misc]
+        previous = self.__dict__.get("_eiup_execution_device")
+        self._eiup_execution_device = device
+        try:
+            return super().__call__(**call)  # type: ignore[misc]
+        finally:
+            self._eiup_execution_device = previous
+
+    @property
+    def _execution_device(self) -> torch.device:
+        """diffusers' execution device, memoised during an erasing call (diffusers finds it by walking
+        every module of every component, which costs as much as a denoising step of a small model)."""
+        device = self.__dict__.get("_eiup_execution_device")
+        return device if device is not None else super()._execution_device  # type: ignore[misc]
 
     def _bind_call(self, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
         """All arguments of the parent ``__call__`` by name, defaults filled in."""
@@ -530,7 +549,8 @@ class EIUPMixin:
             result += (heatmaps,)
         return result
 
-    def _check_unet(self) -> None:
+    def _check_unet(self) -> dict[str, tuple[Any, bool]]:
+        """Checks that the UNet can be erased; returns its :func:`~eiup.attention.attention_layers`."""
         layers = attention_layers(self.unet)
         cross = [name for name, (_, is_cross) in layers.items() if is_cross]
         if not cross:
@@ -542,6 +562,7 @@ class EIUPMixin:
             attn = layers[name][0]
             if getattr(attn, "added_kv_proj_dim", None) is not None or not hasattr(attn, "to_out"):
                 raise EraseConfigError(f"erase: cross-attention layer {name} ({type(attn).__name__}) is not supported")
+        return layers
 
     def _concept_spans(self, concepts: Sequence[str]) -> list[list[int]]:
         """Token positions of each concept in the joint encoding of ``" ".join(concepts)`` (BOS at 0)."""

@@ -84,16 +84,17 @@ _TWO_OBJECTS = {
 }
 
 
-def toy_suite(concept: str, seeds: list[int], calibration_split: bool = True) -> Suite:
-    """Suite for one toy concept; every other implicit prompt is kept aside for calibration."""
+def toy_suite(concept: str, seeds: list[int], size: int = 4) -> Suite:
+    """Suite for one toy concept: all its implicit prompts (at most 5), and at most `size` prompts
+    of each other role (explicit, unrelated nouns, unrelated explicit, two-object)."""
     if concept not in CONCEPTS:
         raise ValueError(f"concept={concept!r}: toy suites exist for {sorted(CONCEPTS)}")
-    prompts = [BenchPrompt(t, "implicit") for t in _implicit_for(concept)]
-    prompts += [BenchPrompt(t, "explicit") for t in _EXPLICIT[concept]]
+    prompts = [BenchPrompt(t, "implicit") for t in _implicit_for(concept)[:5]]
+    prompts += [BenchPrompt(t, "explicit") for t in _EXPLICIT[concept][:size]]
     unrelated = _not_involving(concept)
-    spec = [unrelated[i] for i in range(0, len(unrelated), max(1, len(unrelated) // 6))][:6]
-    prompts += [BenchPrompt(t, "specificity") for t in spec + _SPECIFIC_EXPLICIT[concept]]
-    prompts += [BenchPrompt(t, "two-object") for t in _TWO_OBJECTS.get(concept, [])]
+    spec = [unrelated[i] for i in range(0, len(unrelated), max(1, len(unrelated) // 6))][:size]
+    prompts += [BenchPrompt(t, "specificity") for t in spec + _SPECIFIC_EXPLICIT[concept][:size]]
+    prompts += [BenchPrompt(t, "two-object") for t in _TWO_OBJECTS.get(concept, [])[:size]]
     return Suite(f"toy-{concept}", concept, prompts, seeds)
 
 
@@ -113,8 +114,8 @@ def calibration_prompts(concept: str) -> list[str]:
     return implicit + explicit
 
 
-def toy_suites(concepts: list[str] | None, seeds: list[int]) -> list[Suite]:
-    return [toy_suite(c, seeds) for c in (concepts or list(CONCEPTS))]
+def toy_suites(concepts: list[str] | None, seeds: list[int], size: int = 4) -> list[Suite]:
+    return [toy_suite(c, seeds, size) for c in (concepts or list(CONCEPTS))]
 
 
 # ---------------------------------------------------------------- real-model suites

@@ -27,6 +27,7 @@ def bench(
     suite: Annotated[str, typer.Option(help="toy (offline, bundled model), i2p (needs --i2p CSV and NudeNet), coco (needs --coco CSV).")] = "toy",
     concept: Annotated[list[str] | None, typer.Option(help="Toy concepts (repeatable; default all): red, star, heart, striped, dotted, night.")] = None,
     seeds: Annotated[int, typer.Option(help="Seeds per prompt (toy suites).")] = 20,
+    per_role: Annotated[int, typer.Option(help="Toy suites: at most this many prompts per role (explicit, unrelated, two-object); implicit prompts are all kept.")] = 4,
     first_seed: Annotated[int, typer.Option(help="First seed (held-out seeds: the toy model trains with none).")] = 0,
     scales: Annotated[str, typer.Option(help="EIUP suppression scales to sweep (comma-separated, negative).")] = "-0.5,-1,-2,-4",
     modes: Annotated[str, typer.Option(help="EIUP modes to sweep.")] = "single,dual",
@@ -76,7 +77,9 @@ def bench(
         unknown = [c for c in concept or [] if c not in CONCEPTS]
         if unknown:
             raise typer.BadParameter(f"{unknown}: toy concepts are {sorted(CONCEPTS)}", param_hint="--concept")
-        suites = toy_suites(concept, seed_list)
+        if per_role < 1:
+            raise typer.BadParameter("must be >= 1", param_hint="--per-role")
+        suites = toy_suites(concept, seed_list, per_role)
         from ..toy.detect import ConceptDetector
 
         detector = ConceptDetector.load()

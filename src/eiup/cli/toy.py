@@ -16,10 +16,11 @@ WEIGHTS = Path(__file__).resolve().parent.parent / "toy" / "weights"
 @app.command()
 def train(
     out: Annotated[Path, typer.Option(help="Work folder (data, checkpoints); rerun to resume.")] = Path("runs/toy"),
-    minutes: Annotated[float, typer.Option(help="UNet + text encoder training time budget.")] = 100.0,
-    vae_minutes: Annotated[float, typer.Option(help="VAE training time budget.")] = 8.0,
+    minutes: Annotated[float, typer.Option(help="UNet + text encoder training time budget (seconds of steps).")] = 55.0,
+    vae_minutes: Annotated[float, typer.Option(help="VAE training time budget.")] = 30.0,
     scenes: Annotated[int, typer.Option(help="Number of rendered training scenes.")] = 60_000,
     seed: int = 0,
+    threads: Annotated[int, typer.Option(help="torch threads (1 avoids stalls when other work shares the CPU).")] = 1,
     export_to: Annotated[Path | None, typer.Option(help="Pipeline folder to write (default OUT/pipeline).")] = None,
 ) -> None:
     """Train the toy Stable Diffusion pipeline from scratch on the CPU (resumable)."""
@@ -27,7 +28,7 @@ def train(
 
     if minutes <= 0 or vae_minutes <= 0 or scenes < 64:
         raise typer.BadParameter("--minutes and --vae-minutes must be > 0 and --scenes >= 64")
-    cfg = ToyTrainConfig(n_scenes=scenes, vae_minutes=vae_minutes, unet_minutes=minutes, seed=seed)
+    cfg = ToyTrainConfig(n_scenes=scenes, vae_minutes=vae_minutes, unet_minutes=minutes, seed=seed, threads=threads)
     dest = train_toy_model(out, cfg, export_to)
     typer.echo(f"pipeline written to {dest}")
 

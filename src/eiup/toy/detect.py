@@ -262,12 +262,28 @@ def augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     return torch.where(flip[:, None, None, None], x.flip(-1), x), flip
 
 
+def cached_detector_data(vae, n: int, seed: int, processes: int, cache: Path | None):
+    """`make_detector_data`, kept in `cache` (an .npz) so that a rerun skips rendering and the VAE."""
+    from .train import scene_from_json, scene_to_json
+
+    if cache is not None and cache.exists():
+        z = np.load(cache)
+        return z["images"], z["covers"], [scene_from_json(d) for d in json.loads(str(z["scenes"]))]
+    images, covers, scenes = make_detector_data(vae, n, seed, processes)
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(cache.name + ".tmp.npz")
+        np.savez(tmp, images=images, covers=covers, scenes=json.dumps([scene_to_json(s) for s in scenes]))
+        tmp.replace(cache)
+    return images, covers, scenes
+
+
 def train_detector(vae, out: str | Path, n_train: int = 30_000, minutes: float = 8.0, seed: int = 1,
-                   batch: int = 64, processes: int = 2) -> Path:
+                   batch: int = 64, processes: int = 2, cache: str | Path | None = None) -> Path:
     """Train the detector on VAE-round-tripped renders; saves fp16 safetensors to `out`."""
     out = Path(out)
     torch.manual_seed(seed)
-    images, covers, scenes = make_detector_data(vae, n_train, seed, processes)
+    images, covers, scenes = cached_detector_data(vae, n_train, seed, processes, Path(cache) if cache else None)
     targets = cell_targets(covers, scenes)
     net = ConceptDetectorNet()
     opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
