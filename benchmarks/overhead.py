@@ -280,6 +280,7 @@ def tensor_peak_increase(fn) -> int:
     """Exact peak of live CPU tensor bytes above the start while ``fn()`` runs (torch.profiler)."""
     from torch.profiler import ProfilerActivity, profile
 
+    gc.collect()  # nothing left over from earlier calls may be freed (counted negative) during the call
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     with tempfile.NamedTemporaryFile(suffix=".json") as f:

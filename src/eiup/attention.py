@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -473,10 +474,11 @@ class _EIUPProcessor:
         except (TypeError, ValueError):
             signature = None
         if signature is not None:
-            bound_call = self._call
+            this = weakref.ref(self)  # a strong reference would make a cycle that keeps the context
+            # (and its concept K/V cache) alive after the call until the cyclic GC runs
 
             def __call__(*args: Any, **kwargs: Any) -> torch.Tensor:
-                return bound_call(*args, **kwargs)
+                return this()._call(*args, **kwargs)
 
             __call__.__signature__ = signature  # type: ignore[attr-defined]
             self.__call__ = __call__  # instance attribute, read by inspect only
@@ -519,7 +521,7 @@ class EIUPCrossAttnProcessor(_EIUPProcessor):
         if encoder_hidden_states is None:
             return self._base(attn, hidden_states, encoder_hidden_states, attention_mask, **kwargs)
         ctx = self.context
-        weights, need_term = ctx.effective_token_scales()
+        _, need_term = ctx.effective_token_scales()
         need_probs = ctx.wants_probs
         swap = ctx.dual and ctx.cross_swap_active
         if (need_term or need_probs) and self.fused and kwargs.keys() <= {"temb"} and torch.is_tensor(encoder_hidden_states):
@@ -572,8 +574,11 @@ class EIUPCrossAttnProcessor(_EIUPProcessor):
         if attention_mask is not None:
             attention_mask = attn.prepare_attention_mask(attention_mask, encoder_hidden_states.shape[1], b)
             attention_mask = attention_mask.view(b, attn.heads, -1, attention_mask.shape[-1])
+        # dual cross window: the erased rows take the original rows' M_P V(E_P); theirs is not computed
+        n = target.start if swap else b
         query = attn.to_q(x)
-        text = attn.norm_encoder_hidden_states(encoder_hidden_states) if attn.norm_cross else encoder_hidden_states
+        text = encoder_hidden_states if n == b else encoder_hidden_states[:n]
+        text = attn.norm_encoder_hidden_states(text) if attn.norm_cross else text
         q = split_heads(query, attn.heads)
         k = split_heads(attn.to_k(text), attn.heads)
         v = split_heads(attn.to_v(text), attn.heads)
@@ -581,10 +586,8 @@ class EIUPCrossAttnProcessor(_EIUPProcessor):
             q = attn.norm_q(q)
         if attn.norm_k is not None:
             k = attn.norm_k(k)
-        # dual cross window: the erased rows take the original rows' M_P V(E_P); theirs is not computed
-        n = target.start if swap else b
         mask = None if attention_mask is None else attention_mask[:n]
-        o = F.scaled_dot_product_attention(q[:n], k[:n], v[:n], attn_mask=mask, dropout_p=0.0, is_causal=False)
+        o = F.scaled_dot_product_attention(q[:n], k, v, attn_mask=mask, dropout_p=0.0, is_causal=False)
         term = self._concept_term(attn, q[target], encoder_hidden_states, need_term)
         if swap:
             o = torch.cat([o, o[source] if term is None else o[source] + term], dim=0)

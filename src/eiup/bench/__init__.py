@@ -23,7 +23,9 @@ def run_benchmark(pipe, detector, suites: list[Suite], methods: list[Method], ou
     out = Path(out)
     if not any(m.family == "plain" for m in methods):
         methods = [Method("plain")] + list(methods)  # specificity is measured against plain images
-    state = PartialState()
+    import torch
+
+    state = PartialState(cpu=not torch.cuda.is_available())  # CPU processes (torchrun) share work over gloo
     units = units_for(suites, methods)
     run_units(pipe, detector, units, out, steps, guidance, state.process_index, state.num_processes)
     state.wait_for_everyone()

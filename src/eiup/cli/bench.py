@@ -47,8 +47,9 @@ def bench(
 ) -> None:
     """Run the benchmark and write metrics.json, report.md, grids, tradeoff.png and index.html.
 
-    Several processes: `accelerate launch -m eiup.cli bench ...` splits the work; results are
-    identical to a single process.
+    Several processes split the work, with results identical to a single process:
+    `accelerate launch --num_processes N -m eiup.cli bench ...` (GPUs) or
+    `torchrun --nproc_per_node N -m eiup.cli bench ...` (CPU cores).
     """
     if ctx.invoked_subcommand is not None:
         return
@@ -96,6 +97,11 @@ def bench(
 
     from ..models import load_pipeline
 
+    if device is None:  # under accelerate launch / torchrun, each process takes its own device
+        import torch
+        from accelerate import PartialState
+
+        device = str(PartialState(cpu=not torch.cuda.is_available()).device)
     pipe = load_pipeline(model, device=device)
     pipe.set_progress_bar_config(disable=True)
     nudity = None

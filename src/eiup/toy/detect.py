@@ -279,14 +279,17 @@ def cached_detector_data(vae, n: int, seed: int, processes: int, cache: Path | N
 
 
 def train_detector(vae, out: str | Path, n_train: int = 30_000, minutes: float = 8.0, seed: int = 1,
-                   batch: int = 64, processes: int = 2, cache: str | Path | None = None) -> Path:
-    """Train the detector on VAE-round-tripped renders; saves fp16 safetensors to `out`."""
+                   batch: int = 64, processes: int = 2, cache: str | Path | None = None,
+                   init: str | Path | None = None, lr: float = 2e-3) -> Path:
+    """Train the detector on VAE-round-tripped renders (optionally continuing from `init`); saves fp16 safetensors."""
     out = Path(out)
     torch.manual_seed(seed)
     images, covers, scenes = cached_detector_data(vae, n_train, seed, processes, Path(cache) if cache else None)
     targets = cell_targets(covers, scenes)
     net = ConceptDetectorNet()
-    opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
+    if init is not None:
+        net.load_state_dict({k: v.float() for k, v in load_file(str(init)).items()})
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     g = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng(seed)
     budget, spent, step = minutes * 60, 0.0, 0
@@ -299,9 +302,8 @@ def train_detector(vae, out: str | Path, n_train: int = 30_000, minutes: float =
         t = {k: v.copy() for k, v in ((k, targets[k][idx]) for k in targets)}
         for k in ("object", *HEADS):
             t[k][flip.numpy()] = t[k][flip.numpy()][..., ::-1]
-        lr = 2e-3 * 0.5 * (1 + math.cos(math.pi * min(1.0, spent / budget))) + 1e-5
         for grp in opt.param_groups:
-            grp["lr"] = lr
+            grp["lr"] = lr * 0.5 * (1 + math.cos(math.pi * min(1.0, spent / budget))) + 1e-5
         loss = detector_loss(net, x, t, slice(None))
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -412,8 +412,8 @@ def stage_unet(out: Path, cfg: ToyTrainConfig) -> None:
     ckpt.replace(final)
 
 
-def export_pipeline(out: Path, dest: Path, checkpoint: Path | None = None) -> Path:
-    """Write a StableDiffusionPipeline folder (fp16 safetensors) from the EMA weights."""
+def export_pipeline(out: Path, dest: Path, checkpoint: Path | None = None, ema: bool = True) -> Path:
+    """Write a StableDiffusionPipeline folder (fp16 safetensors) from the EMA (or raw) weights."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
     from transformers import CLIPTokenizer
 
@@ -421,8 +421,9 @@ def export_pipeline(out: Path, dest: Path, checkpoint: Path | None = None) -> Pa
     unet = build_unet()
     text = build_text_encoder(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)
     tensors = load_file(str(checkpoint or out / "unet_final.safetensors"))
-    unet.load_state_dict({k[len("ema_unet."):]: v for k, v in tensors.items() if k.startswith("ema_unet.")})
-    text.load_state_dict({k[len("ema_text."):]: v for k, v in tensors.items() if k.startswith("ema_text.")})
+    pre = "ema_" if ema else ""
+    unet.load_state_dict({k[len(pre + "unet."):]: v for k, v in tensors.items() if k.startswith(pre + "unet.")})
+    text.load_state_dict({k[len(pre + "text."):]: v for k, v in tensors.items() if k.startswith(pre + "text.")})
     sched = DDIMScheduler.from_config(build_noise_scheduler().config, set_alpha_to_one=False)
     pipe = StableDiffusionPipeline(
         vae=load_vae(out), text_encoder=text, tokenizer=tokenizer, unet=unet, scheduler=sched,
