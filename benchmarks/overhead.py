@@ -27,7 +27,7 @@ Memory:
 
 Examples::
 
-    python benchmarks/overhead.py --toy-model /tmp/toysmoke/pipeline          # CPU, toy + sd15 (b1)
+    python benchmarks/overhead.py                                             # CPU, toy + sd15 (b1)
     python benchmarks/overhead.py --models sd15 --sd15-batches 1 8 --steps 1  # CPU, SD1.5 batch 8 (long)
     python benchmarks/overhead.py --device cuda --resolution 512 --steps 50   # GPU
 """

@@ -14,18 +14,18 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .detect import ConceptDetector, Detection, match_objects
-from .world import BACKGROUNDS, COLORS, IMPLICIT_NOUNS, SHAPES, Obj, Scene, parse_caption
+from .world import COLORS, IMPLICIT_NOUNS, SHAPES, Scene, article, parse_caption
 
 
 def quality_prompts() -> dict[str, list[str]]:
     """Prompt groups of the report (fixed, so reports are comparable across models)."""
-    explicit = [f"a {c} {s}" for c, s in zip(COLORS * 2, SHAPES[::-1] + SHAPES)]
+    explicit = [f"{article(c)} {c} {s}" for c, s in zip(COLORS * 2, SHAPES[::-1] + SHAPES)]
     detailed = [
         "a striped blue circle", "a dotted green square", "a striped purple heart",
         "a dotted orange cross", "a red triangle on a black background", "a yellow star on a gray background",
         "a dotted blue star on a gray background", "a striped green triangle on a black background",
         "a photo of a striped red square", "a drawing of a dotted purple circle",
-        "an image of a orange heart on a black background", "a dotted yellow cross",
+        "an image of an orange heart on a black background", "a dotted yellow cross",
     ]
     two = [
         "a red circle and a blue square", "a green star and a yellow heart", "a purple triangle and an orange cross",
