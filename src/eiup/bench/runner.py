@@ -70,6 +70,8 @@ def run_units(pipe, detector, units: list[Unit], out: Path, steps: int, guidance
     for unit in bar:
         bar.set_postfix_str(unit.method.name)
         folder, record = unit_paths(out, unit)
+        if record.exists():  # finished meanwhile by another run sharing the folder
+            continue
         seeds = unit.seeds()
         t0 = time.perf_counter()
         images = runner.generate(unit.method, unit.prompt.text, seeds, unit.suite.concept)
