@@ -70,23 +70,16 @@ class CrossAttentionRecorder:
     def processors(self, unet):
         from diffusers.models.attention_processor import AttnProcessor2_0
 
-        recorder = self
+        from .train import RecordingCrossAttnProcessor
 
-        class _Proc:
-            def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kw):
-                b, n, _ = hidden_states.shape
-                q = attn.head_to_batch_dim(attn.to_q(hidden_states))
-                k = attn.head_to_batch_dim(attn.to_k(encoder_hidden_states))
-                v = attn.head_to_batch_dim(attn.to_v(encoder_hidden_states))
-                probs = attn.get_attention_scores(q, k, None)
-                if recorder.lo <= recorder.step < recorder.hi:
-                    cond = probs.view(b, attn.heads, n, -1).mean(1)[b // 2:]
-                    recorder.sum[n] = recorder.sum.get(n, 0) + cond
-                out = attn.batch_to_head_dim(torch.bmm(probs, v))
-                return attn.to_out[1](attn.to_out[0](out))
-
-        return {name: _Proc() if name.endswith("attn2.processor") else AttnProcessor2_0()
+        return {name: RecordingCrossAttnProcessor(self) if name.endswith("attn2.processor") else AttnProcessor2_0()
                 for name in unet.attn_processors}
+
+    def append(self, maps: torch.Tensor) -> None:
+        """Called by the recording processors with (B, N, 77) head-averaged maps; keeps the cond rows."""
+        if self.lo <= self.step < self.hi:
+            cond = maps[maps.shape[0] // 2:]
+            self.sum[maps.shape[1]] = self.sum.get(maps.shape[1], 0) + cond
 
     def callback(self, pipe, step, timestep, kwargs):
         self.step = step + 1
