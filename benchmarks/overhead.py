@@ -391,7 +391,8 @@ def parse_args(argv=None):
     p.add_argument("--toy-model", default=None, help="toy pipeline folder (default: the bundled one, else /tmp/toysmoke/pipeline)")
     p.add_argument("--toy-batches", nargs="+", type=int, default=[1, 8])
     p.add_argument("--toy-steps", type=int, default=25)
-    p.add_argument("--toy-reps", type=int, default=None, help="default 5 (3 with --quick)")
+    p.add_argument("--toy-reps", type=int, default=None,
+                   help="default 5, 10 at batch 1 whose calls are short and noisier (3 and 6 with --quick)")
     p.add_argument("--sd15-batches", nargs="+", type=int, default=None,
                    help="default 1 on CPU (batch 8 at 256 px costs ~6 min per repetition on one core), 1 8 on CUDA")
     p.add_argument("--resolution", type=int, default=None, help="sd15 resolution (default 256 on CPU, 512 on CUDA)")
@@ -420,7 +421,8 @@ def main(argv=None) -> int:
     if not cuda:
         torch.set_num_threads(args.threads)
         torch.set_flush_denormal(True)
-    toy_reps = args.toy_reps or (3 if args.quick else 5)
+    toy_base = 3 if args.quick else 5
+    toy_reps = {b: args.toy_reps or (2 * toy_base if b == 1 else toy_base) for b in args.toy_batches}
     sd15_reps = args.sd15_reps or (2 if args.quick else 3)
     sd15_batches = args.sd15_batches or ([1, 8] if cuda else [1])
     sd15_res = args.resolution or (512 if cuda else 256)
@@ -435,9 +437,9 @@ def main(argv=None) -> int:
         plan.append(("toy", args.toy_batches, None, args.toy_steps, toy_reps, args.decode != "no"))
     if "sd15" in args.models:
         decode = args.decode == "yes" or (args.decode == "auto" and cuda)
-        plan.append(("sd15", sd15_batches, sd15_res, sd15_steps, sd15_reps, decode))
+        plan.append(("sd15", sd15_batches, sd15_res, sd15_steps, {b: sd15_reps for b in sd15_batches}, decode))
 
-    total = sum(len(b) * len(variants) * (reps + 1) for _, b, _, _, reps, _ in plan)
+    total = sum(len(variants) * (reps[b] + 1) for _, batches, _, _, reps, _ in plan for b in batches)
     bar = tqdm(total=total, desc="overhead", unit="call", dynamic_ncols=True)
     cases = []
     started = time.perf_counter()
@@ -449,7 +451,7 @@ def main(argv=None) -> int:
             res = res or pipe.unet.config.sample_size * pipe.vae_scale_factor
             v = Variants(pipe, steps, decode)
             for b in batches:
-                cases.append(run_case(v, model, b, res, reps, variants, bar))
+                cases.append(run_case(v, model, b, res, reps[b], variants, bar))
                 cases[-1]["model_path"] = str(toy_path) if model == "toy" else "sd15-architecture, random weights"
             tqdm.write(f"{model}: {time.perf_counter() - t_model:.0f} s")
             del v, pipe

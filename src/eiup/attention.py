@@ -369,6 +369,11 @@ class EraseContext:
             self.kv_cache[name] = (k, v)
         return k, v
 
+    def release_caches(self) -> None:
+        """Free the concept K/V caches (called after the last denoising step; they are rebuilt if needed)."""
+        self.kv_cache.clear()
+        self._v_scaled.clear()
+
     # ---- observation (heatmaps, recorder) --------------------------------------------------
     @property
     def wants_probs(self) -> bool:

@@ -442,6 +442,8 @@ class EIUPMixin:
             if i == 0 and predictors is not None:
                 ctx.token_scales = self._predicted_token_scales(ctx, auto_recorder, predictors)
             ctx.step = i + 1
+            if ctx.step >= ctx.num_steps:
+                ctx.release_caches()  # denoising done: the VAE decode runs without the concept K/V
             return result
 
         call["callback_on_step_end"] = step_end
