@@ -119,13 +119,27 @@ def expected_delta(attn, ctx, hs_rows, weights=None):
     return F.linear(merge_heads(term), attn.to_out[0].weight) / attn.rescale_output_factor
 
 
+class SubclassedProcessor(AttnProcessor2_0):
+    """Same maths as AttnProcessor2_0 but not that exact type: the wrapper must take its delegate path."""
+
+
+ORIGINALS = [AttnProcessor2_0, SubclassedProcessor]
+
+
+def wrap(attn, ctx, original):
+    proc = EIUPCrossAttnProcessor(original(), "layer", ctx)
+    assert proc.fused == (original is AttnProcessor2_0)
+    attn.set_processor(proc)
+
+
 @torch.no_grad()
+@pytest.mark.parametrize("original", ORIGINALS)
 @pytest.mark.parametrize("cfg", [True, False])
-def test_cross_processor_single(cfg):
+def test_cross_processor_single(cfg, original):
     attn, ctx = cross_layer(), make_ctx(cfg=cfg)
     hs, ehs = torch.randn(4, 16, 16), torch.randn(4, 7, D_TEXT)
     base = AttnProcessor2_0()(attn, hs, ehs)
-    attn.set_processor(EIUPCrossAttnProcessor(AttnProcessor2_0(), "layer", ctx))
+    wrap(attn, ctx, original)
     out = attn(hs, encoder_hidden_states=ehs)
     cond = slice(2, 4) if cfg else slice(0, 4)
     if cfg:
@@ -138,12 +152,13 @@ def test_cross_processor_single(cfg):
 
 
 @torch.no_grad()
-def test_cross_processor_dual_windows_and_tail():
+@pytest.mark.parametrize("original", ORIGINALS)
+def test_cross_processor_dual_windows_and_tail(original):
     attn, ctx = cross_layer(), make_ctx(mode="dual")
     hs, ehs = torch.randn(4, 16, 16), torch.randn(4, 7, D_TEXT)
     ehs[3] = ehs[2]  # both branches share the prompt
     base = AttnProcessor2_0()(attn, hs, ehs)
-    attn.set_processor(EIUPCrossAttnProcessor(AttnProcessor2_0(), "layer", ctx))
+    wrap(attn, ctx, original)
     # rows: [uncond orig, uncond erased, cond orig, cond erased]
     out = attn(hs, encoder_hidden_states=ehs)  # step 0: inside the cross window
     assert torch.equal(out[:3], base[:3])
@@ -158,8 +173,9 @@ def test_cross_processor_dual_windows_and_tail():
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("original", ORIGINALS)
 @pytest.mark.parametrize("mode", ["single", "dual"])
-def test_cross_processor_residual_4d(mode):
+def test_cross_processor_residual_4d(mode, original):
     torch.manual_seed(4)
     attn = Attention(
         query_dim=8, cross_attention_dim=D_TEXT, heads=2, dim_head=4, norm_num_groups=2,
@@ -169,7 +185,7 @@ def test_cross_processor_residual_4d(mode):
     hs, ehs = torch.randn(4, 8, 4, 4), torch.randn(4, 7, D_TEXT)
     ehs[3] = ehs[2]
     base = AttnProcessor2_0()(attn, hs, ehs)
-    attn.set_processor(EIUPCrossAttnProcessor(AttnProcessor2_0(), "layer", ctx))
+    wrap(attn, ctx, original)
     out = attn(hs, encoder_hidden_states=ehs)
     x = attn.group_norm(hs[3:].flatten(2)).transpose(1, 2)
     delta = expected_delta(attn, ctx, x).transpose(1, 2).reshape(1, 8, 4, 4)

@@ -289,3 +289,54 @@ def test_killed_run_resumes_without_duplicates(tmp_path, model_dir, count_calls)
     assert sorted(r["file"] for r in manifest) == expected  # one record per image, no duplicates
     rec = json.loads((out / "run.json").read_text())
     assert rec["status"] == "complete" and rec["images_done"] == n
+
+
+def test_killed_bench_resumes_without_redoing_units(tmp_path, model_dir, monkeypatch):
+    """SIGKILL a real `eiup bench` process after its first finished unit, rerun, check the set."""
+    from eiup.bench.runner import MethodRunner
+
+    out = tmp_path / "bench"
+    args = ["bench", "--model", str(model_dir), "--concept", "red", "--seeds", "2", "--per-role", "2",
+            "--no-sld", "--scales", "-1,-2", "--modes", "single", "--steps", "10", "--out", str(out)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-c", "from eiup.cli import main; main()", *args], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    records = out / "records"
+    try:
+        deadline = time.monotonic() + 180
+        while not list(records.rglob("*.json")):
+            if proc.poll() is not None:
+                pytest.fail(f"bench exited early ({proc.returncode}): {proc.stderr.read().decode()[-2000:]}")
+            if time.monotonic() > deadline:
+                pytest.fail("no finished unit after 180 s")
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL
+    done_before = {str(p.relative_to(records).with_suffix("")) for p in records.rglob("*.json")}
+    pngs_before = {p: p.read_bytes() for p in (out / "images").rglob("*.png")
+                   if str(p.parent.relative_to(out / "images")) in done_before}
+
+    generated = []
+    real = MethodRunner.generate
+    monkeypatch.setattr(MethodRunner, "generate",
+                        lambda self, method, prompt, *a: generated.append((method.name, prompt)) or real(self, method, prompt, *a))
+    res = invoke(*args)
+    assert res.exit_code == 0, res.output
+    units = {str(p.relative_to(records).with_suffix("")) for p in records.rglob("*.json")}
+    assert 1 <= len(done_before) < len(units), "the run finished before it could be killed"
+    assert len(generated) == len(set(generated)) == len(units) - len(done_before)  # nothing made twice
+    for png, data in pngs_before.items():
+        assert png.read_bytes() == data  # finished units untouched
+    for unit in units:
+        record = json.loads((records / f"{unit}.json").read_text())
+        files = sorted((out / "images" / unit).glob("*.png"))
+        assert [f.name for f in files] == [f"seed{s:06d}.png" for s in record["seeds"]]
+        assert all(eio.png_is_valid(f) for f in files)
+    assert not [p for p in out.rglob("*") if p.name.startswith(eio.TMP_PREFIX)]
+    assert (out / "metrics.json").is_file() and (out / "index.html").is_file()
