@@ -592,8 +592,18 @@ class EIUPCrossAttnProcessor(_EIUPProcessor):
         if attn.norm_k is not None:
             k = attn.norm_k(k)
         mask = None if attention_mask is None else attention_mask[:n]
-        o = F.scaled_dot_product_attention(q[:n], k, v, attn_mask=mask, dropout_p=0.0, is_causal=False)
-        term = self._concept_term(attn, q[target], encoder_hidden_states, need_term)
+        if (need_term and mask is None and not ctx.wants_probs and k.shape[2] == ctx.concept_embeds.shape[1]
+                and math.isclose(attn.scale, q.shape[-1] ** -0.5)):
+            # one SDPA for both: the prompt's attention of all rows and the concept term of the erased rows
+            k_c, v_scaled = ctx.scaled_concept_kv(self.name, attn, encoder_hidden_states)
+            m = target.stop - target.start
+            both = F.scaled_dot_product_attention(
+                torch.cat([q[:n], q[target]]), torch.cat([k, _expand_batch(k_c, m)]),
+                torch.cat([v, _expand_batch(v_scaled, m)]))
+            o, term = both[:n], both[n:]
+        else:
+            o = F.scaled_dot_product_attention(q[:n], k, v, attn_mask=mask, dropout_p=0.0, is_causal=False)
+            term = self._concept_term(attn, q[target], encoder_hidden_states, need_term)
         if swap:
             o = torch.cat([o, o[source] if term is None else o[source] + term], dim=0)
         elif term is not None:
