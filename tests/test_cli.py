@@ -245,23 +245,18 @@ def test_csv_erase_target_extends_erase(tmp_path, model_dir):
     assert [i["erase"] for i in rec["images"]] == [[], []]
 
 
-def test_killed_run_resumes_without_duplicates(tmp_path, model_dir, count_calls):
-    """SIGKILL a real `eiup generate` process after its first image, rerun, check the set."""
-    n = 10
-    csv_path = write_csv(tmp_path / "p.csv", [f"{i},a {'red' if i % 2 else 'blue'} star {i},{i}," for i in range(n)])
-    out = tmp_path / "out"
-    args = ["generate", "--prompts", str(csv_path), "--model", str(model_dir), "--steps", "12", "--out", str(out),
-            "--erase", "red", "--no-progress"]
+def kill_when(args: list[str], ready, timeout: float = 180.0) -> None:
+    """Run `eiup ARGS` in a real subprocess and SIGKILL it as soon as `ready()` is true."""
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     proc = subprocess.Popen([sys.executable, "-c", "from eiup.cli import main; main()", *args], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        deadline = time.monotonic() + 120
-        while not list(out.glob("*.png")):
+        deadline = time.monotonic() + timeout
+        while not ready():
             if proc.poll() is not None:
-                pytest.fail(f"generate exited early ({proc.returncode}): {proc.stderr.read().decode()[-2000:]}")
+                pytest.fail(f"{args[0]} exited early ({proc.returncode}): {proc.stderr.read().decode()[-2000:]}")
             if time.monotonic() > deadline:
-                pytest.fail("no image after 120 s")
+                pytest.fail(f"{args[0]}: nothing finished after {timeout:.0f} s")
             time.sleep(0.01)
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
@@ -271,6 +266,16 @@ def test_killed_run_resumes_without_duplicates(tmp_path, model_dir, count_calls)
             proc.wait()
         proc.stderr.close()
     assert proc.returncode == -signal.SIGKILL
+
+
+def test_killed_run_resumes_without_duplicates(tmp_path, model_dir, count_calls):
+    """SIGKILL a real `eiup generate` process after its first image, rerun, check the set."""
+    n = 10
+    csv_path = write_csv(tmp_path / "p.csv", [f"{i},a {'red' if i % 2 else 'blue'} star {i},{i}," for i in range(n)])
+    out = tmp_path / "out"
+    args = ["generate", "--prompts", str(csv_path), "--model", str(model_dir), "--steps", "12", "--out", str(out),
+            "--erase", "red", "--no-progress"]
+    kill_when(args, lambda: list(out.glob("*.png")))
     done_before = {p.name for p in out.glob("*.png")}
     assert 1 <= len(done_before) < n, "the run finished before it could be killed"
     assert json.loads((out / "run.json").read_text())["status"] == "running"
@@ -298,26 +303,8 @@ def test_killed_bench_resumes_without_redoing_units(tmp_path, model_dir, monkeyp
     out = tmp_path / "bench"
     args = ["bench", "--model", str(model_dir), "--concept", "red", "--seeds", "2", "--per-role", "2",
             "--no-sld", "--scales", "-1,-2", "--modes", "single", "--steps", "10", "--out", str(out)]
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-c", "from eiup.cli import main; main()", *args], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     records = out / "records"
-    try:
-        deadline = time.monotonic() + 180
-        while not list(records.rglob("*.json")):
-            if proc.poll() is not None:
-                pytest.fail(f"bench exited early ({proc.returncode}): {proc.stderr.read().decode()[-2000:]}")
-            if time.monotonic() > deadline:
-                pytest.fail("no finished unit after 180 s")
-            time.sleep(0.01)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        proc.stderr.close()
-    assert proc.returncode == -signal.SIGKILL
+    kill_when(args, lambda: list(records.rglob("*.json")))
     done_before = {str(p.relative_to(records).with_suffix("")) for p in records.rglob("*.json")}
     pngs_before = {p: p.read_bytes() for p in (out / "images").rglob("*.png")
                    if str(p.parent.relative_to(out / "images")) in done_before}

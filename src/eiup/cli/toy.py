@@ -13,6 +13,13 @@ app = typer.Typer(help="The bundled toy-world model: train it, detect concepts, 
 WEIGHTS = Path(__file__).resolve().parent.parent / "toy" / "weights"
 
 
+class ToyDefaults:
+    """Training defaults shown in --help without importing torch at CLI start-up."""
+
+    localisation_weight = 0.03
+    lr = 3e-4
+
+
 @app.command()
 def train(
     out: Annotated[Path, typer.Option(help="Work folder (data, checkpoints); rerun to resume.")] = Path("runs/toy"),
@@ -22,13 +29,19 @@ def train(
     seed: int = 0,
     threads: Annotated[int, typer.Option(help="torch threads (1 avoids stalls when other work shares the CPU).")] = 1,
     export_to: Annotated[Path | None, typer.Option(help="Pipeline folder to write (default OUT/pipeline).")] = None,
+    localisation_weight: Annotated[float, typer.Option(
+        help="Weight of the token-localisation loss (next to the diffusion loss).")] = ToyDefaults.localisation_weight,
+    lr: Annotated[float, typer.Option(help="Peak learning rate of the UNet + text encoder.")] = ToyDefaults.lr,
 ) -> None:
     """Train the toy Stable Diffusion pipeline from scratch on the CPU (resumable)."""
     from ..toy.train import ToyTrainConfig, train_toy_model
 
     if minutes <= 0 or vae_minutes <= 0 or scenes < 64:
         raise typer.BadParameter("--minutes and --vae-minutes must be > 0 and --scenes >= 64")
-    cfg = ToyTrainConfig(n_scenes=scenes, vae_minutes=vae_minutes, unet_minutes=minutes, seed=seed, threads=threads)
+    if not (localisation_weight >= 0 and lr > 0):
+        raise typer.BadParameter("--localisation-weight must be >= 0 and --lr > 0")
+    cfg = ToyTrainConfig(n_scenes=scenes, vae_minutes=vae_minutes, unet_minutes=minutes, seed=seed, threads=threads,
+                         localisation_weight=localisation_weight, lr=lr)
     dest = train_toy_model(out, cfg, export_to)
     typer.echo(f"pipeline written to {dest}")
 

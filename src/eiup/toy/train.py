@@ -41,7 +41,7 @@ class ToyTrainConfig:
     unet_batch: int = 64
     lr: float = 3e-4
     caption_dropout: float = 0.1
-    localisation_weight: float = 0.1
+    localisation_weight: float = 0.03
     ema_decay: float = 0.999
     checkpoint_minutes: float = 5.0
     threads: int = 2
