@@ -1,9 +1,11 @@
 """Benchmark: suites, method names, judgements, resumable runs and the report files."""
 
 import json
+import re
 
 import numpy as np
 import pytest
+import torch
 
 from eiup.bench.baselines import Method, MethodRunner, default_methods, parse_method
 from eiup.bench.metrics import aggregate, judge_toy
@@ -98,3 +100,294 @@ def test_run_resumes_and_writes_the_report(tmp_path, monkeypatch):
     run_benchmark(pipe, ColourDetector(), [suite], methods, tmp_path, steps=2, guidance=5.0)
     assert len(calls) == n_units + 1
     assert index.exists()
+
+
+# ---------------------------------------------------------------- coco suite: CLIP score, FID, PSNR/SSIM
+
+PROMPTS = ["a red star", "a blue circle", "a lemon", "a striped green heart", "a tomato and a lime", "a dotted blue square"]
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory):
+    """A random tiny CLIP model saved as safetensors with its processor (toy-world tokenizer, 32 px images)."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    from eiup.toy.tokenizer import build_clip_tokenizer
+    from eiup.toy.world import words
+
+    root = tmp_path_factory.mktemp("tiny-clip")
+    tok = build_clip_tokenizer(words(), root)
+    small = dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2)
+    text = dict(small, vocab_size=len(tok), max_position_embeddings=tok.model_max_length, bos_token_id=tok.bos_token_id,
+                eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = CLIPModel(CLIPConfig(text_config=text, vision_config=dict(small, image_size=32, patch_size=8), projection_dim=16))
+    model.save_pretrained(root, safe_serialization=True)
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    CLIPProcessor(image_processor=image_processor, tokenizer=tok).save_pretrained(root)
+    return root
+
+
+class MeanStd(torch.nn.Module):
+    """A tiny FID feature extractor: per-channel mean and standard deviation of uint8 images."""
+
+    num_features = 6
+
+    def forward(self, x):
+        x = x.float() / 255
+        return torch.cat([x.mean((2, 3)), x.std((2, 3))], 1)
+
+
+def noise_images(n: int, low: float, high: float, seed: int, shape=(32, 32)) -> list:
+    """Noisy images whose per-image colour is drawn uniformly in [low, high]."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(np.clip(rng.normal(rng.uniform(low, high, 3), 30, (*shape, 3)), 0, 255).astype(np.uint8))
+            for _ in range(n)]
+
+
+def test_clip_score_matches_a_direct_computation(tiny_clip):
+    from transformers import CLIPModel, CLIPProcessor
+
+    from eiup.bench.metrics import clip_metric, clip_scores
+
+    images = noise_images(5, 0, 255, seed=0) + noise_images(1, 0, 255, seed=1, shape=(48, 64))  # one to resize
+    scores = clip_scores(clip_metric(tiny_clip), images, PROMPTS)
+    model, processor = CLIPModel.from_pretrained(tiny_clip), CLIPProcessor.from_pretrained(tiny_clip)
+    with torch.no_grad():
+        out = model(**processor(text=PROMPTS, images=images, return_tensors="pt", padding=True))
+    cos = torch.nn.functional.cosine_similarity(out.image_embeds, out.text_embeds).numpy()
+    assert len(scores) == len(PROMPTS) and np.isfinite(scores).all()
+    np.testing.assert_allclose(scores, 100 * np.maximum(cos, 0), atol=1e-3)
+    assert cos.min() < 0 < cos.max()  # both sides of the per-image clamp are exercised
+    with pytest.raises(ValueError):  # one prompt per image
+        clip_scores(clip_metric(tiny_clip), images, PROMPTS[:-1])
+
+
+def test_clip_folder_check_names_what_is_missing(tiny_clip, tmp_path):
+    import shutil
+
+    from eiup.bench.metrics import check_clip_model
+
+    assert check_clip_model(tiny_clip) == tiny_clip
+
+    def broken(name, *remove, model_type=None):
+        folder = tmp_path / name
+        shutil.copytree(tiny_clip, folder)
+        for f in remove:
+            (folder / f).unlink()
+        if model_type:
+            cfg = json.loads((folder / "config.json").read_text())
+            (folder / "config.json").write_text(json.dumps(dict(cfg, model_type=model_type)))
+        return folder
+
+    cases = [
+        (tmp_path / "missing", "not a folder"),
+        (broken("no-config", "config.json"), "config.json"),
+        (broken("not-clip", model_type="siglip"), "model_type='siglip'"),
+        (broken("no-weights", "model.safetensors"), "no CLIP weights"),
+        (broken("no-tokenizer", "vocab.json", "merges.txt", "tokenizer.json"), "no CLIP tokenizer files"),
+        (broken("no-image-processor", "processor_config.json"), "no CLIP processor"),
+    ]
+    for folder, message in cases:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            check_clip_model(folder)
+
+
+def test_fid_with_a_custom_feature_extractor():
+    from scipy import linalg
+
+    from eiup.bench.metrics import fid_scores
+
+    reference, dark = noise_images(12, 60, 230, seed=0), noise_images(12, 0, 80, seed=1)
+    fids = fid_scores({"dark": iter(dark), "same": iter(reference), "one": iter(reference[:1])}, iter(reference),
+                      size=32, feature=MeanStd(), batch_size=5)
+    assert abs(fids["same"]) < 1e-5  # after "dark" was scored: the reference features were kept
+
+    def stats(images):
+        f = MeanStd()(torch.stack([torch.from_numpy(np.array(i)).permute(2, 0, 1) for i in images])).double().numpy()
+        return f.mean(0), np.cov(f, rowvar=False)
+
+    (m1, c1), (m2, c2) = stats(reference), stats(dark)
+    direct = np.sum((m1 - m2) ** 2) + np.trace(c1 + c2 - 2 * linalg.sqrtm(c1 @ c2).real)
+    assert fids["dark"] > 0.01
+    assert fids["dark"] == pytest.approx(direct, rel=1e-4)
+    assert np.isnan(fids["one"])  # FID needs 2 images
+    with pytest.raises(ValueError, match="2 reference images"):
+        fid_scores({"x": dark}, reference[:1], size=32, feature=MeanStd())
+
+
+def test_square_image_keeps_the_centre_in_rgb():
+    from PIL import Image
+
+    from eiup.bench.metrics import square_image
+
+    a = np.zeros((32, 64, 3), dtype=np.uint8)
+    a[:, :16], a[:, 16:48], a[:, 48:] = (255, 0, 0), (0, 255, 0), (0, 0, 255)
+    out = square_image(Image.fromarray(a), 16)
+    assert out.size == (16, 16)
+    assert np.abs(np.asarray(out).astype(int) - (0, 255, 0)).max() <= 1  # the red and blue sides are cropped
+    grey = square_image(Image.new("L", (20, 10), 128), 8)
+    assert grey.mode == "RGB" and grey.size == (8, 8)
+
+
+def test_inception_check_works_offline(tmp_path, monkeypatch):
+    import sys
+    import types
+
+    from eiup.bench.metrics import check_inception, inception_weights_cache
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setitem(sys.modules, "torch_fidelity", None)  # not installed
+    with pytest.raises(ImportError, match="pip install torch-fidelity"):
+        check_inception()
+    monkeypatch.setitem(sys.modules, "torch_fidelity", types.ModuleType("torch_fidelity"))
+    with pytest.raises(FileNotFoundError, match="--fid-weights"):
+        check_inception()
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        check_inception(tmp_path / "nope.pth")
+    garbage, other = tmp_path / "garbage.pth", tmp_path / "other.pth"
+    garbage.write_bytes(b"not weights")
+    torch.save({"fc.weight": torch.zeros(1)}, other)
+    with pytest.raises(ValueError, match="not a readable PyTorch weights file"):
+        check_inception(garbage)
+    with pytest.raises(ValueError, match="not torch-fidelity's Inception-v3 weights"):
+        check_inception(other)
+    given = tmp_path / "inception.pth"
+    torch.save({"Conv2d_1a_3x3.conv.weight": torch.zeros(1)}, given)  # the first key of the real file
+    check_inception(given)
+    cached = inception_weights_cache()
+    assert cached.is_relative_to(tmp_path / "torch")
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(given.read_bytes())
+    check_inception()
+
+
+def test_coco_run_writes_quality_metrics(tmp_path, tiny_clip, monkeypatch):
+    from PIL import Image
+
+    from eiup.bench import QualityOptions, run_benchmark
+    from eiup.bench.metrics import clip_metric, clip_scores, fid_scores
+    from eiup.bench.runner import evaluate, load_unit_images, units_for
+    from eiup.bench.suites import coco_suite
+    from eiup.testing import tiny_pipeline
+
+    pipe = tiny_pipeline("sd1")
+    csv_path = tmp_path / "captions.csv"
+    csv_path.write_text("image_id,caption\n1,a red star\n2,\n3,a lemon on a gray background\n4,a blue circle\n")
+    suite = coco_suite(csv_path, concept="red")
+    assert [p.text for p in suite.prompts] == ["a red star", "a lemon on a gray background", "a blue circle"]
+    refs = tmp_path / "coco-val"
+    refs.mkdir()
+    for k, im in enumerate(noise_images(6, 40, 220, seed=3, shape=(40, 48))):  # not square: centre-cropped
+        im.save(refs / f"{k:03d}.jpg")
+    (refs / "notes.txt").write_text("not an image")
+    methods = [Method("plain"), Method("negative"), Method("eiup", scale=-2.0)]
+    quality = QualityOptions(clip_model=tiny_clip, fid_reference=refs, fid_feature=MeanStd())
+    calls = []
+    original = MethodRunner.generate
+    monkeypatch.setattr(MethodRunner, "generate", lambda self, m, *a: calls.append(m.name) or original(self, m, *a))
+    out = tmp_path / "run"
+    index = run_benchmark(pipe, None, [suite], methods, out, steps=2, guidance=5.0, quality=quality)
+    assert len(calls) == 9 and index.exists()
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    per = metrics["per_suite"]["coco-captions"]
+    assert set(per) == {m.name for m in methods} and metrics["summary"] == {}
+    for name, m in per.items():
+        assert m["n"] == 3 and m["seconds_per_image"] > 0, name
+        assert all(np.isfinite(m[k]) for k in ("clip_score", "fid", "median_psnr", "median_ssim")), name
+        assert 0 <= m["clip_score"] <= 100 and m["fid"] > 0, name
+    assert per["plain"]["median_psnr"] == 100.0 and per["plain"]["median_ssim"] == pytest.approx(1.0)
+    assert per["eiup-single@-2"]["median_psnr"] < 100  # erasing changed the images
+
+    # the same numbers as scoring the saved images directly
+    units = units_for([suite], methods)
+    for method in per:
+        mine = [u for u in units if u.method.name == method]
+        images = [load_unit_images(out, u)[0] for u in mine]
+        clip = clip_scores(clip_metric(tiny_clip), images, [u.prompt.text for u in mine])
+        assert per[method]["clip_score"] == pytest.approx(float(np.mean(clip)), abs=1e-4)
+        fid = fid_scores({method: images}, [Image.open(p) for p in sorted(refs.glob("*.jpg"))], 32, MeanStd())
+        assert per[method]["fid"] == pytest.approx(fid[method], rel=1e-5)
+
+    report = (out / "report.md").read_text()
+    assert "| method | CLIP score | FID | median PSNR vs plain (dB) | median SSIM vs plain | s / image | images |" in report
+    assert f"| plain | {per['plain']['clip_score']:.2f} | {per['plain']['fid']:.2f} | 100.0 | 1.000 |" in report
+    assert "residual" not in report and "tradeoff.png" not in report  # no toy columns or plot
+    assert "<th>CLIP score</th><th>FID</th>" in (out / "index.html").read_text()
+
+    # without CLIP model and reference images: PSNR/SSIM and speed only
+    bare = evaluate(None, units, out)["coco-captions"]["negative"]
+    assert np.isnan(bare["clip_score"]) and np.isnan(bare["fid"])
+    assert bare["median_psnr"] == per["negative"]["median_psnr"]
+    # a rerun generates nothing and reports the same
+    run_benchmark(pipe, None, [suite], methods, out, steps=2, guidance=5.0, quality=quality)
+    assert len(calls) == 9
+    assert json.loads((out / "metrics.json").read_text())["per_suite"] == metrics["per_suite"]
+
+
+def test_run_checks_quality_paths_before_generating(tmp_path, tiny_clip, monkeypatch):
+    from eiup.bench import QualityOptions, run_benchmark
+    from eiup.bench.suites import coco_suite
+
+    def forbidden(*a, **k):
+        raise AssertionError("nothing may be generated before the paths are checked")
+
+    monkeypatch.setattr(MethodRunner, "generate", forbidden)
+    csv_path = tmp_path / "captions.csv"
+    csv_path.write_text("caption\na red star\n")
+    suite = coco_suite(csv_path, concept="red")
+    for quality, message in [(QualityOptions(clip_model=tmp_path / "no-clip"), "not a folder"),
+                             (QualityOptions(clip_model=tiny_clip, fid_reference=tmp_path, fid_feature=MeanStd()),
+                              "at least 2 reference images")]:
+        with pytest.raises(ValueError, match=message):
+            run_benchmark(None, None, [suite], [Method("plain")], tmp_path / "out", quality=quality)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("case, option, text", [
+    ("clip-missing", "--clip-model", "not a folder"),
+    ("clip-on-toy", "--clip-model", "only the coco suite"),
+    ("reference-missing", "--fid-reference", "not a folder of reference images"),
+    ("reference-one-image", "--fid-reference", "at least 2 reference images"),
+    ("no-torch-fidelity", "--fid-reference", "pip install torch-fidelity"),
+    ("no-inception-weights", "--fid-weights", "download https://github.com/toshas/torch-fidelity"),
+    ("weights-missing", "--fid-weights", "no such file"),
+    ("weights-invalid", "--fid-weights", "not a readable PyTorch weights file"),
+])
+def test_cli_checks_quality_paths_before_any_generation(tmp_path, monkeypatch, case, option, text):
+    import sys
+    import types
+
+    from typer.testing import CliRunner
+
+    from eiup import models
+    from eiup.cli import app
+
+    def forbidden(*a, **k):
+        raise AssertionError("nothing may be loaded or generated before the paths are checked")
+
+    monkeypatch.setattr(models, "load_pipeline", forbidden)
+    monkeypatch.setattr(MethodRunner, "generate", forbidden)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # an empty torch hub cache
+    monkeypatch.setitem(sys.modules, "torch_fidelity", None if case == "no-torch-fidelity" else types.ModuleType("t"))
+    csv_path = tmp_path / "captions.csv"
+    csv_path.write_text("caption\na red star\n")
+    refs = tmp_path / "refs"
+    refs.mkdir()
+    for k, im in enumerate(noise_images(1 if case == "reference-one-image" else 2, 0, 255, seed=0)):
+        im.save(refs / f"{k}.png")
+    args = ["bench", "--suite", "toy" if case == "clip-on-toy" else "coco", "--coco", csv_path, "--out", tmp_path / "o"]
+    args += {"clip-missing": ["--clip-model", tmp_path / "no-clip"], "clip-on-toy": ["--clip-model", tmp_path],
+             "reference-missing": ["--fid-reference", tmp_path / "no-refs"],
+             "weights-missing": ["--fid-reference", refs, "--fid-weights", tmp_path / "nope.pth"],
+             "weights-invalid": ["--fid-reference", refs, "--fid-weights", csv_path]}.get(
+        case, ["--fid-reference", refs])
+    res = CliRunner().invoke(app, [str(a) for a in args], env={"TERMINAL_WIDTH": "400"})
+    assert res.exit_code == 2, res.output
+    out = re.sub(r"[\s│╭╮╰╯─]+", " ", res.output)
+    assert f"Invalid value for {option}:" in out and text in out, out
+    assert not (tmp_path / "o").exists()

@@ -1,4 +1,8 @@
-"""Benchmark report: metrics JSON, Markdown tables, image grids, trade-off plots, an HTML index."""
+"""Benchmark report: metrics JSON, Markdown tables, image grids, trade-off plots, an HTML index.
+
+Toy suites get erasure/fidelity/specificity columns, I2P suites NudeNet columns and COCO suites
+quality columns (CLIP score, FID, PSNR/SSIM against the plain images, seconds per image).
+"""
 
 from __future__ import annotations
 
@@ -61,11 +65,28 @@ def _fmt(fmt: str, v) -> str:
 
 NUDITY_COLUMNS = [("flagged_rate", "NudeNet-flagged rate", "{:.1%}"), ("n", "images", "{}"),
                   ("seconds_per_image", "s / image", "{:.3f}")]
+COCO_COLUMNS = [
+    ("clip_score", "CLIP score", "{:.2f}"),
+    ("fid", "FID", "{:.2f}"),
+    ("median_psnr", "median PSNR vs plain (dB)", "{:.1f}"),
+    ("median_ssim", "median SSIM vs plain", "{:.3f}"),
+    ("seconds_per_image", "s / image", "{:.3f}"),
+    ("n", "images", "{}"),
+]
+COCO_NOTE = ("CLIP score: mean of 100 * max(cos, 0) between each image and its prompt (higher is better; "
+             "n/a without --clip-model). FID against the reference images (lower is better; n/a without "
+             "--fid-reference). PSNR/SSIM: against the plain image of the same prompt and seed.")
+
+
+def is_quality(rows: dict) -> bool:
+    """Whether these per-method rows are COCO quality metrics."""
+    return any("fid" in r for r in rows.values())
 
 
 def markdown_table(rows: dict, extra_first: tuple | None = None) -> str:
     nudity = any("flagged_rate" in r for r in rows.values())
-    cols = ([extra_first] if extra_first else []) + (NUDITY_COLUMNS if nudity else COLUMNS)
+    table = COCO_COLUMNS if is_quality(rows) else NUDITY_COLUMNS if nudity else COLUMNS
+    cols = ([extra_first] if extra_first else []) + table
     head = "| method | " + " | ".join(c[1] for c in cols) + " |"
     sep = "|---|" + "---|" * len(cols)
     lines = [head, sep]
@@ -138,18 +159,23 @@ def write_report(out: Path, metrics: dict, units: list[Unit], settings: dict, gr
     if summary:
         tradeoff_plot(summary, out / "tradeoff.png")
     grid_paths = grids(out, units, grid_methods)
-    md = ["# eiup benchmark", "", f"Settings: `{json.dumps(settings)}`", "",
-          "Mean over concepts (worst concept's implicit residual in its own column).", "",
-          markdown_table(summary, ("worst_residual_implicit", "worst concept residual", "{:.1%}")), "",
-          "![trade-off](tradeoff.png)", ""]
+    quality_only = bool(metrics) and all(is_quality(m) for m in metrics.values())  # COCO only: no toy summary
+    md = ["# eiup benchmark", "", f"Settings: `{json.dumps(settings)}`", ""]
+    if not quality_only:
+        md += ["Mean over concepts (worst concept's implicit residual in its own column).", "",
+               markdown_table(summary, ("worst_residual_implicit", "worst concept residual", "{:.1%}")), "",
+               "![trade-off](tradeoff.png)", ""]
     for suite, by_method in metrics.items():
         md += [f"## {suite}", "", markdown_table(by_method), ""]
+        md += [COCO_NOTE, ""] if is_quality(by_method) else []
         md += [f"![{p.stem}](grids/{p.name})" for p in grid_paths if p.name.startswith(suite + "-")] + [""]
     atomic_write_text(out / "report.md", "\n".join(md))
-    body = ["<h1>eiup benchmark</h1>", f"<p><code>{html.escape(json.dumps(settings))}</code></p>",
-            '<img src="tradeoff.png" style="max-width:100%">', _html_table(summary)]
+    body = ["<h1>eiup benchmark</h1>", f"<p><code>{html.escape(json.dumps(settings))}</code></p>"]
+    if not quality_only:
+        body += ['<img src="tradeoff.png" style="max-width:100%">', _html_table(summary)]
     for suite, by_method in metrics.items():
         body += [f"<h2>{html.escape(suite)}</h2>", _html_table(by_method)]
+        body += [f"<p>{html.escape(COCO_NOTE)}</p>"] if is_quality(by_method) else []
         body += [f'<p>{html.escape(p.stem)}<br><img src="grids/{p.name}"></p>' for p in grid_paths
                  if p.name.startswith(suite + "-")]
     atomic_write_text(out / "index.html", "<!doctype html><meta charset=utf-8><title>eiup benchmark</title>"
@@ -159,7 +185,8 @@ def write_report(out: Path, metrics: dict, units: list[Unit], settings: dict, gr
 
 
 def _html_table(rows: dict) -> str:
-    head = "<tr><th>method</th>" + "".join(f"<th>{html.escape(c[1])}</th>" for c in COLUMNS) + "</tr>"
+    cols = COCO_COLUMNS if is_quality(rows) else COLUMNS
+    head = "<tr><th>method</th>" + "".join(f"<th>{html.escape(c[1])}</th>" for c in cols) + "</tr>"
     body = "".join("<tr><td>" + html.escape(m) + "</td>" + "".join(
-        f"<td>{_fmt(fmt, r.get(k))}</td>" for k, _, fmt in COLUMNS) + "</tr>" for m, r in rows.items())
+        f"<td>{_fmt(fmt, r.get(k))}</td>" for k, _, fmt in cols) + "</tr>" for m, r in rows.items())
     return f"<table>{head}{body}</table>"

@@ -5,23 +5,30 @@ images and its record are written atomically, the record last, so an interrupted
 at the first unit without a record. Units are dealt to processes (`accelerate launch`) in a
 fixed order and each unit's batch never depends on the number of processes, so results are
 identical to a single-process run.
+
+Judging happens once all units exist, on the main process: toy units with the concept detector,
+I2P units with NudeNet, COCO units with PSNR/SSIM against the plain images and, given local
+weights (`QualityOptions`), CLIP score against their prompts and FID against real images.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
 from ..io import save_png_atomic, write_json_atomic
 from .baselines import Method, MethodRunner
-from .metrics import aggregate, aggregate_nudity, judge_toy, psnr_ssim
+from .metrics import (QualityOptions, aggregate, aggregate_nudity, clip_metric, clip_scores, fid_scores, judge_toy,
+                      psnr_ssim, reference_images)
 from .suites import Suite
 
 
@@ -85,9 +92,9 @@ def run_units(pipe, detector, units: list[Unit], out: Path, steps: int, guidance
         })
 
 
-def evaluate(detector, units: list[Unit], out: Path, nudity=None) -> dict:
+def evaluate(detector, units: list[Unit], out: Path, nudity=None, quality: QualityOptions | None = None) -> dict:
     """Judge every unit: toy units against their prompt and the plain images of the same seeds,
-    I2P units with `nudity` (a `NudityJudge`)."""
+    I2P units with `nudity` (a `NudityJudge`), COCO units with `evaluate_coco` and `quality`."""
     results: dict = {}
     plain_cache: dict = {}
     nude: dict = {}
@@ -125,4 +132,74 @@ def evaluate(detector, units: list[Unit], out: Path, nudity=None) -> dict:
             m = aggregate_nudity(entry["judgements"])
             m["seconds_per_image"] = sum(entry["seconds"]) / len(entry["seconds"])
             metrics.setdefault(suite, {})[method] = m
+    coco_units = [u for u in units if u.suite.kind == "coco"]
+    if coco_units:
+        for suite, by_method in evaluate_coco(coco_units, out, quality or QualityOptions()).items():
+            metrics.setdefault(suite, {}).update(by_method)
+    return metrics
+
+
+def _open_images(paths: list[Path]):
+    """The images at `paths` in RGB, opened one at a time."""
+    for path in paths:
+        with Image.open(path) as im:
+            yield im.convert("RGB")
+
+
+def _side(path: Path) -> int:
+    """The shorter side of the image at `path`."""
+    with Image.open(path) as im:
+        return min(im.size)
+
+
+def _coco_entries(units: list[Unit], out: Path) -> dict:
+    """Per suite and method: PSNR/SSIM of each image against the plain image of the same prompt and seed,
+    seconds per image of each unit, and the image files with their prompts."""
+    entries: dict = {}
+    for unit in tqdm(units, desc="judge coco"):
+        folder, record = unit_paths(out, unit)
+        plain = load_unit_images(out, Unit(Method("plain"), unit.suite, unit.prompt_index))
+        psnr, ssim = psnr_ssim(load_unit_images(out, unit), plain)
+        entry = entries.setdefault(unit.suite.name, {}).setdefault(
+            unit.method.name, {"psnr": [], "ssim": [], "seconds": [], "files": [], "prompts": []})
+        entry["psnr"] += psnr
+        entry["ssim"] += ssim
+        entry["seconds"].append(json.loads(record.read_text())["seconds_per_image"])
+        entry["files"] += [folder / f"seed{s:06d}.png" for s in unit.seeds()]
+        entry["prompts"] += [unit.prompt.text] * len(unit.seeds())
+    return entries
+
+
+def evaluate_coco(units: list[Unit], out: Path, quality: QualityOptions) -> dict:
+    """Quality metrics of COCO units, per suite and method.
+
+    Args:
+        units: The COCO units (each needs the plain unit of its prompt, which `run_benchmark` adds).
+        out: The run folder.
+        quality: CLIP model and FID reference paths (None skips that metric), feature extractor and device.
+
+    Returns:
+        {suite: {method: {"clip_score", "fid", "median_psnr", "median_ssim", "seconds_per_image", "n"}}};
+        CLIP score (mean of 100 * max(cos, 0) against the prompts) and FID are NaN when skipped.
+    """
+    entries = _coco_entries(units, out)
+    metrics = {suite: {method: {
+        "clip_score": math.nan, "fid": math.nan,
+        "median_psnr": float(np.median(e["psnr"])), "median_ssim": float(np.median(e["ssim"])),
+        "seconds_per_image": float(np.mean(e["seconds"])), "n": len(e["files"]),
+    } for method, e in by_method.items()} for suite, by_method in entries.items()}
+    if entries and quality.clip_model is not None:
+        metric = clip_metric(quality.clip_model, quality.device)
+        for suite, by_method in entries.items():
+            for method, e in tqdm(by_method.items(), desc=f"CLIP score ({suite})"):
+                scores = clip_scores(metric, _open_images(e["files"]), e["prompts"])
+                metrics[suite][method]["clip_score"] = float(np.mean(scores))
+    if entries and quality.fid_reference is not None:
+        references = reference_images(quality.fid_reference)
+        for suite, by_method in entries.items():
+            size = _side(next(iter(by_method.values()))["files"][0])
+            fids = fid_scores({m: _open_images(e["files"]) for m, e in by_method.items()}, _open_images(references),
+                              size, quality.fid_feature, quality.fid_weights, quality.batch_size, quality.device)
+            for method, value in fids.items():
+                metrics[suite][method]["fid"] = value
     return metrics

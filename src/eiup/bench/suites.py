@@ -131,8 +131,11 @@ def i2p_suite(csv_path: str | Path, concept: str = "nudity", limit: int | None =
     return Suite(f"i2p-{Path(csv_path).stem}", concept, prompts, seeds, kind="i2p", extra={"per_prompt_seed": True})
 
 
-def coco_suite(csv_path: str | Path, limit: int | None = None) -> Suite:
-    """COCO captions (a `prompt` or `caption` column): quality/specificity prompts for CLIP score and FID."""
+def coco_suite(csv_path: str | Path, limit: int | None = None, concept: str = "nudity") -> Suite:
+    """COCO captions (a `prompt` or `caption` column): quality/specificity prompts for CLIP score and FID,
+    generated while each method erases `concept` (the methods need one: EIUP rejects an empty concept)."""
+    if not concept.strip():
+        raise ValueError("the coco suite needs a concept to erase while its quality is measured, e.g. 'nudity'")
     with open(csv_path, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
         col = "prompt" if "prompt" in (reader.fieldnames or []) else "caption"
@@ -140,7 +143,7 @@ def coco_suite(csv_path: str | Path, limit: int | None = None) -> Suite:
             raise ValueError(f"{csv_path}: needs a 'prompt' or 'caption' column, found {reader.fieldnames}")
         texts = [row[col] for row in reader if row.get(col, "").strip()]
     texts = texts[:limit] if limit else texts
-    return Suite(f"coco-{Path(csv_path).stem}", "", [BenchPrompt(t, "specificity") for t in texts],
+    return Suite(f"coco-{Path(csv_path).stem}", concept, [BenchPrompt(t, "specificity") for t in texts],
                  list(range(len(texts))), kind="coco", extra={"per_prompt_seed": True})
 
 

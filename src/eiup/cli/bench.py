@@ -1,4 +1,9 @@
-"""`eiup bench`: erasure, fidelity and specificity against the field's baselines."""
+"""`eiup bench`: erasure, fidelity and specificity against the field's baselines.
+
+The coco suite measures image quality while a concept is erased: PSNR/SSIM against the plain
+images and seconds per image always; CLIP score with `--clip-model DIR` and FID with
+`--fid-reference DIR`, from local weights only (checked before any image is generated).
+"""
 
 from __future__ import annotations
 
@@ -41,11 +46,18 @@ def bench(
     i2p_concept: Annotated[str, typer.Option(help="Concept erased on the I2P suite.")] = "nudity",
     nudenet_threshold: Annotated[float, typer.Option(help="NudeNet score threshold.")] = 0.6,
     coco: Annotated[Path | None, typer.Option(help="COCO captions CSV (prompt or caption column).")] = None,
+    coco_concept: Annotated[str, typer.Option(help="Concept erased while the coco suite's quality is measured.")] = "nudity",
+    clip_model: Annotated[Path | None, typer.Option(help="coco suite: local folder of a transformers CLIP model and its processor (e.g. `huggingface-cli download openai/clip-vit-large-patch14 --local-dir DIR`); reports the CLIP score, mean of 100*max(cos, 0), of each method's images against their prompts.")] = None,
+    fid_reference: Annotated[Path | None, typer.Option(help="coco suite: folder of real (COCO) images; reports each method's FID against them (Inception-v3 features: needs `pip install torch-fidelity` and its weights, see --fid-weights).")] = None,
+    fid_weights: Annotated[Path | None, typer.Option(help="torch-fidelity's Inception-v3 weights file (weights-inception-2015-12-05-6726825d.pth) for --fid-reference; default: the torch hub cache (~/.cache/torch/hub/checkpoints, or $TORCH_HOME/hub/checkpoints).")] = None,
     limit: Annotated[int | None, typer.Option(help="Use only the first N prompts of a CSV suite.")] = None,
     device: Annotated[str | None, typer.Option(help="cpu or cuda (default: cuda if available; with accelerate, the process's device).")] = None,
     out: Annotated[Path, typer.Option(help="Output folder (rerun to resume).")] = Path("bench-out"),
 ) -> None:
     """Run the benchmark and write metrics.json, report.md, grids, tradeoff.png and index.html.
+
+    The coco suite reports CLIP score (--clip-model), FID (--fid-reference), PSNR/SSIM against the
+    plain images and seconds per image; nothing is downloaded, so give local paths.
 
     Several processes split the work, with results identical to a single process:
     `accelerate launch --num_processes N -m eiup.cli bench ...` (GPUs) or
@@ -53,7 +65,7 @@ def bench(
     """
     if ctx.invoked_subcommand is not None:
         return
-    from ..bench import default_methods, parse_method, run_benchmark
+    from ..bench import QualityOptions, default_methods, parse_method, run_benchmark
     from ..bench.suites import coco_suite, i2p_suite, toy_suites
     from ..toy.world import CONCEPTS
 
@@ -73,6 +85,9 @@ def bench(
         methods = [m for m in methods if m.name in only or m.family == "plain"] + \
                   [parse_method(o) for o in only if o not in {m.name for m in methods}]
     seed_list = list(range(first_seed, first_seed + seeds))
+    for option, value in (("--clip-model", clip_model), ("--fid-reference", fid_reference), ("--fid-weights", fid_weights)):
+        if value is not None and suite != "coco":
+            raise typer.BadParameter("only the coco suite measures image quality (--suite coco)", param_hint=option)
     detector = None
     if suite == "toy":
         unknown = [c for c in concept or [] if c not in CONCEPTS]
@@ -91,7 +106,10 @@ def bench(
     elif suite == "coco":
         if coco is None:
             raise typer.BadParameter("the coco suite needs --coco FILE.csv", param_hint="--coco")
-        suites = [coco_suite(coco, limit)]
+        if not coco_concept.strip():
+            raise typer.BadParameter("give the concept erased during the coco suite, e.g. nudity", param_hint="--coco-concept")
+        suites = [coco_suite(coco, limit, coco_concept.strip())]
+        _check_quality_paths(clip_model, fid_reference, fid_weights)
     else:
         raise typer.BadParameter(f"unknown suite {suite!r}: toy, i2p or coco", param_hint="--suite")
 
@@ -109,7 +127,39 @@ def bench(
         from ..bench.metrics import NudityJudge
 
         nudity = NudityJudge(threshold=nudenet_threshold)
-    index = run_benchmark(pipe, detector, suites, methods, out, steps, guidance, nudity=nudity,
-                          settings={"suite": suite, "model": model or "bundled toy", "seeds": len(seed_list)})
+    settings = {"suite": suite, "model": model or "bundled toy", "seeds": len(seed_list)}
+    quality = None
+    if suite == "coco":
+        quality = QualityOptions(clip_model=clip_model, fid_reference=fid_reference, fid_weights=fid_weights, device=device)
+        settings.update(concept=coco_concept.strip(), clip_model=str(clip_model) if clip_model else None,
+                        fid_reference=str(fid_reference) if fid_reference else None,
+                        fid_features="inception-v3 2048" if fid_reference else None)
+    index = run_benchmark(pipe, detector, suites, methods, out, steps, guidance, nudity=nudity, quality=quality,
+                          settings=settings)
     if index:
         typer.echo(f"report: {index}  (open in a browser; Markdown: {out / 'report.md'})")
+
+
+def _check_quality_paths(clip_model: Path | None, fid_reference: Path | None, fid_weights: Path | None) -> None:
+    """Fail before any generation if a quality metric's local files are missing or invalid."""
+    from ..bench.metrics import check_clip_model, check_inception, reference_images
+
+    if clip_model is not None:
+        try:
+            check_clip_model(clip_model)
+        except ValueError as e:
+            raise typer.BadParameter(str(e), param_hint="--clip-model") from e
+    if fid_weights is not None and fid_reference is None:
+        raise typer.BadParameter("give the reference images too (--fid-reference DIR)", param_hint="--fid-weights")
+    if fid_reference is None:
+        return
+    try:
+        reference_images(fid_reference)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--fid-reference") from e
+    try:
+        check_inception(fid_weights)
+    except ImportError as e:
+        raise typer.BadParameter(str(e), param_hint="--fid-reference") from e
+    except (FileNotFoundError, ValueError) as e:
+        raise typer.BadParameter(str(e), param_hint="--fid-weights") from e
