@@ -1,5 +1,7 @@
 """Presence gating and the automatic scale: maths, predictor files, calibration logic, pipeline hooks."""
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -125,3 +127,28 @@ def test_calibrate_fits_and_saves_a_predictor_that_auto_mode_loads(tiny, tmp_pat
     assert out.erase_scales["red"].shape == (2,) and (out.erase_scales["red"] <= 0).all()
     with pytest.raises(ValueError, match="grid"):
         calibrate(tiny, "red", ["a red circle"], judge, seeds=[0], grid=(-1.0, -2.0), out=tmp_path / "x.safetensors")
+
+
+def test_calibration_records_its_mode_and_auto_warns_on_another(tiny, tmp_path, monkeypatch):
+    from eiup.calibrate import calibrate
+
+    def judge(images):
+        return [float(np.asarray(im, dtype=np.float32).mean()) > 120 for im in images]
+
+    seen = []
+    real = tiny.__class__.__call__
+
+    def spy(self, *a, **k):
+        seen.append(k.get("erase_mode"))
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(type(tiny), "__call__", spy)
+    pred, path = calibrate(tiny, "red", ["a red circle"], judge, seeds=[0], steps=2, grid=(0.0, -2.0),
+                           out=tmp_path / "red.safetensors", mode="dual")
+    monkeypatch.undo()
+    assert seen == ["dual", "dual"] and pred.info["mode"] == "dual"
+    with pytest.warns(UserWarning, match="calibrated with erase_mode='dual'"):
+        _run(tiny, erase=["red"], erase_scale="auto", scale_predictors=str(path), erase_mode="single")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _run(tiny, erase=["red"], erase_scale="auto", scale_predictors=str(path), erase_mode="dual")

@@ -39,12 +39,14 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from numbers import Real
 from typing import Any
 
 import numpy as np
+
 import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
@@ -488,9 +490,19 @@ class EIUPMixin:
                 raise EraseConfigError("scale_predictors must hold one ScalePredictor per concept, in the order of erase")
             return list(source)
         try:
-            return find_predictors(config.concepts, getattr(self.config, "_name_or_path", None), source)
+            found = find_predictors(config.concepts, getattr(self.config, "_name_or_path", None), source)
         except FileNotFoundError as e:
             raise EraseConfigError(str(e)) from e
+        for pred in found:
+            info = pred.info or {}
+            calibrated = (info.get("mode", "single"), info.get("gate"))
+            if calibrated != (config.erase_mode, config.gate):
+                warnings.warn(
+                    f"scale predictor for {pred.concept!r} was calibrated with erase_mode={calibrated[0]!r}, "
+                    f"gate={calibrated[1]!r}; this call uses erase_mode={config.erase_mode!r}, gate={config.gate!r}: "
+                    "its scales may be off (recalibrate with `eiup calibrate --mode ... --gate/--no-gate`)",
+                    stacklevel=3)
+        return found
 
     @staticmethod
     def _predicted_token_scales(ctx: EraseContext, recorder: ConceptAttentionRecorder, predictors: list) -> torch.Tensor:

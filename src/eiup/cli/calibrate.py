@@ -16,7 +16,8 @@ def calibrate(
     detector: Annotated[str, typer.Option(help="Judge of 'concept still present': toy, nudenet, or package.module:function (images -> list[bool]).")] = "toy",
     seeds: Annotated[int, typer.Option(help="Seeds per prompt.")] = 8,
     first_seed: Annotated[int, typer.Option(help="First seed (keep calibration seeds apart from benchmark seeds).")] = 5000,
-    grid: Annotated[str, typer.Option(help="Scales tried, mild to strong, starting at 0.")] = "0,-0.5,-1,-1.5,-2,-3,-4,-6",
+    grid: Annotated[str, typer.Option(help="Scales tried, mild to strong, starting at 0.")] = "0,-2,-4,-8,-16,-32",
+    mode: Annotated[str, typer.Option(help="Erase mode to calibrate for (single or dual; use the same at inference).")] = "single",
     gate: Annotated[bool, typer.Option("--gate/--no-gate", help="Calibrate with presence gating (use the same at inference).")] = False,
     steps: int = 25,
     guidance: float = 7.5,
@@ -35,6 +36,8 @@ def calibrate(
         raise typer.BadParameter("start at 0 and go negative, e.g. 0,-1,-2,-4", param_hint="--grid")
     if not concept.strip():
         raise typer.BadParameter("give a concept", param_hint="--concept")
+    if mode not in ("single", "dual"):
+        raise typer.BadParameter(f"{mode!r}: use single or dual", param_hint="--mode")
     if prompts is not None and not prompts.is_file():
         raise typer.BadParameter(f"{prompts}: no such file", param_hint="--prompts")
     if prompts is None:
@@ -55,5 +58,5 @@ def calibrate(
     pipe = load_pipeline(model, device=device)
     pipe.set_progress_bar_config(disable=True)
     pred, path = run(pipe, concept.strip(), prompt_list, judge, list(range(first_seed, first_seed + seeds)), steps,
-                     guidance, grid_values, "presence" if gate else None, out)
+                     guidance, grid_values, "presence" if gate else None, out, mode=mode)
     typer.echo(json.dumps({"predictor": str(path), **{k: v for k, v in (pred.info or {}).items() if k != "prompts"}}, indent=2))
