@@ -273,6 +273,7 @@ BAD = [
     (dict(erase="red", self_attn_fraction=-0.1), "self_attn_fraction"),
     (dict(erase="red", self_attn_max_tokens=-1), "self_attn_max_tokens"),
     (dict(erase="red", tail="positive"), "tail"),
+    (dict(erase="red", concept_context="sentence"), "concept_context"),
     (dict(erase="red", erase_mode="dual", height=33, width=32), "height"),  # the parent's own checks also run first
 ]
 
@@ -320,3 +321,82 @@ def test_concept_spans(sd1):
     assert sd1._concept_spans(["red", "star"]) == [[1], [2]]
     assert sd1._concept_spans(["zebra", "red star"]) == [[1, 2, 3, 4, 5], [6, 7]]
     assert sd1._encode_concepts("red star", "cpu", None, None).shape == (1, 77, 32)
+
+
+# --------------------------------------------------------------------------------------------
+# Concepts encoded in the prompt's context (concept_context="prompt")
+# --------------------------------------------------------------------------------------------
+
+
+def erase_context_of(pipe, *args, **kwargs):
+    """The EraseContext of one call, taken at its first step."""
+    seen = {}
+
+    def cb(p, i, t, kw):
+        seen.setdefault("ctx", p.erase_context)
+        return kw
+
+    out = pipe(*args, callback_on_step_end=cb, generator=gen(), **KW, **kwargs)
+    return seen["ctx"], out.images
+
+
+@pytest.mark.parametrize("mode", ["single", "dual"])
+def test_concept_in_prompt_context_is_the_tail_of_prompt_plus_concept(sd1, mode):
+    ctx, images = erase_context_of(sd1, "a red star", erase="red", erase_scale=-2.0, erase_mode=mode,
+                                   concept_context="prompt")
+    want, _ = sd1.encode_prompt("a red star red", "cpu", 1, False)
+    torch.testing.assert_close(ctx.concept_embeds, want)
+    ids = sd1.tokenizer("a red star red").input_ids
+    assert ctx.spans == [[len(ids) - 2]] and sd1.tokenizer.decode([ids[ctx.spans[0][0]]]).strip() == "red"
+    separate = sd1("a red star", erase="red", erase_scale=-2.0, erase_mode=mode, generator=gen(), **KW).images
+    assert np.isfinite(images).all() and np.abs(images - separate).max() > 1e-4
+
+
+def test_concept_in_context_of_an_empty_prompt_equals_separate(sd1):
+    a = sd1("", erase=["red", "star"], erase_scale=-3.0, concept_context="prompt", generator=gen(), **KW).images
+    b = sd1("", erase=["red", "star"], erase_scale=-3.0, concept_context="separate", generator=gen(), **KW).images
+    assert np.array_equal(a, b)
+
+
+def test_concept_in_context_one_row_per_image(sd1):
+    ctx, _ = erase_context_of(sd1, ["a red star", "a blue star"], erase="red", erase_scale=-1.0,
+                              concept_context="prompt", num_images_per_prompt=2)
+    assert ctx.concept_embeds.shape[0] == 4
+    rows = [sd1.encode_prompt(t, "cpu", 1, False)[0][0] for t in ("a red star red", "a blue star red")]
+    for i, row in enumerate([0, 0, 1, 1]):
+        torch.testing.assert_close(ctx.concept_embeds[i], rows[row])
+
+
+def test_concept_in_context_of_a_long_prompt_is_whole(sd1):
+    long_prompt = " ".join(["a red star on a white background and"] * 15)
+    ctx, images = erase_context_of(sd1, long_prompt, erase=["red", "star"], erase_scale=-1.0, concept_context="prompt")
+    positions = [p for span in ctx.spans for p in span]
+    assert max(positions) <= sd1.tokenizer.model_max_length - 2  # EOS still fits after the concepts
+    ids = sd1.tokenizer(long_prompt, max_length=77, truncation=True).input_ids
+    full = ids[1:positions[0]] + sd1.tokenizer("red star", add_special_tokens=False).input_ids
+    want, _ = sd1.encode_prompt(sd1.tokenizer.decode(full), "cpu", 1, False)
+    torch.testing.assert_close(ctx.concept_embeds, want)
+    assert np.isfinite(images).all()
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(prompt=["a red star", "a red star on a white background"]), "same number of tokens"),
+    (dict(prompt=None, prompt_embeds=torch.zeros(1, 77, 32)), "needs the prompt as text"),
+])
+def test_concept_in_context_refusals_before_model_work(sd1, kwargs, match):
+    calls = []
+    handles = [m.register_forward_pre_hook(lambda *a: calls.append(1)) for m in (sd1.unet, sd1.text_encoder)]
+    try:
+        with pytest.raises(EraseConfigError, match=match):
+            sd1(erase="red", concept_context="prompt", generator=gen(), **KW, **kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    assert calls == []
+
+
+@pytest.mark.parametrize("mode", ["single", "dual"])
+def test_concept_in_context_sdxl(sdxl, mode):
+    out = sdxl("a red star", erase="red", erase_scale=-2.0, erase_mode=mode, concept_context="prompt",
+               generator=gen(), **KW).images
+    assert np.isfinite(out).all()

@@ -57,6 +57,8 @@ from diffusers.utils.torch_utils import randn_tensor
 from .attention import ConceptAttentionRecorder, EraseContext, attention_layers, build_processors, token_scale_vector
 
 __all__ = [
+    "CONCEPT_CONTEXTS",
+    "DEFAULT_CONCEPT_CONTEXT",
     "DEFAULT_ERASE_MODE",
     "DEFAULT_ERASE_SCALE",
     "EIUPPipeline",
@@ -78,7 +80,10 @@ DEFAULT_ERASE_MODE: str = "single"
 """Mode used when ``erase_mode`` is not given (provisional; set by the benchmark)."""
 DEFAULT_GATE: str | None = None
 """Gate used by the CLI when ``--gate/--no-gate`` is not given (provisional; set by the benchmark)."""
+DEFAULT_CONCEPT_CONTEXT: str = "separate"
+"""How concepts are encoded when ``concept_context`` is not given (provisional; set by the benchmark)."""
 ERASE_MODES = ("single", "dual")
+CONCEPT_CONTEXTS = ("separate", "prompt")
 TAILS = ("suppress", "reference")
 GATES = ("presence",)
 AUTO = "auto"
@@ -123,6 +128,13 @@ class EraseConfig:
             :func:`eiup.scale.presence_gate`), so regions without the concept are left alone.
         gate_threshold: Presence gate: relative concept attention (to the image's maximum)
             below which a pixel is not suppressed, in [0, 1).
+        concept_context: How E_C is encoded. ``"separate"``: the concepts alone,
+            ``" ".join(concepts)``. ``"prompt"``: after the prompt, ``prompt + " " + concepts``, as
+            the authors' code does, so the concept tokens carry the prompt's context (a causal text
+            encoder lets "red" after "a tomato" see the tomato); J_C are the concept's positions at
+            the end. Unlike the authors' code the concept is never cut: a prompt too long to leave
+            room for it is shortened in this encoding only. ``None`` means
+            :data:`DEFAULT_CONCEPT_CONTEXT`.
 
     ``erase_scale="auto"`` predicts one scale per image and concept from the concept's
     attention at the first step, with a predictor calibrated by ``eiup calibrate``.
@@ -138,6 +150,7 @@ class EraseConfig:
     allow_amplify: bool = False
     gate: str | None = None
     gate_threshold: float = 0.4
+    concept_context: str | None = None
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -169,6 +182,10 @@ class EraseConfig:
         if not 0.0 <= threshold < 1.0:
             raise EraseConfigError(f"gate_threshold={threshold} is outside [0, 1); e.g. gate_threshold=0.4")
         set_(self, "gate_threshold", threshold)
+        context = DEFAULT_CONCEPT_CONTEXT if self.concept_context is None else self.concept_context
+        if context not in CONCEPT_CONTEXTS:
+            raise EraseConfigError(f"concept_context={context!r} is unknown; use one of {CONCEPT_CONTEXTS}")
+        set_(self, "concept_context", context)
 
     @staticmethod
     def _concepts(erase: Any) -> tuple[str, ...]:
@@ -313,6 +330,7 @@ class EIUPMixin:
         concept_recorder: ConceptAttentionRecorder | None = None,
         gate: str | None = None,
         gate_threshold: float | None = None,
+        concept_context: str | None = None,
         scale_predictors: Any = None,
         **kwargs: Any,
     ) -> EIUPPipelineOutput | tuple:
@@ -370,6 +388,7 @@ class EIUPMixin:
             allow_amplify=allow_amplify,
             gate=gate,
             gate_threshold=gate_threshold,
+            concept_context=concept_context,
         )
         explicit = {k: v for k, v in explicit.items() if v is not None}
         if erase_config is not None and not isinstance(erase_config, EraseConfig):
@@ -388,6 +407,9 @@ class EIUPMixin:
         layers = self._check_unet()
         predictors = self._scale_predictors(config, scale_predictors) if config.auto else None
         spans = self._concept_spans(config.concepts)
+        context_texts = None
+        if config.concept_context == "prompt":
+            context_texts, spans = self._contextual_concepts(call, config.concepts, spans)
         height, width = self._resolve_hw(call)
         vsf = self.vae_scale_factor
         latent_size = (int(height) // vsf, int(width) // vsf)
@@ -412,7 +434,11 @@ class EIUPMixin:
             restore_rng()
 
         # ---- per-call state ---------------------------------------------------------------
-        concept_embeds = self._encode_concepts(" ".join(config.concepts), device, lora_scale, call.get("clip_skip"))
+        if context_texts is None:
+            concept_embeds = self._encode_concepts(" ".join(config.concepts), device, lora_scale, call.get("clip_skip"))
+        else:  # one encoding per distinct text, then one row per image
+            encoded = {t: self._encode_concepts(t, device, lora_scale, call.get("clip_skip")) for t in dict.fromkeys(context_texts)}
+            concept_embeds = torch.cat([encoded[t] for t in context_texts]) if len(encoded) > 1 else encoded[context_texts[0]]
         token_scales = token_scale_vector(spans, config.scales, concept_embeds.shape[1], device=concept_embeds.device)
         ctx = EraseContext(
             concepts=config.concepts,
@@ -619,6 +645,47 @@ class EIUPMixin:
             starts = np.cumsum([1] + counts[:-1])
             spans = [list(range(int(s), int(s) + n)) for s, n in zip(starts, counts)]
         return spans
+
+    def _contextual_concepts(self, call: dict[str, Any], concepts: Sequence[str],
+                             spans: list[list[int]]) -> tuple[list[str], list[list[int]]]:
+        """``concept_context="prompt"``: the text ``prompt + " " + concepts`` of every image and the
+        concepts' positions in it (the same for all images of the call).
+
+        A prompt that leaves no room for the concepts in the encoder's window is shortened (in this
+        encoding only), so the concepts are always encoded whole.
+        """
+        prompt = call.get("prompt")
+        if prompt is None or (not isinstance(prompt, str) and not all(isinstance(p, str) for p in prompt)):
+            raise EraseConfigError("concept_context='prompt' needs the prompt as text (prompt=...), not prompt_embeds; "
+                                   "or use concept_context='separate'")
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        tok = self.tokenizer if getattr(self, "tokenizer", None) is not None else self.tokenizer_2
+        joined = " ".join(concepts)
+        concept_ids = tok(joined, add_special_tokens=False).input_ids
+        room = tok.model_max_length - 2 - len(concept_ids)  # prompt tokens between BOS and the concepts + EOS
+        texts, offsets = [], []
+        for text in prompts:
+            ids = original = tok(text, add_special_tokens=False).input_ids
+            cut = room + 1
+            while len(ids) > room:  # decode/encode may not round-trip exactly: shorten until it fits
+                cut -= 1
+                text = tok.decode(original[:cut]) if cut > 0 else ""
+                ids = tok(text, add_special_tokens=False).input_ids
+            full = f"{text} {joined}" if ids else joined
+            full_ids = tok(full, add_special_tokens=False).input_ids
+            if full_ids[len(full_ids) - len(concept_ids):] != concept_ids:
+                raise EraseConfigError(f"concept_context='prompt': the tokenizer merges the concepts {joined!r} with the "
+                                       f"end of the prompt {text!r}; end the prompt with a space or punctuation")
+            texts.append(full)
+            offsets.append(len(full_ids) - len(concept_ids))
+        if len(set(offsets)) > 1:
+            raise EraseConfigError(
+                "concept_context='prompt': the prompts of one call must have the same number of tokens "
+                f"(got {sorted(set(offsets))}), since the concept positions are shared; call once per prompt, "
+                "or use concept_context='separate'")
+        per_image = int(call.get("num_images_per_prompt") or 1)
+        texts = [t for t in texts for _ in range(per_image)]
+        return texts, [[p + offsets[0] for p in span] for span in spans]
 
     def _check_call_inputs(self, call: dict[str, Any], height: int, width: int) -> None:
         """Run the parent's ``check_inputs`` on the user's arguments before any model work."""
