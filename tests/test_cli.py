@@ -327,3 +327,19 @@ def test_killed_bench_resumes_without_redoing_units(tmp_path, model_dir, monkeyp
         assert all(eio.png_is_valid(f) for f in files)
     assert not [p for p in out.rglob("*") if p.name.startswith(eio.TMP_PREFIX)]
     assert (out / "metrics.json").is_file() and (out / "index.html").is_file()
+
+
+def test_concept_context_prompt_batches_per_prompt_and_is_recorded(tmp_path, model_dir, count_calls):
+    out = tmp_path / "ctx"
+    args = ["generate", "-p", "a red star", "-p", "a red star on a white background", "--model", model_dir,
+            "--steps", STEPS, "--erase", "red", "--concept-context", "prompt", "--images-per-prompt", "2", "--batch-size", "4",
+            "--out", out, "--no-progress"]
+    res = invoke(*args)
+    assert res.exit_code == 0, res.output
+    assert len(count_calls) == 2 and all(len(set(c)) == 1 for c in count_calls)  # one prompt per call
+    rec = json.loads((out / "run.json").read_text())
+    assert rec["settings"]["concept_context"] == "prompt" and len(list(out.glob("*.png"))) == 4
+    res = invoke(*args[:-1], "--concept-context", "separate", "--no-progress")
+    assert res.exit_code == 1 and "other settings" in res.output  # part of what the images depend on
+    res = invoke("generate", "-p", "x", "--model", model_dir, "--concept-context", "joint", "--out", tmp_path / "bad")
+    assert res.exit_code != 0 and "--concept-context" in flat(res.output)

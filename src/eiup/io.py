@@ -424,6 +424,7 @@ class GenerationSettings:
     scale: float | str = -1.0  # a number, or "auto" (calibrated per image)
     mode: str = "single"
     gate: str | None = None
+    concept_context: str = "separate"  # "prompt": concepts encoded after the prompt (EraseConfig.concept_context)
     negative_prompt: str | None = None
     images_per_prompt: int = 1
     save_original: bool = False
@@ -468,6 +469,8 @@ class ImageJob:
             "scale": settings.scale if erasing else None,
             "mode": settings.mode if erasing else None,
             **({"gate": settings.gate} if erasing and settings.gate else {}),
+            **({"concept_context": settings.concept_context}
+               if erasing and settings.concept_context != "separate" else {}),
             "original": bool(settings.save_original and erasing),
         }
 
@@ -756,11 +759,16 @@ class GenerationError(RuntimeError):
     """The pipeline refused or failed on a batch; says which images."""
 
 
-def _batches(jobs: Sequence[ImageJob], batch_size: int) -> Iterator[list[ImageJob]]:
-    """Consecutive jobs that can share one pipeline call (same guidance and concepts)."""
+def _batches(jobs: Sequence[ImageJob], batch_size: int, same_prompt: bool = False) -> Iterator[list[ImageJob]]:
+    """Consecutive jobs that can share one pipeline call (same guidance and concepts; with
+    `same_prompt`, also the same prompt: concepts encoded in the prompt's context)."""
     batch: list[ImageJob] = []
+
+    def key(j: ImageJob) -> tuple:
+        return (j.guidance, j.erase, j.row.prompt if same_prompt and j.erase else None)
+
     for job in jobs:
-        if batch and (len(batch) >= batch_size or (job.guidance, job.erase) != (batch[0].guidance, batch[0].erase)):
+        if batch and (len(batch) >= batch_size or key(job) != key(batch[0])):
             yield batch
             batch = []
         batch.append(job)
@@ -842,7 +850,7 @@ def generate_to_dir(
             bar = tqdm(total=len(jobs), initial=skipped, unit="img", desc="generate", disable=not progress,
                        file=sys.stderr, dynamic_ncols=True)
             with bar:
-                for batch in _batches(todo, batch_size):
+                for batch in _batches(todo, batch_size, same_prompt=settings.concept_context == "prompt"):
                     kwargs: dict[str, Any] = dict(
                         prompt=[j.row.prompt for j in batch],
                         generator=[torch.Generator("cpu").manual_seed(j.seed) for j in batch],
@@ -856,6 +864,8 @@ def generate_to_dir(
                         kwargs.update(erase=list(batch[0].erase), erase_scale=settings.scale, erase_mode=settings.mode)
                         if settings.gate:
                             kwargs["gate"] = settings.gate
+                        if settings.concept_context != "separate":
+                            kwargs["concept_context"] = settings.concept_context
                         if settings.allow_amplify:
                             kwargs["allow_amplify"] = True
                         if want_original:

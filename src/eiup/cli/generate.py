@@ -28,10 +28,10 @@ def _fail(message: str, code: int = 1) -> typer.Exit:
     return typer.Exit(code)
 
 
-def _library_defaults() -> tuple[float | str, str, str | None]:
-    from eiup.pipeline import DEFAULT_ERASE_MODE, DEFAULT_ERASE_SCALE, DEFAULT_GATE
+def _library_defaults() -> tuple[float | str, str, str | None, str]:
+    from eiup.pipeline import DEFAULT_CONCEPT_CONTEXT, DEFAULT_ERASE_MODE, DEFAULT_ERASE_SCALE, DEFAULT_GATE
 
-    return DEFAULT_ERASE_SCALE, str(DEFAULT_ERASE_MODE), DEFAULT_GATE
+    return DEFAULT_ERASE_SCALE, str(DEFAULT_ERASE_MODE), DEFAULT_GATE, str(DEFAULT_CONCEPT_CONTEXT)
 
 
 def generate(
@@ -50,6 +50,9 @@ def generate(
     gate: Optional[bool] = typer.Option(
         None, "--gate/--no-gate", help="Presence gating: suppress only where the image attends to the concept. "
         "Default: the library's DEFAULT_GATE."),
+    concept_context: Optional[str] = typer.Option(
+        None, "--concept-context", help="separate (concepts encoded alone) or prompt (encoded after the prompt, "
+        "as the authors' code; stronger on implicit prompts). Default: the library's DEFAULT_CONCEPT_CONTEXT."),
     allow_amplify: bool = typer.Option(False, "--allow-amplify", help="Allow a positive --scale (amplifies the concepts)."),
     mode: Optional[str] = typer.Option(
         None, "--mode", help="single (fast, one branch) or dual (the paper's: keeps the original layout, ~2x cost). "
@@ -111,6 +114,8 @@ def generate(
         mode = mode.strip().lower()
         if mode not in MODES:
             raise _bad(f"{mode!r} is not one of {', '.join(MODES)}", "--mode")
+    if concept_context is not None and concept_context not in ("separate", "prompt"):
+        raise _bad(f"{concept_context!r} is not one of separate, prompt", "--concept-context")
     if steps < 1:
         raise _bad(f"{steps} < 1", "--steps")
     if not math.isfinite(guidance) or guidance < 0:
@@ -162,11 +167,12 @@ def generate(
         if not torch.cuda.is_available():
             raise _bad("CUDA is not available on this machine; use --device cpu", "--device")
 
-    default_scale, default_mode, default_gate = _library_defaults()
+    default_scale, default_mode, default_gate, default_context = _library_defaults()
     settings = eio.GenerationSettings(
         model=info.location, steps=steps, guidance=guidance, seed=seed, erase=tuple(concepts),
         scale=default_scale if scale is None else scale, mode=mode or default_mode,
         gate=default_gate if gate is None else ("presence" if gate else None),
+        concept_context=concept_context or default_context,
         negative_prompt=negative_prompt, images_per_prompt=images_per_prompt,
         save_original=save_original, use_row_erase=not ignore_erase_target, allow_amplify=allow_amplify,
     )
