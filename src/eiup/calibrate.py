@@ -99,13 +99,14 @@ def mildest_scale(present_by_scale: dict[float, list[bool]]) -> list[float]:
 
 def collect(pipe, concept: str, prompts: Sequence[str], judge: Callable, seeds: Sequence[int], steps: int,
             guidance: float, grid: Sequence[float] = DEFAULT_GRID, gate: str | None = None,
-            mode: str = "single") -> CalibrationData:
+            mode: str = "single", concept_context: str = "separate") -> CalibrationData:
     """Generate every prompt x seed at every grid scale; record step-0 features and judgements."""
     features, rows, present = [], [], {float(s): [] for s in grid}
     for prompt in tqdm(prompts, desc=f"calibrate {concept}"):
         for scale in grid:
             rec = ConceptAttentionRecorder((0,))
             images = pipe([prompt] * len(seeds), erase=[concept], erase_scale="auto", gate=gate, erase_mode=mode,
+                          concept_context=concept_context,
                           scale_predictors=[ConstantScale(concept, scale)], concept_recorder=rec,
                           generator=[torch.Generator("cpu").manual_seed(int(s)) for s in seeds],
                           num_inference_steps=steps, guidance_scale=guidance).images
@@ -118,12 +119,13 @@ def collect(pipe, concept: str, prompts: Sequence[str], judge: Callable, seeds: 
 
 def calibrate(pipe, concept: str, prompts: Sequence[str], judge: Callable, seeds: Sequence[int], steps: int = 25,
               guidance: float = 7.5, grid: Sequence[float] = DEFAULT_GRID, gate: str | None = None,
-              out: str | Path | None = None, margin: float = 1.1, mode: str = "single") -> tuple[ScalePredictor, Path]:
+              out: str | Path | None = None, margin: float = 1.1, mode: str = "single",
+              concept_context: str = "separate") -> tuple[ScalePredictor, Path]:
     """Collect calibration data, fit the scale predictor and save it (default: in the model folder)."""
     if sorted(grid, reverse=True)[0] != 0:
         raise ValueError(f"grid={list(grid)} must start at 0 (no suppression) and go negative")
-    data = collect(pipe, concept, prompts, judge, seeds, steps, guidance, grid, gate, mode)
-    info = {"gate": gate, "mode": mode, "grid": list(grid), "steps": steps, "guidance": guidance, "seeds": len(seeds),
+    data = collect(pipe, concept, prompts, judge, seeds, steps, guidance, grid, gate, mode, concept_context)
+    info = {"gate": gate, "mode": mode, "concept_context": concept_context, "grid": list(grid), "steps": steps, "guidance": guidance, "seeds": len(seeds),
             "prompts": list(prompts), "mean_target": float(data.targets.mean()),
             "unerasable": int(sum(data.present[min(grid)]))}
     pred = fit_predictor(concept, data.features, data.targets, margin=margin, info=info)

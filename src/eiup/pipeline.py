@@ -521,12 +521,16 @@ class EIUPMixin:
             raise EraseConfigError(str(e)) from e
         for pred in found:
             info = pred.info or {}
-            calibrated = (info.get("mode", "single"), info.get("gate"))
-            if calibrated != (config.erase_mode, config.gate):
+            calibrated = {"erase_mode": info.get("mode", "single"), "gate": info.get("gate"),
+                          "concept_context": info.get("concept_context", "separate")}
+            used = {"erase_mode": config.erase_mode, "gate": config.gate, "concept_context": config.concept_context}
+            if calibrated != used:
+                fmt = ", ".join
                 warnings.warn(
-                    f"scale predictor for {pred.concept!r} was calibrated with erase_mode={calibrated[0]!r}, "
-                    f"gate={calibrated[1]!r}; this call uses erase_mode={config.erase_mode!r}, gate={config.gate!r}: "
-                    "its scales may be off (recalibrate with `eiup calibrate --mode ... --gate/--no-gate`)",
+                    f"scale predictor for {pred.concept!r} was calibrated with "
+                    f"{fmt(f'{k}={v!r}' for k, v in calibrated.items())}; this call uses "
+                    f"{fmt(f'{k}={v!r}' for k, v in used.items())}: its scales may be off "
+                    "(recalibrate with `eiup calibrate --mode ... --gate/--no-gate --concept-context ...`)",
                     stacklevel=3)
         return found
 

@@ -18,6 +18,7 @@ def calibrate(
     first_seed: Annotated[int, typer.Option(help="First seed (keep calibration seeds apart from benchmark seeds).")] = 5000,
     grid: Annotated[str, typer.Option(help="Scales tried, mild to strong, starting at 0.")] = "0,-2,-4,-8,-16,-32",
     mode: Annotated[str, typer.Option(help="Erase mode to calibrate for (single or dual; use the same at inference).")] = "single",
+    concept_context: Annotated[str, typer.Option(help="Concept encoding to calibrate for: separate or prompt (use the same at inference).")] = "separate",
     gate: Annotated[bool, typer.Option("--gate/--no-gate", help="Calibrate with presence gating (use the same at inference).")] = False,
     steps: int = 25,
     guidance: float = 7.5,
@@ -38,6 +39,8 @@ def calibrate(
         raise typer.BadParameter("give a concept", param_hint="--concept")
     if mode not in ("single", "dual"):
         raise typer.BadParameter(f"{mode!r}: use single or dual", param_hint="--mode")
+    if concept_context not in ("separate", "prompt"):
+        raise typer.BadParameter(f"{concept_context!r}: use separate or prompt", param_hint="--concept-context")
     if prompts is not None and not prompts.is_file():
         raise typer.BadParameter(f"{prompts}: no such file", param_hint="--prompts")
     if prompts is None:
@@ -58,5 +61,6 @@ def calibrate(
     pipe = load_pipeline(model, device=device)
     pipe.set_progress_bar_config(disable=True)
     pred, path = run(pipe, concept.strip(), prompt_list, judge, list(range(first_seed, first_seed + seeds)), steps,
-                     guidance, grid_values, "presence" if gate else None, out, mode=mode)
+                     guidance, grid_values, "presence" if gate else None, out, mode=mode,
+                     concept_context=concept_context)
     typer.echo(json.dumps({"predictor": str(path), **{k: v for k, v in (pred.info or {}).items() if k != "prompts"}}, indent=2))
