@@ -79,11 +79,13 @@ def erase_arguments(only_valid: bool) -> st.SearchStrategy[dict]:
         concepts = st.lists(good_concept, max_size=3)
         scales = st.one_of(st.just(MISSING), st.none(), negative)  # per-concept lists: below
         modes = st.sampled_from([MISSING, None, "single", "dual"])
+        contexts = st.sampled_from([MISSING, None, "separate", "prompt"])
         fractions = st.one_of(st.just(MISSING), unit, st.sampled_from([0.0, 1.0]))
     else:
         concepts = st.lists(any_concept, max_size=3)
         scales = st.one_of(st.just(MISSING), st.none(), any_float, st.lists(any_float, max_size=4))
         modes = st.sampled_from([MISSING, None, "single", "dual", "triple", "", "Dual", " single"])
+        contexts = st.sampled_from([MISSING, None, "separate", "prompt", "sentence", ""])
         fractions = st.one_of(st.just(MISSING), unit, st.floats(-0.5, 1.5), st.sampled_from([math.nan, math.inf]))
 
     def with_scales(concepts: list[str]) -> st.SearchStrategy[dict]:
@@ -92,6 +94,7 @@ def erase_arguments(only_valid: bool) -> st.SearchStrategy[dict]:
             "concepts": st.just(concepts),
             "scale": st.one_of(scales, per_concept),
             "mode": modes,
+            "context": contexts,
             "cross_attn_fraction": fractions,
             "self_attn_fraction": fractions,
             "allow_amplify": st.sampled_from([MISSING, False, True]),
@@ -101,13 +104,13 @@ def erase_arguments(only_valid: bool) -> st.SearchStrategy[dict]:
 
 
 erase_args = st.booleans().flatmap(erase_arguments)
-ARGS = dict(concepts=["red"], scale=MISSING, mode=MISSING, cross_attn_fraction=MISSING, self_attn_fraction=MISSING,
-            allow_amplify=MISSING)  # base of the explicit examples
+ARGS = dict(concepts=["red"], scale=MISSING, mode=MISSING, context=MISSING, cross_attn_fraction=MISSING,
+            self_attn_fraction=MISSING, allow_amplify=MISSING)  # base of the explicit examples
 
 # ---- oracle --------------------------------------------------------------------------------
 
 
-def invalid_arguments(tok, concepts, scale, mode, fracs, amplify) -> set[str]:
+def invalid_arguments(tok, concepts, scale, mode, fracs, amplify, context=MISSING) -> set[str]:
     """Names of the arguments this call gets wrong (empty: the call must succeed).
 
     "erase" problems: an empty/whitespace concept, one without tokens, one over the 75-token
@@ -134,6 +137,8 @@ def invalid_arguments(tok, concepts, scale, mode, fracs, amplify) -> set[str]:
             bad.update({"erase_scale", "allow_amplify"})
     if mode is not MISSING and mode is not None and mode not in ("single", "dual"):
         bad.add("erase_mode")
+    if context is not MISSING and context is not None and context not in ("separate", "prompt"):
+        bad.add("concept_context")
     for name, value in fracs.items():
         if value is not MISSING and not (math.isfinite(value) and 0.0 <= value <= 1.0):
             bad.add(name)
@@ -142,7 +147,7 @@ def invalid_arguments(tok, concepts, scale, mode, fracs, amplify) -> set[str]:
 
 def names_in(message: str) -> set[str]:
     """Argument names mentioned in an error message ("erase" alone, not as in "erase_scale")."""
-    found = {n for n in ("erase_scale", "erase_mode", "allow_amplify", *FRACTIONS) if n in message}
+    found = {n for n in ("erase_scale", "erase_mode", "allow_amplify", "concept_context", *FRACTIONS) if n in message}
     if re.search(r"\berase(?![_a-z])", message):
         found.add("erase")
     return found
@@ -161,16 +166,19 @@ def names_in(message: str) -> set[str]:
 @example(prompt=" ".join(VOCAB * 2), args=dict(ARGS, concepts=["red", " blue heart ", "日本"], scale=[-1.0, -0.0, -5.5],
          mode="dual"), as_string=False, return_original=True, seed=1)
 @example(prompt="", args=dict(ARGS, concepts=["\u3000"]), as_string=True, return_original=False, seed=0)
+@example(prompt=" ".join(VOCAB * 2), args=dict(ARGS, concepts=["red", "blue heart"], context="prompt", mode="dual"),
+         as_string=False, return_original=True, seed=2)
 def test_any_input_erases_or_refuses_cleanly(sd1, prompt, args, as_string, return_original, seed):
     pipe = sd1
     concepts = args["concepts"]
     fracs = {name: args[name] for name in FRACTIONS}
-    kwargs = {"erase_scale": args["scale"], "erase_mode": args["mode"], "allow_amplify": args["allow_amplify"], **fracs}
+    kwargs = {"erase_scale": args["scale"], "erase_mode": args["mode"], "allow_amplify": args["allow_amplify"],
+              "concept_context": args["context"], **fracs}
     kwargs = {k: v for k, v in kwargs.items() if v is not MISSING}
     if concepts or not as_string:  # erase="x", erase=["x", ...], erase=[] or no erase argument at all
         kwargs["erase"] = concepts[0] if (as_string and len(concepts) == 1) else list(concepts)
     expected = invalid_arguments(pipe.tokenizer, concepts, args["scale"], args["mode"], fracs,
-                                 args["allow_amplify"] is True)
+                                 args["allow_amplify"] is True, args["context"])
 
     before = dict(pipe.unet.attn_processors)
     calls: list[str] = []
