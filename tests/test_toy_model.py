@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from eiup.models import default_model_path, load_pipeline
 from eiup.toy.detect import ConceptDetector, default_detector_path
@@ -69,40 +70,61 @@ def test_detector_reads_vae_round_tripped_renders(pipe, detector):
     assert report["color"] >= 0.97 and report["shape"] >= 0.95 and report["background"] >= 0.97
 
 
+# Measured on the toy benchmark (docs/bench, 20 seeds): "a valentine" is a heart in 20/20 plain
+# images and in 0/20 with "heart" erased at -8 (concepts in the prompt's context, the default);
+# "a lemon" keeps its attributes when red is erased (specificity 98%).
+STRONG = -8.0
+LONG = "a valentine" + " ," * 90  # > 77 tokens: diffusers truncates the prompt, never the concept
+
+
 def test_implicit_prompt_is_drawn_and_erased(pipe, detector):
-    # The bundled model is undertrained (see README): "a tomato" comes out red in about half of
-    # the seeds; erasing red must remove most of that red and keep the circle.
-    plain = generate(pipe, "a tomato")
-    before = share(detector, plain, "color", "red")
-    assert before >= 0.375
-    erased = generate(pipe, "a tomato", erase=["red"], erase_scale=-4.0, erase_mode="dual")
-    assert share(detector, erased, "color", "red") <= before - 0.25
-    assert share(detector, erased, "shape", "circle") >= 0.75  # the rest of the tomato stays
+    before = share(detector, generate(pipe, "a valentine"), "shape", "heart")
+    assert before >= 0.75
+    erased = generate(pipe, "a valentine", erase=["heart"], erase_scale=STRONG)
+    assert share(detector, erased, "shape", "heart") <= 0.25
+    separate = generate(pipe, "a valentine", erase=["heart"], erase_scale=STRONG, concept_context="separate")
+    assert share(detector, separate, "shape", "heart") >= 0.5  # the concept encoded alone barely erases here
 
 
 def test_erasing_red_leaves_unrelated_prompts_alone(pipe, detector):
-    lime = generate(pipe, "a lime", erase=["red"], erase_scale=-8.0)
-    assert share(detector, lime, "color", "green") >= 0.75
+    lemon = generate(pipe, "a lemon", erase=["red"], erase_scale=STRONG)
+    assert share(detector, lemon, "color", "yellow") >= 0.75 and share(detector, lemon, "color", "red") == 0
 
 
+# Long prompts are out of the toy model's distribution (it was trained on captions of <= 12 words:
+# no 77-token prompt draws the valentine), so a detector cannot judge them; what these tests show
+# is that a long prompt is erased exactly like its truncation, i.e. the concept is fully applied.
 @pytest.mark.parametrize("mode", ["single", "dual"])
-def test_long_prompt_keeps_the_whole_concept(pipe, mode):
-    prompt = " ".join(["a tomato"] * 45)  # 90 words: diffusers truncates the prompt, never the concept
-    ids = pipe.tokenizer(prompt).input_ids
+def test_long_prompt_is_erased_exactly_like_its_truncation(pipe, mode):
+    ids = pipe.tokenizer(LONG).input_ids
     assert len(ids) > 77
     cut = pipe.tokenizer.decode(ids[1:76])
     seeds = SEEDS[:2]
-    long = generate(pipe, prompt, seeds, erase=["red"], erase_scale=-4.0, erase_mode=mode, output_type="np")
-    short = generate(pipe, cut, seeds, erase=["red"], erase_scale=-4.0, erase_mode=mode, output_type="np")
+    erased = generate(pipe, LONG, seeds, erase=["heart"], erase_scale=STRONG, erase_mode=mode, output_type="np")
+    short = generate(pipe, cut, seeds, erase=["heart"], erase_scale=STRONG, erase_mode=mode, output_type="np")
     plain = generate(pipe, cut, seeds, output_type="np")
-    assert np.allclose(long, short, atol=1e-6) and not np.allclose(long, plain, atol=1e-3)
+    assert np.allclose(erased, short, atol=1e-6) and np.abs(erased - plain).max() > 0.05
+
+
+def test_long_prompt_is_erased_on_the_cli(tmp_path, pipe):
+    import subprocess
+    import sys
+
+    out = tmp_path / "long"
+    cmd = [sys.executable, "-m", "eiup.cli", "generate", "--prompt", LONG, "--erase", "heart", "--scale", str(STRONG),
+           "--seed", str(SEEDS[0]), "--steps", str(STEPS), "--out", str(out)]
+    subprocess.run(cmd, check=True, capture_output=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    (png,) = sorted(out.glob("*.png"))
+    cli = np.asarray(Image.open(png).convert("RGB")).astype(np.int16)
+    cut = pipe.tokenizer.decode(pipe.tokenizer(LONG).input_ids[1:76])
+    api = np.asarray(generate(pipe, cut, SEEDS[:1], erase=["heart"], erase_scale=STRONG)[0]).astype(np.int16)
+    plain = np.asarray(generate(pipe, cut, SEEDS[:1])[0]).astype(np.int16)
+    assert np.abs(cli - api).max() <= 1 and np.abs(cli - plain).max() > 10
 
 
 def test_cli_main_command_erases(tmp_path):
     import subprocess
     import sys
-
-    from PIL import Image
 
     def run(*extra):
         out = tmp_path / ("erased" if extra else "plain")
