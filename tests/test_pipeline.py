@@ -348,7 +348,8 @@ def test_concept_in_prompt_context_is_the_tail_of_prompt_plus_concept(sd1, mode)
     torch.testing.assert_close(ctx.concept_embeds, want)
     ids = sd1.tokenizer("a red star red").input_ids
     assert ctx.spans == [[len(ids) - 2]] and sd1.tokenizer.decode([ids[ctx.spans[0][0]]]).strip() == "red"
-    separate = sd1("a red star", erase="red", erase_scale=-2.0, erase_mode=mode, generator=gen(), **KW).images
+    separate = sd1("a red star", erase="red", erase_scale=-2.0, erase_mode=mode, concept_context="separate",
+                   generator=gen(), **KW).images
     assert np.isfinite(images).all() and np.abs(images - separate).max() > 1e-4
 
 

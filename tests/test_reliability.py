@@ -95,8 +95,9 @@ class DiffusersWarnings(logging.Handler):
         self.logger.removeHandler(self)
 
 
+@pytest.mark.parametrize("context", ["separate", "prompt"])
 @pytest.mark.parametrize("mode", ["single", "dual"])
-def test_long_prompt_truncated_like_diffusers_and_concept_fully_applied(sd1, sd1_plain, mode):
+def test_long_prompt_truncated_like_diffusers_and_concept_fully_applied(sd1, sd1_plain, mode, context):
     tok = sd1.tokenizer
     long_prompt, short_prompt = " ".join(KEPT + TAIL), " ".join(KEPT)
     long_neg, short_neg = " ".join(KEPT[::-1] + TAIL), " ".join(KEPT[::-1])
@@ -113,13 +114,16 @@ def test_long_prompt_truncated_like_diffusers_and_concept_fully_applied(sd1, sd1
             seen.append((ctx.concepts, ctx.spans, int((ctx.token_scales != 0).sum())))
         return kw
 
-    args = dict(erase=["red", "tiger"], erase_scale=[-2.0, -3.0], erase_mode=mode, return_original=True, **KW)
+    args = dict(erase=["red", "tiger"], erase_scale=[-2.0, -3.0], erase_mode=mode, return_original=True,
+                concept_context=context, **KW)
     with DiffusersWarnings() as warned:
         long = sd1(long_prompt, negative_prompt=long_neg, generator=gen(), callback_on_step_end=spy, **args)
     truncation = [m for m in warned.messages if "truncated" in m and "77" in m]
     assert truncation and any("tiger" in m for m in truncation), warned.messages
-    # the concepts are encoded on their own: never truncated, every concept token weighted
-    assert seen == [(("red", "tiger"), [[1], [2]], 2)] * KW["num_inference_steps"]
+    # the concepts are never truncated, every concept token weighted: encoded on their own, or
+    # after the prompt shortened to leave room for them (73 prompt tokens + 2 concept tokens + BOS/EOS)
+    spans = [[1], [2]] if context == "separate" else [[74], [75]]
+    assert seen == [(("red", "tiger"), spans, 2)] * KW["num_inference_steps"]
 
     with DiffusersWarnings() as warned:
         short = sd1(short_prompt, negative_prompt=short_neg, generator=gen(), **args)
@@ -131,7 +135,8 @@ def test_long_prompt_truncated_like_diffusers_and_concept_fully_applied(sd1, sd1
     assert np.abs(long.original_images - plain).max() < 1e-4
     assert np.abs(long.images - plain).max() > 1e-4
     # "tiger" appears only in the cut-off part of the prompt and is still erased
-    only_tiger = sd1(long_prompt, negative_prompt=long_neg, erase="tiger", erase_mode=mode, generator=gen(), **KW).images
+    only_tiger = sd1(long_prompt, negative_prompt=long_neg, erase="tiger", erase_mode=mode, concept_context=context,
+                     generator=gen(), **KW).images
     assert np.abs(only_tiger - plain).max() > 1e-4
 
 

@@ -122,17 +122,16 @@ def test_long_prompt_is_erased_on_the_cli(tmp_path, pipe):
     assert np.abs(cli - api).max() <= 1 and np.abs(cli - plain).max() > 10
 
 
-def test_cli_main_command_erases(tmp_path):
+def test_readme_main_command_erases(tmp_path, detector):
+    """The README's first command: "a valentine" with "heart" erased at -8, original saved beside it."""
     import subprocess
     import sys
 
-    def run(*extra):
-        out = tmp_path / ("erased" if extra else "plain")
-        cmd = [sys.executable, "-m", "eiup.cli", "generate", "--prompt", "a tomato", "--seed", "0", "--steps", "25",
-               "--out", str(out), *extra]
-        subprocess.run(cmd, check=True, capture_output=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
-        pngs = sorted(Path(out).glob("*.png"))
-        assert len(pngs) == 1 and (out / "run.json").is_file()
-        return np.asarray(Image.open(pngs[0]).convert("RGB"))
-
-    assert not np.array_equal(run(), run("--erase", "red"))
+    out = tmp_path / "valentine"
+    cmd = [sys.executable, "-m", "eiup.cli", "generate", "--prompt", "a valentine", "--erase", "heart", "--scale", "-8",
+           "--save-original", "--seed", "0", "--out", str(out)]
+    subprocess.run(cmd, check=True, capture_output=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    erased, original = Image.open(out / "00000-00-seed0.png"), Image.open(out / "00000-00-seed0-original.png")
+    assert (out / "run.json").is_file()
+    assert detector.detect([original])[0].has("shape", "heart")
+    assert not detector.detect([erased])[0].has("shape", "heart")

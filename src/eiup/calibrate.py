@@ -99,7 +99,7 @@ def mildest_scale(present_by_scale: dict[float, list[bool]]) -> list[float]:
 
 def collect(pipe, concept: str, prompts: Sequence[str], judge: Callable, seeds: Sequence[int], steps: int,
             guidance: float, grid: Sequence[float] = DEFAULT_GRID, gate: str | None = None,
-            mode: str = "single", concept_context: str = "separate") -> CalibrationData:
+            mode: str = "single", concept_context: str | None = None) -> CalibrationData:
     """Generate every prompt x seed at every grid scale; record step-0 features and judgements."""
     features, rows, present = [], [], {float(s): [] for s in grid}
     for prompt in tqdm(prompts, desc=f"calibrate {concept}"):
@@ -120,10 +120,14 @@ def collect(pipe, concept: str, prompts: Sequence[str], judge: Callable, seeds: 
 def calibrate(pipe, concept: str, prompts: Sequence[str], judge: Callable, seeds: Sequence[int], steps: int = 25,
               guidance: float = 7.5, grid: Sequence[float] = DEFAULT_GRID, gate: str | None = None,
               out: str | Path | None = None, margin: float = 1.1, mode: str = "single",
-              concept_context: str = "separate") -> tuple[ScalePredictor, Path]:
+              concept_context: str | None = None) -> tuple[ScalePredictor, Path]:
     """Collect calibration data, fit the scale predictor and save it (default: in the model folder)."""
     if sorted(grid, reverse=True)[0] != 0:
         raise ValueError(f"grid={list(grid)} must start at 0 (no suppression) and go negative")
+    if concept_context is None:
+        from .pipeline import DEFAULT_CONCEPT_CONTEXT
+
+        concept_context = DEFAULT_CONCEPT_CONTEXT
     data = collect(pipe, concept, prompts, judge, seeds, steps, guidance, grid, gate, mode, concept_context)
     info = {"gate": gate, "mode": mode, "concept_context": concept_context, "grid": list(grid), "steps": steps, "guidance": guidance, "seeds": len(seeds),
             "prompts": list(prompts), "mean_target": float(data.targets.mean()),

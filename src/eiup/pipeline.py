@@ -139,7 +139,8 @@ class EraseConfig:
             encoder lets "red" after "a tomato" see the tomato); J_C are the concept's positions at
             the end. Unlike the authors' code the concept is never cut: a prompt too long to leave
             room for it is shortened in this encoding only. ``None`` means
-            :data:`DEFAULT_CONCEPT_CONTEXT`.
+            :data:`DEFAULT_CONCEPT_CONTEXT`, or ``"separate"`` when the call gives ``prompt_embeds``
+            instead of prompt text.
 
     ``erase_scale="auto"`` predicts one scale per image and concept from the concept's
     attention at the first step, with a predictor calibrated by ``eiup calibrate``.
@@ -400,6 +401,8 @@ class EIUPMixin:
             raise EraseConfigError(f"erase_config must be an EraseConfig, got {type(erase_config).__name__}")
         config = dataclasses.replace(erase_config, **explicit) if erase_config is not None else EraseConfig(**explicit)
         call = self._bind_call(args, kwargs)
+        if concept_context is None and erase_config is None and call.get("prompt") is None:
+            config = dataclasses.replace(config, concept_context="separate")  # the default needs the prompt text
         return_dict = call.get("return_dict", True)
         call["return_dict"] = True
 

@@ -110,6 +110,9 @@ class MethodRunner:
             sld.safety_concept = concept
             return sld(prompts, **common, **self.sld_settings(method.preset)).images
         if method.family == "eiup":
+            # a row names every setting that differs from the paper's formulation: the concept
+            # encoded alone unless the row says +concept_context=prompt (the library's default)
+            options = {"concept_context": "separate", **dict(method.options)}
             return self.pipe(prompts, erase=[concept], erase_scale=method.scale, erase_mode=method.mode,
-                             **dict(method.options), **common).images
+                             **options, **common).images
         raise ValueError(f"unknown method family {method.family!r}")

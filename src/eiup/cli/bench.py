@@ -34,7 +34,7 @@ def bench(
     seeds: Annotated[int, typer.Option(help="Seeds per prompt (toy suites).")] = 20,
     per_role: Annotated[int, typer.Option(help="Toy suites: at most this many prompts per role (explicit, unrelated, two-object); implicit prompts are all kept.")] = 4,
     first_seed: Annotated[int, typer.Option(help="First seed (held-out seeds: the toy model trains with none).")] = 0,
-    scales: Annotated[str, typer.Option(help="EIUP suppression scales to sweep (comma-separated, negative).")] = "-0.5,-1,-2,-4",
+    scales: Annotated[str, typer.Option(help="EIUP suppression scales to sweep (comma-separated, negative); these rows encode the concept alone (the paper); add rows such as eiup-single+concept_context=prompt@-4 with --method.")] = "-0.5,-1,-2,-4",
     modes: Annotated[str, typer.Option(help="EIUP modes to sweep.")] = "single,dual",
     method: Annotated[list[str] | None, typer.Option(help="Extra methods, e.g. 'eiup-single+gate@auto' (repeatable).")] = None,
     only: Annotated[list[str] | None, typer.Option(help="Run only these methods (names as in the report).")] = None,

@@ -18,7 +18,7 @@ def calibrate(
     first_seed: Annotated[int, typer.Option(help="First seed (keep calibration seeds apart from benchmark seeds).")] = 5000,
     grid: Annotated[str, typer.Option(help="Scales tried, mild to strong, starting at 0.")] = "0,-2,-4,-8,-16,-32",
     mode: Annotated[str, typer.Option(help="Erase mode to calibrate for (single or dual; use the same at inference).")] = "single",
-    concept_context: Annotated[str, typer.Option(help="Concept encoding to calibrate for: separate or prompt (use the same at inference).")] = "separate",
+    concept_context: Annotated[str, typer.Option(help="Concept encoding to calibrate for: separate or prompt (use the same at inference).")] = "prompt",
     gate: Annotated[bool, typer.Option("--gate/--no-gate", help="Calibrate with presence gating (use the same at inference).")] = False,
     steps: int = 25,
     guidance: float = 7.5,
