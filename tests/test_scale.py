@@ -152,3 +152,16 @@ def test_calibration_records_its_mode_and_auto_warns_on_another(tiny, tmp_path, 
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         _run(tiny, erase=["red"], erase_scale="auto", scale_predictors=str(path), erase_mode="dual")
+
+
+def test_predictor_falls_back_to_a_constant_when_features_do_not_predict():
+    g = torch.Generator().manual_seed(1)
+    means = torch.rand(40, 16, generator=g) * 0.3 + 0.01
+    targets = -torch.randint(0, 5, (40,), generator=g).float() * 2  # unrelated to the features
+    pred = fit_predictor("heart", means, targets, margin=1.0, epochs=300)
+    assert pred.info["kind"] == "constant"
+    new = torch.rand(10, 16, generator=g) * 0.3 + 0.01
+    out = pred.predict(new)
+    assert torch.allclose(out, out[0].expand_as(out)) and out[0] < -1.0  # one firm scale, not ~0
+    informative = fit_predictor("red", means, -10 * means[:, 2], margin=1.0, epochs=300)
+    assert informative.info["kind"] == "mlp"

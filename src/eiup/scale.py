@@ -11,9 +11,11 @@ the target; prompts without the concept teach it to stay at zero.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
@@ -123,26 +125,76 @@ def find_predictors(concepts, model_folder: str | Path | None, search: str | Pat
     return found
 
 
-def fit_predictor(concept: str, means: torch.Tensor, targets: torch.Tensor, margin: float = 1.1,
-                  epochs: int = 1500, seed: int = 0, info: dict | None = None) -> ScalePredictor:
-    """Fit the MLP to the mildest erasing scales (targets <= 0) from per-layer concept attention (N, layers)."""
+def _asymmetric_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Squared error, under-suppression (pred above target: the concept stays) counted twice."""
+    err = pred - target
+    return torch.where(err > 0, 2.0 * err**2, err**2).mean()
+
+
+def _best_constant(targets: torch.Tensor) -> float:
+    """The constant scale minimising :func:`_asymmetric_loss` over ``targets`` (grid search)."""
+    grid = torch.linspace(float(targets.min()), 0.0, 201)
+    losses = torch.stack([_asymmetric_loss(torch.full_like(targets, float(c)), targets) for c in grid])
+    return float(grid[int(losses.argmin())])
+
+
+def _fit_mlp(x: torch.Tensor, y: torch.Tensor, epochs: int, seed: int) -> tuple[ScaleMLP, float]:
     torch.manual_seed(seed)
-    x = attention_features(means)
-    mean, std = x.mean(0), x.std(0).clamp_min(1e-3)
-    x = (x - mean) / std
     mlp = ScaleMLP(x.shape[1])
     opt = torch.optim.AdamW(mlp.parameters(), lr=3e-3, weight_decay=1e-3)
-    y = targets.float()
     for _ in range(epochs):
-        pred = mlp(x)
-        # under-suppression leaves the concept: weigh it twice as much as over-suppression
-        err = pred - y
-        loss = torch.where(err > 0, 2.0 * err**2, err**2).mean()
+        loss = _asymmetric_loss(mlp(x), y)
         opt.zero_grad()
         loss.backward()
         opt.step()
+    return mlp.eval(), float(loss.item())
+
+
+def _constant_mlp(n_layers: int, value: float) -> ScaleMLP:
+    """An MLP that outputs ``value`` (<= 0) whatever its input: -softplus(b) = value."""
+    mlp = ScaleMLP(n_layers)
+    with torch.no_grad():
+        last = mlp.net[-1]
+        last.weight.zero_()
+        v = max(-value, 1e-4)
+        last.bias.fill_(math.log(math.expm1(v)))  # softplus^-1(v)
+    return mlp.eval()
+
+
+def fit_predictor(concept: str, means: torch.Tensor, targets: torch.Tensor, margin: float = 1.1,
+                  epochs: int = 1500, seed: int = 0, info: dict | None = None, folds: int = 4) -> ScalePredictor:
+    """Fit the MLP to the mildest erasing scales (targets <= 0) from per-layer concept attention (N, layers).
+
+    The MLP is kept only if it predicts held-out samples better than the best constant scale
+    (``folds``-fold cross-validation, same asymmetric loss); otherwise the predictor is that
+    constant: with few calibration samples an MLP can fit them and still extrapolate to ~0 on
+    new prompts, which under-suppresses.
+    """
+    x = attention_features(means)
+    mean, std = x.mean(0), x.std(0).clamp_min(1e-3)
+    x = (x - mean) / std
+    y = targets.float()
+    n = len(y)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    cv_mlp, cv_const = [], []
+    for k in range(min(folds, n)):
+        held = order[k::folds]
+        kept = torch.tensor([i for i in order.tolist() if i not in set(held.tolist())], dtype=torch.long)
+        if len(kept) < 2:
+            continue
+        mlp, _ = _fit_mlp(x[kept], y[kept], epochs, seed)
+        with torch.no_grad():
+            cv_mlp.append(float(_asymmetric_loss(mlp(x[held]), y[held])))
+        c = _best_constant(y[kept])
+        cv_const.append(float(_asymmetric_loss(torch.full_like(y[held], c), y[held])))
+    use_mlp = bool(cv_mlp) and float(np.mean(cv_mlp)) < float(np.mean(cv_const))
+    if use_mlp:
+        mlp, loss = _fit_mlp(x, y, epochs, seed)
+    else:
+        constant = _best_constant(y)
+        mlp, loss = _constant_mlp(x.shape[1], constant), float(_asymmetric_loss(torch.full_like(y, constant), y))
     min_scale = float(min(y.min().item() * 1.5, -1.0))
-    return ScalePredictor(concept, mlp.eval(), mean, std, margin, min_scale,
-                          dict(info or {}, n_samples=int(len(y)), train_loss=float(loss.item())))
-
-
+    cv = {"cv_loss_mlp": float(np.mean(cv_mlp)) if cv_mlp else None,
+          "cv_loss_constant": float(np.mean(cv_const)) if cv_const else None, "kind": "mlp" if use_mlp else "constant"}
+    return ScalePredictor(concept, mlp, mean, std, margin, min_scale,
+                          dict(info or {}, n_samples=int(n), train_loss=loss, **cv))
