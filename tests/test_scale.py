@@ -165,3 +165,14 @@ def test_predictor_falls_back_to_a_constant_when_features_do_not_predict():
     assert torch.allclose(out, out[0].expand_as(out)) and out[0] < -1.0  # one firm scale, not ~0
     informative = fit_predictor("red", means, -10 * means[:, 2], margin=1.0, epochs=300)
     assert informative.info["kind"] == "mlp"
+
+
+def test_predictor_cross_validation_holds_out_whole_prompts():
+    g = torch.Generator().manual_seed(2)
+    # each "prompt" has its own feature signature and its own target: memorisable, not predictable
+    sig = torch.rand(8, 16, generator=g) * 0.3 + 0.01
+    means = sig.repeat_interleave(5, 0) + torch.rand(40, 16, generator=g) * 1e-3
+    targets = (-torch.randint(0, 5, (8,), generator=g).float() * 2).repeat_interleave(5)
+    prompts = [f"p{i}" for i in range(8) for _ in range(5)]
+    by_prompt = fit_predictor("heart", means, targets, margin=1.0, epochs=300, groups=prompts)
+    assert by_prompt.info["kind"] == "constant"

@@ -132,7 +132,7 @@ def calibrate(pipe, concept: str, prompts: Sequence[str], judge: Callable, seeds
     info = {"gate": gate, "mode": mode, "concept_context": concept_context, "grid": list(grid), "steps": steps, "guidance": guidance, "seeds": len(seeds),
             "prompts": list(prompts), "mean_target": float(data.targets.mean()),
             "unerasable": int(sum(data.present[min(grid)]))}
-    pred = fit_predictor(concept, data.features, data.targets, margin=margin, info=info)
+    pred = fit_predictor(concept, data.features, data.targets, margin=margin, info=info, groups=data.prompts)
     if out is None:
         folder = getattr(pipe.config, "_name_or_path", None)
         if not folder or not Path(folder).is_dir():

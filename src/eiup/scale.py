@@ -162,24 +162,33 @@ def _constant_mlp(n_layers: int, value: float) -> ScaleMLP:
 
 
 def fit_predictor(concept: str, means: torch.Tensor, targets: torch.Tensor, margin: float = 1.1,
-                  epochs: int = 1500, seed: int = 0, info: dict | None = None, folds: int = 4) -> ScalePredictor:
+                  epochs: int = 1500, seed: int = 0, info: dict | None = None, folds: int = 4,
+                  groups: list | None = None) -> ScalePredictor:
     """Fit the MLP to the mildest erasing scales (targets <= 0) from per-layer concept attention (N, layers).
 
     The MLP is kept only if it predicts held-out samples better than the best constant scale
-    (``folds``-fold cross-validation, same asymmetric loss); otherwise the predictor is that
-    constant: with few calibration samples an MLP can fit them and still extrapolate to ~0 on
-    new prompts, which under-suppresses.
+    (``folds``-fold cross-validation, same asymmetric loss; with ``groups``, e.g. the prompt of
+    each sample, whole groups are held out, so the test is on unseen prompts); otherwise the
+    predictor is that constant: with few calibration samples an MLP can fit them and still
+    extrapolate to ~0 on new prompts, which under-suppresses.
     """
     x = attention_features(means)
     mean, std = x.mean(0), x.std(0).clamp_min(1e-3)
     x = (x - mean) / std
     y = targets.float()
     n = len(y)
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    labels = list(groups) if groups is not None else list(range(n))
+    if len(labels) != n:
+        raise ValueError(f"groups has {len(labels)} entries for {n} samples")
+    unique = list(dict.fromkeys(labels))
+    perm = torch.randperm(len(unique), generator=torch.Generator().manual_seed(seed)).tolist()
+    fold_of = {unique[j]: rank % folds for rank, j in enumerate(perm)}
     cv_mlp, cv_const = [], []
-    for k in range(min(folds, n)):
-        held = order[k::folds]
-        kept = torch.tensor([i for i in order.tolist() if i not in set(held.tolist())], dtype=torch.long)
+    for k in range(min(folds, len(unique))):
+        held = torch.tensor([i for i in range(n) if fold_of[labels[i]] == k], dtype=torch.long)
+        kept = torch.tensor([i for i in range(n) if fold_of[labels[i]] != k], dtype=torch.long)
+        if len(held) == 0:
+            continue
         if len(kept) < 2:
             continue
         mlp, _ = _fit_mlp(x[kept], y[kept], epochs, seed)
