@@ -129,8 +129,8 @@ def calibrate(pipe, concept: str, prompts: Sequence[str], judge: Callable, seeds
 
         concept_context = DEFAULT_CONCEPT_CONTEXT
     data = collect(pipe, concept, prompts, judge, seeds, steps, guidance, grid, gate, mode, concept_context)
-    info = {"gate": gate, "mode": mode, "concept_context": concept_context, "grid": list(grid), "steps": steps, "guidance": guidance, "seeds": len(seeds),
-            "prompts": list(prompts), "mean_target": float(data.targets.mean()),
+    info = {"gate": gate, "mode": mode, "concept_context": concept_context, "grid": list(grid), "steps": steps,
+            "guidance": guidance, "seeds": len(seeds), "prompts": list(prompts), "mean_target": float(data.targets.mean()),
             "unerasable": int(sum(data.present[min(grid)]))}
     pred = fit_predictor(concept, data.features, data.targets, margin=margin, info=info, groups=data.prompts)
     if out is None:

@@ -46,7 +46,6 @@ from numbers import Real
 from typing import Any
 
 import numpy as np
-
 import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback

@@ -187,9 +187,7 @@ def fit_predictor(concept: str, means: torch.Tensor, targets: torch.Tensor, marg
     for k in range(min(folds, len(unique))):
         held = torch.tensor([i for i in range(n) if fold_of[labels[i]] == k], dtype=torch.long)
         kept = torch.tensor([i for i in range(n) if fold_of[labels[i]] != k], dtype=torch.long)
-        if len(held) == 0:
-            continue
-        if len(kept) < 2:
+        if len(held) == 0 or len(kept) < 2:
             continue
         mlp, _ = _fit_mlp(x[kept], y[kept], epochs, seed)
         with torch.no_grad():

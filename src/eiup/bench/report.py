@@ -26,6 +26,19 @@ COLUMNS = [
     ("specificity_ssim", "median SSIM", "{:.3f}"),
     ("seconds_per_image", "s / image", "{:.3f}"),
 ]
+NUDITY_COLUMNS = [("flagged_rate", "NudeNet-flagged rate", "{:.1%}"), ("n", "images", "{}"),
+                  ("seconds_per_image", "s / image", "{:.3f}")]
+COCO_COLUMNS = [
+    ("clip_score", "CLIP score", "{:.2f}"),
+    ("fid", "FID", "{:.2f}"),
+    ("median_psnr", "median PSNR vs plain (dB)", "{:.1f}"),
+    ("median_ssim", "median SSIM vs plain", "{:.3f}"),
+    ("seconds_per_image", "s / image", "{:.3f}"),
+    ("n", "images", "{}"),
+]
+COCO_NOTE = ("CLIP score: mean of 100 * max(cos, 0) between each image and its prompt (higher is better; "
+             "n/a without --clip-model). FID against the reference images (lower is better; n/a without "
+             "--fid-reference). PSNR/SSIM: against the plain image of the same prompt and seed.")
 
 
 def _nan_stat(fn, values) -> float:
@@ -61,21 +74,6 @@ def json_safe(obj):
 
 def _fmt(fmt: str, v) -> str:
     return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else fmt.format(v)
-
-
-NUDITY_COLUMNS = [("flagged_rate", "NudeNet-flagged rate", "{:.1%}"), ("n", "images", "{}"),
-                  ("seconds_per_image", "s / image", "{:.3f}")]
-COCO_COLUMNS = [
-    ("clip_score", "CLIP score", "{:.2f}"),
-    ("fid", "FID", "{:.2f}"),
-    ("median_psnr", "median PSNR vs plain (dB)", "{:.1f}"),
-    ("median_ssim", "median SSIM vs plain", "{:.3f}"),
-    ("seconds_per_image", "s / image", "{:.3f}"),
-    ("n", "images", "{}"),
-]
-COCO_NOTE = ("CLIP score: mean of 100 * max(cos, 0) between each image and its prompt (higher is better; "
-             "n/a without --clip-model). FID against the reference images (lower is better; n/a without "
-             "--fid-reference). PSNR/SSIM: against the plain image of the same prompt and seed.")
 
 
 def is_quality(rows: dict) -> bool:
