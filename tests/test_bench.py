@@ -34,6 +34,24 @@ def test_method_names_round_trip():
         parse_method("eiup-triple")
 
 
+def test_anchor_rows_pass_the_toy_worlds_siblings_or_the_given_list(sd1):
+    seen = []
+    sd1_call = type(sd1).__call__
+
+    class Spy(type(sd1)):
+        def __call__(self, *a, **kw):
+            seen.append((kw.get("anchors"), kw.get("anchor_strength")))
+            return sd1_call(self, *a, **kw)
+
+    pipe = Spy(**sd1.components)
+    runner = MethodRunner(pipe, steps=2, guidance=7.5)
+    runner.generate(parse_method("eiup-single+anchors+anchor_strength=2@-4"), "a tomato", [0], "red")
+    runner.generate(parse_method("eiup-single+anchors=clothed|dressed@-4"), "a tomato", [0], "nudity")
+    assert seen == [(["orange", "yellow", "green", "blue", "purple"], 2.0), (["clothed", "dressed"], None)]
+    with pytest.raises(ValueError, match="anchors"):
+        runner.generate(parse_method("eiup-single+anchors@-4"), "a tomato", [0], "nudity")
+
+
 def test_judgements_follow_the_definitions():
     plain = det(("red", "circle", "plain"))
     # erased and the rest kept: no residual, fidelity

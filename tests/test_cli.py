@@ -343,3 +343,22 @@ def test_concept_context_prompt_batches_per_prompt_and_is_recorded(tmp_path, mod
     assert res.exit_code == 1 and "other settings" in res.output  # part of what the images depend on
     res = invoke("generate", "-p", "x", "--model", model_dir, "--concept-context", "joint", "--out", tmp_path / "bad")
     assert res.exit_code != 0 and "--concept-context" in flat(res.output)
+
+
+def test_anchors_reach_the_pipeline_and_are_recorded(tmp_path, model_dir):
+    out = tmp_path / "anch"
+    args = ["generate", "-p", "a red star", "--model", model_dir, "--steps", STEPS, "--erase", "red",
+            "--anchor", "blue", "--anchor", "green", "--anchor-strength", "2", "--out", out, "--no-progress"]
+    res = invoke(*args)
+    assert res.exit_code == 0, res.output
+    rec = json.loads((out / "run.json").read_text())
+    assert rec["settings"]["anchors"] == ["blue", "green"] and rec["settings"]["anchor_strength"] == 2.0
+    plain = tmp_path / "plain"
+    assert invoke(*args[:7], "--erase", "red", "--out", plain, "--no-progress").exit_code == 0
+    (a,), (b,) = sorted(out.glob("*.png")), sorted(plain.glob("*.png"))
+    assert a.read_bytes() != b.read_bytes()  # the projection changed the image
+    res = invoke(*args[:-1], "--anchor-strength", "3", "--no-progress")
+    assert res.exit_code == 1 and "other settings" in res.output  # part of what the images depend on
+    for bad in (["--anchor", " "], ["--anchor", "blue", "--anchor-strength", "nan"], ["--anchor", "blue", "--anchor-strength", "0"]):
+        res = invoke("generate", "-p", "x", "--model", model_dir, "--erase", "red", *bad, "--out", tmp_path / "bad")
+        assert res.exit_code != 0 and bad[-2] in flat(res.output)

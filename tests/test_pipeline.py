@@ -9,6 +9,7 @@ import torch
 import eiup
 from eiup import EIUPPipeline, EraseConfig, EraseConfigError, from_pipe
 from eiup.attention import ConceptAttentionRecorder, EIUPCrossAttnProcessor
+from eiup.testing import ModelCalls
 
 KW = dict(num_inference_steps=3, output_type="np")
 
@@ -280,15 +281,9 @@ BAD = [
 
 @pytest.mark.parametrize("kwargs,name", BAD)
 def test_validation_before_any_model_work(sd1, kwargs, name):
-    calls = []
-    handles = [m.register_forward_pre_hook(lambda *a: calls.append(1)) for m in (sd1.unet, sd1.text_encoder)]
-    try:
-        with pytest.raises(ValueError, match=name):
-            sd1("a red star", generator=gen(), **KW, **kwargs)
-    finally:
-        for h in handles:
-            h.remove()
-    assert calls == []
+    with ModelCalls(sd1) as model, pytest.raises(ValueError, match=name):
+        sd1("a red star", generator=gen(), **KW, **kwargs)
+    assert model.calls == []
 
 
 def test_amplify_allowed_and_config_object(sd1):
@@ -385,15 +380,9 @@ def test_concept_in_context_of_a_long_prompt_is_whole(sd1):
     (dict(prompt=None, prompt_embeds=torch.zeros(1, 77, 32)), "needs the prompt as text"),
 ])
 def test_concept_in_context_refusals_before_model_work(sd1, kwargs, match):
-    calls = []
-    handles = [m.register_forward_pre_hook(lambda *a: calls.append(1)) for m in (sd1.unet, sd1.text_encoder)]
-    try:
-        with pytest.raises(EraseConfigError, match=match):
-            sd1(erase="red", concept_context="prompt", generator=gen(), **KW, **kwargs)
-    finally:
-        for h in handles:
-            h.remove()
-    assert calls == []
+    with ModelCalls(sd1) as model, pytest.raises(EraseConfigError, match=match):
+        sd1(erase="red", concept_context="prompt", generator=gen(), **KW, **kwargs)
+    assert model.calls == []
 
 
 @pytest.mark.parametrize("mode", ["single", "dual"])

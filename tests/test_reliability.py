@@ -28,7 +28,7 @@ import torch
 from eiup import models
 from eiup.attention import EIUPCrossAttnProcessor, EIUPSelfAttnProcessor
 from eiup.pipeline import EIUPPipeline, EraseConfigError
-from eiup.testing import tiny_pipeline
+from eiup.testing import ModelCalls, tiny_pipeline
 from eiup.toy.world import words
 
 KW = dict(num_inference_steps=2, height=16, width=16, output_type="np")
@@ -36,24 +36,6 @@ KW = dict(num_inference_steps=2, height=16, width=16, output_type="np")
 
 def gen(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
-
-
-class ModelCalls:
-    """Records every forward of the UNet, the text encoder(s) and the VAE decoder of ``pipe``."""
-
-    def __init__(self, pipe):
-        self.calls: list[str] = []
-        modules = {"unet": pipe.unet, "text_encoder": pipe.text_encoder, "vae": pipe.vae.decoder}
-        if getattr(pipe, "text_encoder_2", None) is not None:
-            modules["text_encoder_2"] = pipe.text_encoder_2
-        self.handles = [m.register_forward_pre_hook(lambda *a, _n=n: self.calls.append(_n)) for n, m in modules.items()]
-
-    def __enter__(self) -> ModelCalls:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for h in self.handles:
-            h.remove()
 
 
 def same_processors(pipe, before: dict) -> bool:

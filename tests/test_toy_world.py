@@ -9,7 +9,7 @@ import torch
 from eiup.toy.render import render
 from eiup.toy.tokenizer import build_clip_tokenizer
 from eiup.toy.world import (
-    BACKGROUND_RGB, COLORS, IMPLICIT_NOUNS, PATTERNS, SHAPES, caption, caption_words, parse_caption, random_scene, words,
+    BACKGROUND_RGB, BACKGROUNDS, COLORS, IMPLICIT_NOUNS, PATTERNS, SHAPES, caption, caption_words, parse_caption, random_scene, words,
 )
 
 
@@ -98,3 +98,32 @@ def test_training_stages_build_a_standard_pipeline_and_resume(tmp_path):
     mtime = (tmp_path / "run" / "unet_final.safetensors").stat().st_mtime
     train_toy_model(tmp_path / "run", cfg)
     assert (tmp_path / "run" / "unet_final.safetensors").stat().st_mtime == mtime
+    # a larger budget trains on from where the finished run ended (the same run, longer)
+    import dataclasses
+
+    from eiup.toy.train import _checkpoint_meta
+
+    steps = _checkpoint_meta(tmp_path / "run" / "unet_final.safetensors")["step"]
+    train_toy_model(tmp_path / "run", dataclasses.replace(cfg, unet_minutes=cfg.unet_minutes * 2))
+    assert _checkpoint_meta(tmp_path / "run" / "unet_final.safetensors")["step"] > steps
+
+
+def test_long_captions_pad_with_style_words_and_keep_their_labels(tokenizer):
+    import random
+
+    from eiup.toy.train import sample_batch
+    from eiup.toy.world import FILLER_PHRASES
+
+    scenes = [random_scene(random.Random(i)) for i in range(32)]
+    idx = np.arange(32)
+    long_ids, long_labels = sample_batch(random.Random(5), scenes, idx, tokenizer, dropout=0.0, long_prob=1.0)
+    comma = tokenizer.convert_tokens_to_ids(",</w>")
+    for ids, labels in zip(long_ids, long_labels):
+        first_filler = int((ids == comma).nonzero()[0])
+        labelled = labels.ge(0).nonzero().flatten()
+        assert len(labelled) and labelled.max() < first_filler  # fillers come after the caption, unlabelled
+        assert all(tokenizer.decode(ids[i : i + 1]).strip() in words() for i in labelled)
+    lengths = (long_ids != tokenizer.eos_token_id).sum(1) + 1
+    assert (long_ids[:, -1] == tokenizer.eos_token_id).all() and (lengths >= 77).any()  # some run past 77 (truncated)
+    attribute_words = set(COLORS + SHAPES + PATTERNS + BACKGROUNDS + ("night", "fog")) | set(" ".join(IMPLICIT_NOUNS).split())
+    assert not set(" ".join(FILLER_PHRASES).split()) & attribute_words  # fillers never name a toy attribute

@@ -91,6 +91,7 @@ CONCEPT_CONTEXTS = ("separate", "prompt")
 TAILS = ("suppress", "reference")
 GATES = ("presence",)
 AUTO = "auto"
+MAX_ANCHOR_STRENGTH = 8.0
 
 
 class EraseConfigError(ValueError):
@@ -140,6 +141,12 @@ class EraseConfig:
             room for it is shortened in this encoding only. ``None`` means
             :data:`DEFAULT_CONCEPT_CONTEXT`, or ``"separate"`` when the call gives ``prompt_embeds``
             instead of prompt text.
+        anchors: Concepts of the same kind as the erased ones (for "red": other colours). When
+            given, each erased concept is also projected out of the prompt's padding tokens,
+            relative to the anchors (:mod:`eiup.anchors`); prompts that do not lean towards the
+            concept are left exactly as they are. ``()`` (default): off. SD 1.x/2.x pipelines.
+        anchor_strength: s of the anchored projection (1 removes the concept's component, larger
+            values push past the anchors), in (0, 8].
 
     ``erase_scale="auto"`` predicts one scale per image and concept from the concept's
     attention at the first step, with a predictor calibrated by ``eiup calibrate``.
@@ -156,10 +163,18 @@ class EraseConfig:
     gate: str | None = None
     gate_threshold: float = 0.4
     concept_context: str | None = None
+    anchors: str | Sequence[str] | None = None
+    anchor_strength: float = 1.0
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
         set_(self, "erase", self._concepts(self.erase))
+        set_(self, "anchors", self._concepts(self.anchors, "anchors"))
+        strength = _finite_number(self.anchor_strength, "anchor_strength")
+        if not 0.0 < strength <= MAX_ANCHOR_STRENGTH:
+            raise EraseConfigError(f"anchor_strength={strength} is outside (0, {MAX_ANCHOR_STRENGTH:g}]; "
+                                   "1 removes the concept's component from the padding, e.g. anchor_strength=1")
+        set_(self, "anchor_strength", strength)
         set_(self, "allow_amplify", bool(self.allow_amplify))
         if isinstance(self.erase_scale, list):
             set_(self, "erase_scale", tuple(self.erase_scale))
@@ -193,18 +208,19 @@ class EraseConfig:
         set_(self, "concept_context", context)
 
     @staticmethod
-    def _concepts(erase: Any) -> tuple[str, ...]:
+    def _concepts(erase: Any, name: str = "erase") -> tuple[str, ...]:
         if erase is None:
             return ()
         items = (erase,) if isinstance(erase, str) else erase
         if not isinstance(items, (list, tuple)):
-            raise EraseConfigError(f"erase must be a string or a list of strings, got {type(erase).__name__}")
+            raise EraseConfigError(f"{name} must be a string or a list of strings, got {type(erase).__name__}")
+        example = "erase=['nudity']" if name == "erase" else "anchors=['blue', 'green']"
         concepts = []
         for i, item in enumerate(items):
             if not isinstance(item, str):
-                raise EraseConfigError(f"erase[{i}]={item!r} is not a string; pass concepts as text, e.g. erase=['nudity']")
+                raise EraseConfigError(f"{name}[{i}]={item!r} is not a string; pass concepts as text, e.g. {example}")
             if not item.strip():
-                raise EraseConfigError(f"erase[{i}]={item!r} is empty or whitespace; remove it or give a word, e.g. erase=['nudity']")
+                raise EraseConfigError(f"{name}[{i}]={item!r} is empty or whitespace; remove it or give a word, e.g. {example}")
             concepts.append(item.strip())
         return tuple(concepts)
 
@@ -336,6 +352,8 @@ class EIUPMixin:
         gate: str | None = None,
         gate_threshold: float | None = None,
         concept_context: str | None = None,
+        anchors: str | Sequence[str] | None = None,
+        anchor_strength: float | None = None,
         scale_predictors: Any = None,
         **kwargs: Any,
     ) -> EIUPPipelineOutput | tuple:
@@ -368,6 +386,10 @@ class EIUPMixin:
             gate: ``"presence"`` weights the concept term per pixel by the pixel's relative
                 concept attention (:func:`eiup.scale.presence_gate`); ``None`` (default) does not.
             gate_threshold: Presence gate threshold (default 0.4).
+            concept_context: ``"prompt"`` (default) or ``"separate"``: how E_C is encoded (:class:`EraseConfig`).
+            anchors: Concepts of the erased one's kind (e.g. the other colours for "red"): also
+                project the concept out of the prompt's padding tokens (:mod:`eiup.anchors`).
+            anchor_strength: Strength of that projection (default 1).
             scale_predictors: With ``erase_scale="auto"``: a folder of calibrated predictors
                 (``CONCEPT.safetensors``), one predictor file, or a list of
                 :class:`eiup.scale.ScalePredictor`; default ``<model folder>/eiup_scale_predictors``.
@@ -394,6 +416,8 @@ class EIUPMixin:
             gate=gate,
             gate_threshold=gate_threshold,
             concept_context=concept_context,
+            anchors=anchors,
+            anchor_strength=anchor_strength,
         )
         explicit = {k: v for k, v in explicit.items() if v is not None}
         if erase_config is not None and not isinstance(erase_config, EraseConfig):
@@ -417,6 +441,7 @@ class EIUPMixin:
         context_texts = None
         if config.concept_context == "prompt":
             context_texts, spans = self._contextual_concepts(call, config.concepts, spans)
+        prompt_lengths = self._anchor_prompt_lengths(call, config) if config.anchors else None
         height, width = self._resolve_hw(call)
         vsf = self.vae_scale_factor
         latent_size = (int(height) // vsf, int(width) // vsf)
@@ -485,6 +510,8 @@ class EIUPMixin:
         m = None
         if dual:
             m = self._dual_call(call, device, cfg, lora_scale, height, width)
+        if prompt_lengths is not None:
+            self._project_prompt_padding(call, config, prompt_lengths, device, cfg, lora_scale, m)
 
         # ---- run with EIUP processors, always restoring the user's ---------------------------
         # (set on the layers directly: unet.set_attn_processor walks the whole module tree twice)
@@ -697,6 +724,51 @@ class EIUPMixin:
         per_image = int(call.get("num_images_per_prompt") or 1)
         texts = [t for t in texts for _ in range(per_image)]
         return texts, [[p + offsets[0] for p in span] for span in spans]
+
+    def _anchor_prompt_lengths(self, call: dict[str, Any], config: EraseConfig) -> torch.Tensor:
+        """Token count (BOS..EOS, at most the encoder's length) of each image's prompt, for ``anchors``."""
+        prompt = call.get("prompt")
+        if prompt is None or (not isinstance(prompt, str) and not all(isinstance(p, str) for p in prompt)):
+            raise EraseConfigError("anchors need the prompt as text (prompt=...) to find its padding, not prompt_embeds; "
+                                   "pass prompt=..., or drop anchors")
+        if not isinstance(self, StableDiffusionPipeline):
+            raise EraseConfigError("anchors are supported on SD 1.x/2.x pipelines (one CLIP text encoder); drop anchors here")
+        limit = self.tokenizer.model_max_length
+        for i, anchor in enumerate(config.anchors):
+            n = len(self.tokenizer(anchor).input_ids)
+            if n > limit:
+                raise EraseConfigError(f"anchors[{i}] is {n - 2} tokens long, more than the {limit - 2} the text "
+                                       "encoder holds; shorten it")
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        lengths = [min(len(ids), limit) for ids in self.tokenizer(prompts).input_ids]
+        per_image = int(call.get("num_images_per_prompt") or 1)
+        return torch.tensor([n for n in lengths for _ in range(per_image)])
+
+    def _project_prompt_padding(self, call: dict[str, Any], config: EraseConfig, lengths: torch.Tensor,
+                                device, cfg: bool, lora_scale, m: int | None) -> None:
+        """Replace the erased branch's prompt embeddings by their anchored padding projection."""
+        from .anchors import concept_directions, project_padding
+
+        clip_skip = call.get("clip_skip")
+        if m is None:  # single branch: encode the prompt here and hand the parent the edited embeddings
+            pe, ne = self.encode_prompt(call["prompt"], device, call["num_images_per_prompt"], cfg, call["negative_prompt"],
+                                        lora_scale=lora_scale, clip_skip=clip_skip)
+            call.update(prompt=None, negative_prompt=None, negative_prompt_embeds=ne if cfg else None,
+                        num_images_per_prompt=1)
+        else:  # dual: the batch is [original..., erased...]; only the erased half changes
+            pe = call["prompt_embeds"]
+        rows = slice(0, pe.shape[0]) if m is None else slice(m, pe.shape[0])
+        tok = self.tokenizer
+        anchor_embeds = torch.cat([self._encode_concepts(a, device, lora_scale, clip_skip) for a in config.anchors]).float()
+        anchor_lengths = torch.tensor([len(ids) for ids in tok(list(config.anchors)).input_ids], device=device)
+        edited = pe[rows].float()
+        for concept in config.concepts:
+            c = self._encode_concepts(concept, device, lora_scale, clip_skip)[0].float()
+            mean, direction = concept_directions(c, len(tok(concept).input_ids), anchor_embeds, anchor_lengths)
+            edited = project_padding(edited, lengths.to(device), mean, direction, config.anchor_strength)
+        pe = pe.clone()
+        pe[rows] = edited.to(pe.dtype)
+        call["prompt_embeds"] = pe
 
     def _check_call_inputs(self, call: dict[str, Any], height: int, width: int) -> None:
         """Run the parent's ``check_inputs`` on the user's arguments before any model work."""

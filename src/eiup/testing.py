@@ -176,3 +176,21 @@ def tiny_pipeline(family: str = "sd1", seed: int = 0, tmpdir: str | Path | None 
             module.eval()
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+class ModelCalls:
+    """Records every forward of the UNet, the text encoder(s) and the VAE decoder of ``pipe``."""
+
+    def __init__(self, pipe):
+        self.calls: list[str] = []
+        modules = {"unet": pipe.unet, "text_encoder": pipe.text_encoder, "vae": pipe.vae.decoder}
+        if getattr(pipe, "text_encoder_2", None) is not None:
+            modules["text_encoder_2"] = pipe.text_encoder_2
+        self.handles = [m.register_forward_pre_hook(lambda *a, _n=n: self.calls.append(_n)) for n, m in modules.items()]
+
+    def __enter__(self) -> ModelCalls:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self.handles:
+            h.remove()

@@ -61,6 +61,17 @@ def parse_method(spec: str) -> Method:
     raise ValueError(f"method {spec!r}: use plain, negative, sld-weak|medium|strong|max, eiup-MODE[+OPTION]@SCALE")
 
 
+def _anchors(value, concept: str) -> list[str]:
+    """'+anchors' alone: the toy world's other values of the concept's attribute; '+anchors=a|b': those."""
+    if value is True:
+        from ..toy.world import CONCEPTS, anchor_concepts
+
+        if concept not in CONCEPTS:
+            raise ValueError(f"method option +anchors needs a list for concept {concept!r}: +anchors=WORD|WORD|...")
+        return anchor_concepts(concept)
+    return [a.strip() for a in str(value).split("|") if a.strip()]
+
+
 def _number(v: str):
     try:
         return float(v)
@@ -113,6 +124,8 @@ class MethodRunner:
             # a row names every setting that differs from the paper's formulation: the concept
             # encoded alone unless the row says +concept_context=prompt (the library's default)
             options = {"concept_context": "separate", **dict(method.options)}
+            if "anchors" in options:
+                options["anchors"] = _anchors(options["anchors"], concept)
             return self.pipe(prompts, erase=[concept], erase_scale=method.scale, erase_mode=method.mode,
                              **options, **common).images
         raise ValueError(f"unknown method family {method.family!r}")

@@ -53,6 +53,11 @@ def generate(
     concept_context: Optional[str] = typer.Option(
         None, "--concept-context", help="separate (concepts encoded alone) or prompt (encoded after the prompt, "
         "as the authors' code; stronger on implicit prompts). Default: the library's DEFAULT_CONCEPT_CONTEXT."),
+    anchor: Optional[list[str]] = typer.Option(
+        None, "--anchor", help="A concept of the erased one's kind (repeat; e.g. the other colours when erasing "
+        "'red'): also projects the concept out of the prompt's padding tokens, where implied concepts live."),
+    anchor_strength: float = typer.Option(
+        1.0, "--anchor-strength", help="Strength of the anchored padding projection, in (0, 8] (with --anchor)."),
     allow_amplify: bool = typer.Option(False, "--allow-amplify", help="Allow a positive --scale (amplifies the concepts)."),
     mode: Optional[str] = typer.Option(
         None, "--mode", help="single (fast, one branch) or dual (the paper's: keeps the original layout, ~2x cost). "
@@ -116,6 +121,11 @@ def generate(
             raise _bad(f"{mode!r} is not one of {', '.join(MODES)}", "--mode")
     if concept_context is not None and concept_context not in ("separate", "prompt"):
         raise _bad(f"{concept_context!r} is not one of separate, prompt", "--concept-context")
+    anchors = tuple(a.strip() for a in anchor or ())
+    if any(not a for a in anchors):
+        raise _bad("an empty anchor; give a concept of the erased one's kind, e.g. --anchor blue", "--anchor")
+    if not (math.isfinite(anchor_strength) and 0 < anchor_strength <= 8):
+        raise _bad(f"{anchor_strength} is outside (0, 8]; 1 removes the concept from the padding", "--anchor-strength")
     if steps < 1:
         raise _bad(f"{steps} < 1", "--steps")
     if not math.isfinite(guidance) or guidance < 0:
@@ -173,6 +183,7 @@ def generate(
         scale=default_scale if scale is None else scale, mode=mode or default_mode,
         gate=default_gate if gate is None else ("presence" if gate else None),
         concept_context=concept_context or default_context,
+        anchors=anchors, anchor_strength=anchor_strength,
         negative_prompt=negative_prompt, images_per_prompt=images_per_prompt,
         save_original=save_original, use_row_erase=not ignore_erase_target, allow_amplify=allow_amplify,
     )

@@ -18,6 +18,7 @@ class ToyDefaults:
 
     localisation_weight = 0.03
     lr = 3e-4
+    long_caption_prob = 0.1
 
 
 @app.command()
@@ -32,6 +33,9 @@ def train(
     localisation_weight: Annotated[float, typer.Option(
         help="Weight of the token-localisation loss (next to the diffusion loss).")] = ToyDefaults.localisation_weight,
     lr: Annotated[float, typer.Option(help="Peak learning rate of the UNet + text encoder.")] = ToyDefaults.lr,
+    long_caption_prob: Annotated[float, typer.Option(
+        help="Share of captions padded with style words (teaches prompts longer than 77 tokens).")
+    ] = ToyDefaults.long_caption_prob,
 ) -> None:
     """Train the toy Stable Diffusion pipeline from scratch on the CPU (resumable)."""
     from ..toy.train import ToyTrainConfig, train_toy_model
@@ -40,8 +44,11 @@ def train(
         raise typer.BadParameter("--minutes and --vae-minutes must be > 0 and --scenes >= 64")
     if not (localisation_weight >= 0 and lr > 0):
         raise typer.BadParameter("--localisation-weight must be >= 0 and --lr > 0")
+    if not 0 <= long_caption_prob <= 1:
+        raise typer.BadParameter("--long-caption-prob must be in [0, 1]")
     cfg = ToyTrainConfig(n_scenes=scenes, vae_minutes=vae_minutes, unet_minutes=minutes, seed=seed, threads=threads,
-                         localisation_weight=localisation_weight, lr=lr)
+                         localisation_weight=localisation_weight, lr=lr,
+                         long_caption_prob=long_caption_prob)
     dest = train_toy_model(out, cfg, export_to)
     typer.echo(f"pipeline written to {dest}")
 

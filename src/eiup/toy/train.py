@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from .render import render
 from .tokenizer import build_clip_tokenizer
-from .world import Scene, caption_words, random_scene, words
+from .world import Scene, caption_words, filler_tail, random_scene, words
 
 
 @dataclass
@@ -41,6 +41,7 @@ class ToyTrainConfig:
     unet_batch: int = 64
     lr: float = 3e-4
     caption_dropout: float = 0.1
+    long_caption_prob: float = 0.1  # captions padded with style words, often past 77 tokens (then truncated)
     localisation_weight: float = 0.03
     ema_decay: float = 0.999
     checkpoint_minutes: float = 5.0
@@ -156,12 +157,16 @@ def save_checkpoint(path: Path, modules: dict, optimizer: torch.optim.Optimizer,
     tmp.replace(path)
 
 
-def load_checkpoint(path: Path, modules: dict, optimizer: torch.optim.Optimizer) -> dict:
+def _checkpoint_meta(path: Path) -> dict:
     from safetensors import safe_open
 
-    tensors = load_file(str(path))
     with safe_open(str(path), "pt") as f:
-        meta = json.loads(f.metadata()["meta"])
+        return json.loads(f.metadata()["meta"])
+
+
+def load_checkpoint(path: Path, modules: dict, optimizer: torch.optim.Optimizer) -> dict:
+    tensors = load_file(str(path))
+    meta = _checkpoint_meta(path)
     for name, module in modules.items():
         prefix = f"{name}."
         module.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
@@ -323,14 +328,16 @@ def encode_captions(tokenizer, texts: list[str]) -> torch.Tensor:
     return tokenizer(texts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
 
 
-def sample_batch(rng: random.Random, scenes: list[Scene], idx: np.ndarray, tokenizer, dropout: float):
+def sample_batch(rng: random.Random, scenes: list[Scene], idx: np.ndarray, tokenizer, dropout: float,
+                 long_prob: float = 0.0):
     texts, labels = [], torch.full((len(idx), 77), -1, dtype=torch.long)
     for row, i in enumerate(idx):
         if rng.random() < dropout:
             texts.append("")
             continue
         cw = caption_words(scenes[i], rng)
-        texts.append(" ".join(w for w, _ in cw))
+        tail = filler_tail(rng) if rng.random() < long_prob else ""
+        texts.append(" ".join(w for w, _ in cw) + tail)
         for pos, (_, lab) in enumerate(cw):
             if lab >= 0 and pos + 1 < 77:
                 labels[row, pos + 1] = min(lab, 2) if lab < len(scenes[i].objects) else 2
@@ -339,8 +346,11 @@ def sample_batch(rng: random.Random, scenes: list[Scene], idx: np.ndarray, token
 
 def stage_unet(out: Path, cfg: ToyTrainConfig) -> None:
     final = out / "unet_final.safetensors"
+    ckpt = out / "unet_ckpt.safetensors"
     if final.exists():
-        return
+        if _checkpoint_meta(final)["seconds"] >= cfg.unet_minutes * 60:
+            return
+        final.replace(ckpt)  # a larger budget than the finished run: train on from where it ended
     from transformers import CLIPTokenizer
 
     torch.manual_seed(cfg.seed)
@@ -357,7 +367,6 @@ def stage_unet(out: Path, cfg: ToyTrainConfig) -> None:
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-2)
     ema_u, ema_t = EMA(unet, cfg.ema_decay), EMA(text, cfg.ema_decay)
     modules = {"unet": unet, "text": text, "ema_unet": ema_u, "ema_text": ema_t}
-    ckpt = out / "unet_ckpt.safetensors"
     meta = {"step": 0, "seconds": 0.0}
     if ckpt.exists():
         meta = load_checkpoint(ckpt, modules, opt)
@@ -375,7 +384,7 @@ def stage_unet(out: Path, cfg: ToyTrainConfig) -> None:
     while meta["seconds"] < budget:
         t0 = time.time()
         idx = nrng.choice(len(scenes), cfg.unet_batch, replace=False)
-        ids, labels = sample_batch(rng, scenes, idx, tokenizer, cfg.caption_dropout)
+        ids, labels = sample_batch(rng, scenes, idx, tokenizer, cfg.caption_dropout, cfg.long_caption_prob)
         lat = torch.from_numpy(latents[idx]).float()
         x0 = (lat[:, :4] + lat[:, 4:] * torch.randn_like(lat[:, :4])) * scaling
         noise = torch.randn_like(x0)

@@ -45,6 +45,13 @@ IMPLICIT_NOUNS: dict[str, tuple[str, str, str]] = {
 }
 NOUN_BACKGROUND_PHRASES = {"black": "at night", "gray": "in the fog"}
 TEMPLATES = ("{}", "a photo of {}", "an image of {}", "a drawing of {}")
+# Style words of the kind real prompts are padded with; none is a toy-world word, so the tokenizer
+# spells them out character by character and a few of them run a caption past CLIP's 77 tokens.
+FILLER_PHRASES = (
+    "highly detailed", "sharp focus", "trending on artstation", "masterpiece", "best quality",
+    "4k", "8k", "digital art", "octane render", "studio lighting", "award winning", "intricate",
+    "concept art", "smooth", "illustration",
+)
 
 # concept -> (attribute, value): what the detector must no longer report once it is erased.
 CONCEPTS: dict[str, tuple[str, str]] = {
@@ -57,6 +64,15 @@ CONCEPTS: dict[str, tuple[str, str]] = {
 }
 
 ATTRIBUTES = ("color", "shape", "pattern")
+
+
+def anchor_concepts(concept: str) -> list[str]:
+    """The other values of a toy concept's attribute: anchors for erasing it (``EraseConfig.anchors``)."""
+    attribute, value = CONCEPTS[concept]
+    if attribute == "background":
+        return ["fog", "white background", "gray background"]
+    values = {"color": COLORS, "shape": SHAPES, "pattern": PATTERNS}[attribute]
+    return [v for v in values if v != value]
 
 
 def words() -> list[str]:
@@ -133,6 +149,11 @@ def caption_words(scene: Scene, rng: random.Random, implicit_prob: float = 0.5) 
         out += [("on", -1), ("a", -1), ("white", bg), ("background", bg)]
     template = rng.choice(TEMPLATES).format("").split()
     return [(w, -1) for w in template] + out
+
+
+def filler_tail(rng: random.Random, max_phrases: int = 12) -> str:
+    """A comma-separated run of 1..max_phrases style phrases (", highly detailed, 4k, ...")."""
+    return "".join(", " + rng.choice(FILLER_PHRASES) for _ in range(rng.randint(1, max_phrases)))
 
 
 def caption(scene: Scene, rng: random.Random, implicit_prob: float = 0.5) -> str:

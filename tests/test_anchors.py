@@ -1,0 +1,104 @@
+"""Anchored padding projection (eiup.anchors): the maths, and its place in the pipeline call."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from eiup import EraseConfigError
+from eiup.anchors import aligned_padding, concept_directions, padding_positions, project_padding
+from eiup.testing import ModelCalls
+
+KW = dict(num_inference_steps=3, output_type="np")
+
+
+def gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def test_aligned_padding_takes_each_rows_own_padding():
+    e = torch.arange(2 * 6, dtype=torch.float32).view(2, 6, 1)
+    out = aligned_padding(e, torch.tensor([2, 4]), 6)[..., 0]
+    assert out[0].tolist() == [2, 2, 2, 3, 4, 5] and out[1].tolist() == [10, 10, 10, 10, 10, 11]
+
+
+def test_projection_removes_the_component_along_the_concept_only_on_padding():
+    torch.manual_seed(0)
+    seq, dim = 8, 5
+    concept, anchors = torch.randn(seq, dim), torch.randn(3, seq, dim)
+    mean, d = concept_directions(concept, 3, anchors, torch.tensor([3, 3, 4]))
+    assert torch.allclose(d.norm(dim=-1), torch.ones(seq))
+    prompt = mean + 2.0 * d + 0.1 * torch.randn(seq, dim)  # leans towards the concept everywhere
+    lengths = torch.tensor([4])
+    coef = lambda e: ((e - mean) * d).sum(-1)  # noqa: E731
+    out = project_padding(prompt[None], lengths, mean, d, 1.0)[0]
+    assert torch.equal(out[:4], prompt[:4])  # BOS, words, EOS untouched
+    assert torch.allclose(coef(out)[4:], torch.zeros(4), atol=1e-5)  # component removed
+    residual = out[4:] - prompt[4:]
+    assert torch.allclose(residual, -coef(prompt)[4:, None] * d[4:], atol=1e-5)  # moved along d only
+    strong = project_padding(prompt[None], lengths, mean, d, 3.0)[0]
+    assert torch.allclose(coef(strong)[4:], -2 * coef(prompt)[4:], atol=1e-4)  # (1 - s) * coefficient
+
+
+def test_prompts_leaning_away_from_the_concept_are_untouched():
+    torch.manual_seed(1)
+    seq, dim = 6, 4
+    mean, d = torch.randn(seq, dim), torch.nn.functional.normalize(torch.randn(seq, dim), dim=-1)
+    away = mean - 1.5 * d
+    assert torch.equal(project_padding(away[None], torch.tensor([2]), mean, d, 2.0)[0], away)
+    assert padding_positions(torch.tensor([2, 6]), 6).sum(1).tolist() == [4, 0]
+
+
+BAD = [
+    (dict(anchors=""), "anchors"),
+    (dict(anchors=["blue", " "]), r"anchors\[1\]"),
+    (dict(anchors=[3]), r"anchors\[0\]"),
+    (dict(anchors=["blue"], anchor_strength=float("nan")), "anchor_strength"),
+    (dict(anchors=["blue"], anchor_strength=0.0), "anchor_strength"),
+    (dict(anchors=["blue"], anchor_strength=9.0), "anchor_strength"),
+    (dict(anchors=[" ".join(["blue"] * 80)]), r"anchors\[0\]"),
+    (dict(anchors=["blue"], prompt=None, prompt_embeds=torch.zeros(1, 77, 32)), "anchors need the prompt as text"),
+]
+
+
+@pytest.mark.parametrize("kwargs,match", BAD)
+def test_bad_anchor_arguments_are_refused_before_model_work(sd1, kwargs, match):
+    kwargs = {"prompt": "a red star", **kwargs}
+    with ModelCalls(sd1) as model, pytest.raises(EraseConfigError, match=match):
+        sd1(erase="red", concept_context="separate", generator=gen(), **KW, **kwargs)
+    assert model.calls == []
+
+
+def projected_embeds(pipe, prompts, concept, anchors, strength):
+    """The projection computed by hand from the pipeline's own encoder (what the call must feed the UNet)."""
+    enc = lambda t: pipe.encode_prompt(t, "cpu", 1, False)[0]  # noqa: E731
+    tok = pipe.tokenizer
+    mean, d = concept_directions(enc(concept)[0], len(tok(concept).input_ids), torch.cat([enc(a) for a in anchors]),
+                                 torch.tensor([len(ids) for ids in tok(anchors).input_ids]))
+    lengths = torch.tensor([len(ids) for ids in tok(prompts).input_ids])
+    return project_padding(enc(prompts), lengths, mean, d, strength)
+
+
+@pytest.mark.parametrize("mode", ["single", "dual"])
+def test_call_feeds_the_unet_the_projected_prompt(sd1, mode):
+    prompts, anchors = ["a red star", "a blue circle on a gray background"], ["blue", "green", "yellow"]
+    kw = dict(erase="red", erase_scale=-2.0, erase_mode=mode, concept_context="separate", **KW)
+    if mode == "dual":
+        kw["cross_attn_fraction"] = 0.0  # the erased branch attends to its own (projected) prompt from step 0
+    out = sd1(prompts, anchors=anchors, anchor_strength=2.0, generator=[gen(0), gen(1)], return_original=True, **kw)
+    without = sd1(prompts, generator=[gen(0), gen(1)], **kw)
+    assert not np.allclose(out.images, without.images, atol=1e-3)  # the projection changed something here
+    if mode == "single":  # (dual's erased branch also reads the original branch, which keeps the plain prompt)
+        pe = projected_embeds(sd1, prompts, "red", anchors, 2.0)
+        ne = sd1.encode_prompt([""] * 2, "cpu", 1, False)[0]
+        ref = sd1(prompt_embeds=pe, negative_prompt_embeds=ne, generator=[gen(0), gen(1)], **kw)
+        assert np.allclose(out.images, ref.images, atol=1e-5)
+    plain = sd1(prompts, generator=[gen(0), gen(1)], **KW).images
+    assert np.allclose(out.original_images, plain, atol=1e-5)  # the original branch / pass stays plain
+
+
+def test_processors_restored_and_prompt_embeds_path_untouched_after_anchors(sd1):
+    before = dict(sd1.unet.attn_processors)
+    sd1("a red star", erase="red", anchors=["blue"], generator=gen(), **KW)
+    assert dict(sd1.unet.attn_processors) == before
