@@ -102,3 +102,12 @@ def test_processors_restored_and_prompt_embeds_path_untouched_after_anchors(sd1)
     before = dict(sd1.unet.attn_processors)
     sd1("a red star", erase="red", anchors=["blue"], generator=gen(), **KW)
     assert dict(sd1.unet.attn_processors) == before
+
+
+def test_users_negative_prompt_embeds_are_kept_with_anchors(sd1):
+    ne = sd1.encode_prompt("blurry", "cpu", 1, False)[0]
+    kw = dict(erase="red", anchors=["blue", "green"], concept_context="separate", **KW)
+    a = sd1("a red star", negative_prompt_embeds=ne, generator=gen(), **kw).images
+    b = sd1("a red star", negative_prompt="blurry", generator=gen(), **kw).images
+    c = sd1("a red star", generator=gen(), **kw).images
+    assert np.allclose(a, b, atol=1e-6) and not np.allclose(a, c, atol=1e-4)

@@ -81,12 +81,16 @@ def erase_arguments(only_valid: bool) -> st.SearchStrategy[dict]:
         modes = st.sampled_from([MISSING, None, "single", "dual"])
         contexts = st.sampled_from([MISSING, None, "separate", "prompt"])
         fractions = st.one_of(st.just(MISSING), unit, st.sampled_from([0.0, 1.0]))
+        anchors = st.one_of(st.just(MISSING), st.lists(good_concept, max_size=3))
+        strengths = st.one_of(st.just(MISSING), st.floats(0.01, 8.0))
     else:
         concepts = st.lists(any_concept, max_size=3)
         scales = st.one_of(st.just(MISSING), st.none(), any_float, st.lists(any_float, max_size=4))
         modes = st.sampled_from([MISSING, None, "single", "dual", "triple", "", "Dual", " single"])
         contexts = st.sampled_from([MISSING, None, "separate", "prompt", "sentence", ""])
         fractions = st.one_of(st.just(MISSING), unit, st.floats(-0.5, 1.5), st.sampled_from([math.nan, math.inf]))
+        anchors = st.one_of(st.just(MISSING), st.lists(any_concept, max_size=3))
+        strengths = st.one_of(st.just(MISSING), any_float)
 
     def with_scales(concepts: list[str]) -> st.SearchStrategy[dict]:
         per_concept = st.lists(negative if only_valid else any_float, min_size=len(concepts), max_size=len(concepts))
@@ -98,6 +102,8 @@ def erase_arguments(only_valid: bool) -> st.SearchStrategy[dict]:
             "cross_attn_fraction": fractions,
             "self_attn_fraction": fractions,
             "allow_amplify": st.sampled_from([MISSING, False, True]),
+            "anchors": anchors,
+            "anchor_strength": strengths,
         })
 
     return concepts.flatmap(with_scales)
@@ -105,12 +111,13 @@ def erase_arguments(only_valid: bool) -> st.SearchStrategy[dict]:
 
 erase_args = st.booleans().flatmap(erase_arguments)
 ARGS = dict(concepts=["red"], scale=MISSING, mode=MISSING, context=MISSING, cross_attn_fraction=MISSING,
-            self_attn_fraction=MISSING, allow_amplify=MISSING)  # base of the explicit examples
+            self_attn_fraction=MISSING, allow_amplify=MISSING, anchors=MISSING, anchor_strength=MISSING)  # base of the explicit examples
 
 # ---- oracle --------------------------------------------------------------------------------
 
 
-def invalid_arguments(tok, concepts, scale, mode, fracs, amplify, context=MISSING) -> set[str]:
+def invalid_arguments(tok, concepts, scale, mode, fracs, amplify, context=MISSING, anchors=MISSING,
+                      strength=MISSING) -> set[str]:
     """Names of the arguments this call gets wrong (empty: the call must succeed).
 
     "erase" problems: an empty/whitespace concept, one without tokens, one over the 75-token
@@ -142,12 +149,21 @@ def invalid_arguments(tok, concepts, scale, mode, fracs, amplify, context=MISSIN
     for name, value in fracs.items():
         if value is not MISSING and not (math.isfinite(value) and 0.0 <= value <= 1.0):
             bad.add(name)
+    if anchors is not MISSING and any(not a.strip() for a in anchors):
+        bad.add("anchors")
+    elif anchors is not MISSING and n and any(len(tok(a.strip(), add_special_tokens=False).input_ids) > LIMIT for a in anchors):
+        bad.add("anchors")  # (the token budget is checked when there is something to erase)
+    if strength is not MISSING and not (math.isfinite(strength) and 0.0 < strength <= 8.0):
+        bad.add("anchor_strength")
     return bad
 
 
 def names_in(message: str) -> set[str]:
     """Argument names mentioned in an error message ("erase" alone, not as in "erase_scale")."""
-    found = {n for n in ("erase_scale", "erase_mode", "allow_amplify", "concept_context", *FRACTIONS) if n in message}
+    found = {n for n in ("erase_scale", "erase_mode", "allow_amplify", "concept_context", "anchor_strength", *FRACTIONS)
+             if n in message}
+    if re.search(r"\banchors\b", message):
+        found.add("anchors")
     if re.search(r"\berase(?![_a-z])", message):
         found.add("erase")
     return found
@@ -166,6 +182,10 @@ def names_in(message: str) -> set[str]:
 @example(prompt=" ".join(VOCAB * 2), args=dict(ARGS, concepts=["red", " blue heart ", "日本"], scale=[-1.0, -0.0, -5.5],
          mode="dual"), as_string=False, return_original=True, seed=1)
 @example(prompt="", args=dict(ARGS, concepts=["\u3000"]), as_string=True, return_original=False, seed=0)
+@example(prompt="a red star", args=dict(ARGS, anchors=["blue", "green"], anchor_strength=2.0, mode="dual"), as_string=True,
+         return_original=True, seed=3)
+@example(prompt="a red star", args=dict(ARGS, anchors=["blue", " "], anchor_strength=math.nan), as_string=True,
+         return_original=False, seed=0)
 @example(prompt=" ".join(VOCAB * 2), args=dict(ARGS, concepts=["red", "blue heart"], context="prompt", mode="dual"),
          as_string=False, return_original=True, seed=2)
 def test_any_input_erases_or_refuses_cleanly(sd1, prompt, args, as_string, return_original, seed):
@@ -173,12 +193,13 @@ def test_any_input_erases_or_refuses_cleanly(sd1, prompt, args, as_string, retur
     concepts = args["concepts"]
     fracs = {name: args[name] for name in FRACTIONS}
     kwargs = {"erase_scale": args["scale"], "erase_mode": args["mode"], "allow_amplify": args["allow_amplify"],
-              "concept_context": args["context"], **fracs}
+              "concept_context": args["context"], "anchors": args["anchors"], "anchor_strength": args["anchor_strength"],
+              **fracs}
     kwargs = {k: v for k, v in kwargs.items() if v is not MISSING}
     if concepts or not as_string:  # erase="x", erase=["x", ...], erase=[] or no erase argument at all
         kwargs["erase"] = concepts[0] if (as_string and len(concepts) == 1) else list(concepts)
     expected = invalid_arguments(pipe.tokenizer, concepts, args["scale"], args["mode"], fracs,
-                                 args["allow_amplify"] is True, args["context"])
+                                 args["allow_amplify"] is True, args["context"], args["anchors"], args["anchor_strength"])
 
     before = dict(pipe.unet.attn_processors)
     calls: list[str] = []

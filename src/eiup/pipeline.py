@@ -740,6 +740,7 @@ class EIUPMixin:
                 raise EraseConfigError(f"anchors[{i}] is {n - 2} tokens long, more than the {limit - 2} the text "
                                        "encoder holds; shorten it")
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        prompts = [self.maybe_convert_prompt(p, self.tokenizer) for p in prompts]  # textual-inversion tokens
         lengths = [min(len(ids), limit) for ids in self.tokenizer(prompts).input_ids]
         per_image = int(call.get("num_images_per_prompt") or 1)
         return torch.tensor([n for n in lengths for _ in range(per_image)])
@@ -752,6 +753,7 @@ class EIUPMixin:
         clip_skip = call.get("clip_skip")
         if m is None:  # single branch: encode the prompt here and hand the parent the edited embeddings
             pe, ne = self.encode_prompt(call["prompt"], device, call["num_images_per_prompt"], cfg, call["negative_prompt"],
+                                        negative_prompt_embeds=call.get("negative_prompt_embeds"),
                                         lora_scale=lora_scale, clip_skip=clip_skip)
             call.update(prompt=None, negative_prompt=None, negative_prompt_embeds=ne if cfg else None,
                         num_images_per_prompt=1)
