@@ -7,7 +7,10 @@ import pytest
 import torch
 
 from eiup import EraseConfigError
-from eiup.anchors import aligned_padding, concept_directions, padding_positions, project_padding
+from eiup.anchors import (
+    aligned_concept_and_anchors, aligned_padding, concept_directions, nearest_to_concept, padding_positions,
+    project_padding,
+)
 from eiup.testing import ModelCalls
 
 KW = dict(num_inference_steps=3, output_type="np")
@@ -27,7 +30,7 @@ def test_projection_removes_the_component_along_the_concept_only_on_padding():
     torch.manual_seed(0)
     seq, dim = 8, 5
     concept, anchors = torch.randn(seq, dim), torch.randn(3, seq, dim)
-    mean, d = concept_directions(concept, 3, anchors, torch.tensor([3, 3, 4]))
+    mean, d = concept_directions(*aligned_concept_and_anchors(concept, 3, anchors, torch.tensor([3, 3, 4])))
     assert torch.allclose(d.norm(dim=-1), torch.ones(seq))
     prompt = mean + 2.0 * d + 0.1 * torch.randn(seq, dim)  # leans towards the concept everywhere
     lengths = torch.tensor([4])
@@ -57,6 +60,7 @@ BAD = [
     (dict(anchors=["blue"], anchor_strength=float("nan")), "anchor_strength"),
     (dict(anchors=["blue"], anchor_strength=0.0), "anchor_strength"),
     (dict(anchors=["blue"], anchor_strength=9.0), "anchor_strength"),
+    (dict(anchors=["blue"], anchor_gate="yes"), "anchor_gate"),
     (dict(anchors=[" ".join(["blue"] * 80)]), r"anchors\[0\]"),
     (dict(anchors=["blue"], prompt=None, prompt_embeds=torch.zeros(1, 77, 32)), "anchors need the prompt as text"),
 ]
@@ -70,27 +74,32 @@ def test_bad_anchor_arguments_are_refused_before_model_work(sd1, kwargs, match):
     assert model.calls == []
 
 
-def projected_embeds(pipe, prompts, concept, anchors, strength):
+def projected_embeds(pipe, prompts, concept, anchors, strength, gate):
     """The projection computed by hand from the pipeline's own encoder (what the call must feed the UNet)."""
     enc = lambda t: pipe.encode_prompt(t, "cpu", 1, False)[0]  # noqa: E731
     tok = pipe.tokenizer
-    mean, d = concept_directions(enc(concept)[0], len(tok(concept).input_ids), torch.cat([enc(a) for a in anchors]),
-                                 torch.tensor([len(ids) for ids in tok(anchors).input_ids]))
+    c, a = aligned_concept_and_anchors(enc(concept)[0], len(tok(concept).input_ids), torch.cat([enc(a) for a in anchors]),
+                                       torch.tensor([len(ids) for ids in tok(anchors).input_ids]))
     lengths = torch.tensor([len(ids) for ids in tok(prompts).input_ids])
-    return project_padding(enc(prompts), lengths, mean, d, strength)
+    e = enc(prompts)
+    out = project_padding(e, lengths, *concept_directions(c, a), strength)
+    if gate:
+        near = nearest_to_concept(e, lengths, c, a)
+        out[~near] = e[~near]
+    return out
 
 
 @pytest.mark.parametrize("mode", ["single", "dual"])
 def test_call_feeds_the_unet_the_projected_prompt(sd1, mode):
     prompts, anchors = ["a red star", "a blue circle on a gray background"], ["blue", "green", "yellow"]
-    kw = dict(erase="red", erase_scale=-2.0, erase_mode=mode, concept_context="separate", **KW)
+    kw = dict(erase="red", erase_scale=-2.0, erase_mode=mode, concept_context="separate", anchor_gate=False, **KW)
     if mode == "dual":
         kw["cross_attn_fraction"] = 0.0  # the erased branch attends to its own (projected) prompt from step 0
     out = sd1(prompts, anchors=anchors, anchor_strength=2.0, generator=[gen(0), gen(1)], return_original=True, **kw)
     without = sd1(prompts, generator=[gen(0), gen(1)], **kw)
     assert not np.allclose(out.images, without.images, atol=1e-3)  # the projection changed something here
     if mode == "single":  # (dual's erased branch also reads the original branch, which keeps the plain prompt)
-        pe = projected_embeds(sd1, prompts, "red", anchors, 2.0)
+        pe = projected_embeds(sd1, prompts, "red", anchors, 2.0, gate=False)
         ne = sd1.encode_prompt([""] * 2, "cpu", 1, False)[0]
         ref = sd1(prompt_embeds=pe, negative_prompt_embeds=ne, generator=[gen(0), gen(1)], **kw)
         assert np.allclose(out.images, ref.images, atol=1e-5)
@@ -111,3 +120,31 @@ def test_users_negative_prompt_embeds_are_kept_with_anchors(sd1):
     b = sd1("a red star", negative_prompt="blurry", generator=gen(), **kw).images
     c = sd1("a red star", generator=gen(), **kw).images
     assert np.allclose(a, b, atol=1e-6) and not np.allclose(a, c, atol=1e-4)
+
+
+def test_nearest_concept_gate_compares_mean_cosine_over_the_padding():
+    seq, dim = 6, 3
+    concept = torch.tensor([1.0, 0.0, 0.0]).expand(seq, dim)
+    anchors = torch.stack([torch.tensor([0.0, 1.0, 0.0]).expand(seq, dim), torch.tensor([0.0, 0.0, 1.0]).expand(seq, dim)])
+    near_concept = torch.tensor([1.0, 0.8, 0.1]).expand(seq, dim).clone()
+    near_anchor = torch.tensor([0.5, 0.1, 1.0]).expand(seq, dim).clone()
+    near_concept[:2] = near_anchor[:2]  # the words (positions < length) do not count
+    prompts = torch.stack([near_concept, near_anchor, near_concept])
+    gate = nearest_to_concept(prompts, torch.tensor([2, 2, 6]), concept, anchors)
+    assert gate.tolist() == [True, False, False]  # the last prompt has no padding
+
+
+def test_gate_leaves_prompts_nearer_an_anchor_untouched(sd1):
+    """With the gate, every prompt is either projected exactly as without it, or left as it was."""
+    prompts, anchors = ["a red star", "a blue circle on a gray background"], ["blue", "green", "yellow"]
+    gated = projected_embeds(sd1, prompts, "red", anchors, 2.0, gate=True)
+    ungated = projected_embeds(sd1, prompts, "red", anchors, 2.0, gate=False)
+    plain = sd1.encode_prompt(prompts, "cpu", 1, False)[0]
+    for g, u, p in zip(gated, ungated, plain):
+        assert torch.equal(g, u) or torch.equal(g, p)
+    kw = dict(erase="red", erase_scale=-2.0, concept_context="separate", anchors=anchors, anchor_strength=2.0, **KW)
+    out = sd1(prompts, generator=[gen(0), gen(1)], **kw).images
+    ne = sd1.encode_prompt([""] * 2, "cpu", 1, False)[0]
+    ref = sd1(prompt_embeds=gated, negative_prompt_embeds=ne, generator=[gen(0), gen(1)],
+              **{k: v for k, v in kw.items() if not k.startswith("anchor")}).images
+    assert np.allclose(out, ref, atol=1e-5)

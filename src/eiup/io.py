@@ -427,6 +427,7 @@ class GenerationSettings:
     concept_context: str = "separate"  # "prompt": concepts encoded after the prompt (EraseConfig.concept_context)
     anchors: tuple[str, ...] = ()  # EraseConfig.anchors (anchored padding projection); () = off
     anchor_strength: float = 1.0
+    anchor_gate: bool = True
     negative_prompt: str | None = None
     images_per_prompt: int = 1
     save_original: bool = False
@@ -473,8 +474,8 @@ class ImageJob:
             **({"gate": settings.gate} if erasing and settings.gate else {}),
             **({"concept_context": settings.concept_context}
                if erasing and settings.concept_context != "separate" else {}),
-            **({"anchors": list(settings.anchors), "anchor_strength": settings.anchor_strength}
-               if erasing and settings.anchors else {}),
+            **({"anchors": list(settings.anchors), "anchor_strength": settings.anchor_strength,
+                "anchor_gate": settings.anchor_gate} if erasing and settings.anchors else {}),
             "original": bool(settings.save_original and erasing),
         }
 
@@ -871,7 +872,8 @@ def generate_to_dir(
                         if settings.concept_context != "separate":
                             kwargs["concept_context"] = settings.concept_context
                         if settings.anchors:
-                            kwargs.update(anchors=list(settings.anchors), anchor_strength=settings.anchor_strength)
+                            kwargs.update(anchors=list(settings.anchors), anchor_strength=settings.anchor_strength,
+                                          anchor_gate=settings.anchor_gate)
                         if settings.allow_amplify:
                             kwargs["allow_amplify"] = True
                         if want_original:

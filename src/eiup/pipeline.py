@@ -147,6 +147,9 @@ class EraseConfig:
             concept are left exactly as they are. ``()`` (default): off. SD 1.x/2.x pipelines.
         anchor_strength: s of the anchored projection (1 removes the concept's component, larger
             values push past the anchors), in (0, 8].
+        anchor_gate: Project only prompts whose padding is closer to the concept's than to every
+            anchor's (mean cosine over the padding positions); ``False`` projects every prompt
+            that leans towards the concept.
 
     ``erase_scale="auto"`` predicts one scale per image and concept from the concept's
     attention at the first step, with a predictor calibrated by ``eiup calibrate``.
@@ -165,6 +168,7 @@ class EraseConfig:
     concept_context: str | None = None
     anchors: str | Sequence[str] | None = None
     anchor_strength: float = 1.0
+    anchor_gate: bool = True
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -175,6 +179,8 @@ class EraseConfig:
             raise EraseConfigError(f"anchor_strength={strength} is outside (0, {MAX_ANCHOR_STRENGTH:g}]; "
                                    "1 removes the concept's component from the padding, e.g. anchor_strength=1")
         set_(self, "anchor_strength", strength)
+        if not isinstance(self.anchor_gate, bool):
+            raise EraseConfigError(f"anchor_gate={self.anchor_gate!r} must be True or False")
         set_(self, "allow_amplify", bool(self.allow_amplify))
         if isinstance(self.erase_scale, list):
             set_(self, "erase_scale", tuple(self.erase_scale))
@@ -354,6 +360,7 @@ class EIUPMixin:
         concept_context: str | None = None,
         anchors: str | Sequence[str] | None = None,
         anchor_strength: float | None = None,
+        anchor_gate: bool | None = None,
         scale_predictors: Any = None,
         **kwargs: Any,
     ) -> EIUPPipelineOutput | tuple:
@@ -390,6 +397,7 @@ class EIUPMixin:
             anchors: Concepts of the erased one's kind (e.g. the other colours for "red"): also
                 project the concept out of the prompt's padding tokens (:mod:`eiup.anchors`).
             anchor_strength: Strength of that projection (default 1).
+            anchor_gate: Project only prompts nearer the concept than every anchor (default True).
             scale_predictors: With ``erase_scale="auto"``: a folder of calibrated predictors
                 (``CONCEPT.safetensors``), one predictor file, or a list of
                 :class:`eiup.scale.ScalePredictor`; default ``<model folder>/eiup_scale_predictors``.
@@ -418,6 +426,7 @@ class EIUPMixin:
             concept_context=concept_context,
             anchors=anchors,
             anchor_strength=anchor_strength,
+            anchor_gate=anchor_gate,
         )
         explicit = {k: v for k, v in explicit.items() if v is not None}
         if erase_config is not None and not isinstance(erase_config, EraseConfig):
@@ -748,7 +757,7 @@ class EIUPMixin:
     def _project_prompt_padding(self, call: dict[str, Any], config: EraseConfig, lengths: torch.Tensor,
                                 device, cfg: bool, lora_scale, m: int | None) -> None:
         """Replace the erased branch's prompt embeddings by their anchored padding projection."""
-        from .anchors import concept_directions, project_padding
+        from .anchors import aligned_concept_and_anchors, concept_directions, nearest_to_concept, project_padding
 
         clip_skip = call.get("clip_skip")
         if m is None:  # single branch: encode the prompt here and hand the parent the edited embeddings
@@ -764,10 +773,16 @@ class EIUPMixin:
         anchor_embeds = torch.cat([self._encode_concepts(a, device, lora_scale, clip_skip) for a in config.anchors]).float()
         anchor_lengths = torch.tensor([len(ids) for ids in tok(list(config.anchors)).input_ids], device=device)
         edited = pe[rows].float()
+        lengths = lengths.to(device)
         for concept in config.concepts:
             c = self._encode_concepts(concept, device, lora_scale, clip_skip)[0].float()
-            mean, direction = concept_directions(c, len(tok(concept).input_ids), anchor_embeds, anchor_lengths)
-            edited = project_padding(edited, lengths.to(device), mean, direction, config.anchor_strength)
+            c, anchors = aligned_concept_and_anchors(c, len(tok(concept).input_ids), anchor_embeds, anchor_lengths)
+            mean, direction = concept_directions(c, anchors)
+            projected = project_padding(edited, lengths, mean, direction, config.anchor_strength)
+            if config.anchor_gate:
+                keep = ~nearest_to_concept(edited, lengths, c, anchors)
+                projected[keep] = edited[keep]
+            edited = projected
         pe = pe.clone()
         pe[rows] = edited.to(pe.dtype)
         call["prompt_embeds"] = pe

@@ -126,6 +126,8 @@ class MethodRunner:
             options = {"concept_context": "separate", **dict(method.options)}
             if "anchors" in options:
                 options["anchors"] = _anchors(options["anchors"], concept)
+            if "anchor_gate" in options:
+                options["anchor_gate"] = bool(options["anchor_gate"])
             return self.pipe(prompts, erase=[concept], erase_scale=method.scale, erase_mode=method.mode,
                              **options, **common).images
         raise ValueError(f"unknown method family {method.family!r}")

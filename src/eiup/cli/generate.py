@@ -58,6 +58,8 @@ def generate(
         "'red'): also projects the concept out of the prompt's padding tokens, where implied concepts live."),
     anchor_strength: float = typer.Option(
         1.0, "--anchor-strength", help="Strength of the anchored padding projection, in (0, 8] (with --anchor)."),
+    anchor_gate: bool = typer.Option(
+        True, "--anchor-gate/--no-anchor-gate", help="Project only prompts nearer the concept than every anchor."),
     allow_amplify: bool = typer.Option(False, "--allow-amplify", help="Allow a positive --scale (amplifies the concepts)."),
     mode: Optional[str] = typer.Option(
         None, "--mode", help="single (fast, one branch) or dual (the paper's: keeps the original layout, ~2x cost). "
@@ -183,7 +185,7 @@ def generate(
         scale=default_scale if scale is None else scale, mode=mode or default_mode,
         gate=default_gate if gate is None else ("presence" if gate else None),
         concept_context=concept_context or default_context,
-        anchors=anchors, anchor_strength=anchor_strength,
+        anchors=anchors, anchor_strength=anchor_strength, anchor_gate=anchor_gate,
         negative_prompt=negative_prompt, images_per_prompt=images_per_prompt,
         save_original=save_original, use_row_erase=not ignore_erase_target, allow_amplify=allow_amplify,
     )
