@@ -94,7 +94,7 @@ def test_call_feeds_the_unet_the_projected_prompt(sd1, mode):
     prompts, anchors = ["a red star", "a blue circle on a gray background"], ["blue", "green", "yellow"]
     kw = dict(erase="red", erase_scale=-2.0, erase_mode=mode, concept_context="separate", anchor_gate=False, **KW)
     if mode == "dual":
-        kw["cross_attn_fraction"] = 0.0  # the erased branch attends to its own (projected) prompt from step 0
+        kw["cross_attn_fraction"] = 1.0  # the whole run in the window: the projection acts through V(E_P) alone
     out = sd1(prompts, anchors=anchors, anchor_strength=2.0, generator=[gen(0), gen(1)], return_original=True, **kw)
     without = sd1(prompts, generator=[gen(0), gen(1)], **kw)
     assert not np.allclose(out.images, without.images, atol=1e-3)  # the projection changed something here
@@ -148,3 +148,9 @@ def test_gate_leaves_prompts_nearer_an_anchor_untouched(sd1):
     ref = sd1(prompt_embeds=gated, negative_prompt_embeds=ne, generator=[gen(0), gen(1)],
               **{k: v for k, v in kw.items() if not k.startswith("anchor")}).images
     assert np.allclose(out, ref, atol=1e-5)
+
+
+def test_anchors_refused_on_sdxl_before_model_work(sdxl):
+    with ModelCalls(sdxl) as model, pytest.raises(EraseConfigError, match="anchors are supported on SD 1.x/2.x"):
+        sdxl("a red star", erase="red", anchors=["blue"], generator=gen(), **KW)
+    assert model.calls == []

@@ -172,6 +172,35 @@ def test_cross_processor_dual_windows_and_tail(original):
     torch.testing.assert_close(out[3:] - base[3:], expected_delta(attn, ctx, hs[3:], [1.0, 1.0, 1.0]), atol=1e-5, rtol=1e-4)
 
 
+def source_maps_on_own_values(attn, hs_src, text_src, text_own):
+    """Reference: softmax(Q_o K_o^T / sqrt(d)) V_e through to_out (plain 3D layer)."""
+    q = split_heads(attn.to_q(hs_src), attn.heads)
+    k = split_heads(attn.to_k(text_src), attn.heads)
+    v = split_heads(attn.to_v(text_own), attn.heads)
+    probs = torch.softmax(q @ k.transpose(-1, -2) * attn.scale, dim=-1)
+    return attn.to_out[0](merge_heads(probs @ v)) / attn.rescale_output_factor
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("original", ORIGINALS)
+def test_dual_window_uses_the_originals_maps_on_the_erased_branchs_own_prompt(original):
+    """With anchors the erased branch's prompt embeddings differ: its window output is M_P(orig) V(own)."""
+    attn, ctx = cross_layer(), make_ctx(mode="dual")
+    ctx.own_prompt_values = True
+    hs, ehs = torch.randn(4, 16, 16), torch.randn(4, 7, D_TEXT)  # ehs[3] != ehs[2]
+    base = AttnProcessor2_0()(attn, hs, ehs)
+    wrap(attn, ctx, original)
+    out = attn(hs, encoder_hidden_states=ehs)  # step 0: inside the cross window
+    assert torch.equal(out[:3], base[:3])
+    want = source_maps_on_own_values(attn, hs[2:3], ehs[2:3], ehs[3:]) + expected_delta(attn, ctx, hs[3:])
+    torch.testing.assert_close(out[3:], want, atol=1e-5, rtol=1e-4)
+    ehs[3] = ehs[2]  # same prompt in both branches: exactly the plain swap
+    ctx.own_prompt_values = False
+    plain_swap = attn(hs, encoder_hidden_states=ehs)
+    ctx.own_prompt_values = True
+    torch.testing.assert_close(attn(hs, encoder_hidden_states=ehs), plain_swap, atol=1e-6, rtol=1e-5)
+
+
 @torch.no_grad()
 @pytest.mark.parametrize("original", ORIGINALS)
 @pytest.mark.parametrize("mode", ["single", "dual"])
@@ -195,6 +224,9 @@ def test_cross_processor_residual_4d(mode, original):
         want = base[3:] + delta
     torch.testing.assert_close(out[3:], want, atol=1e-5, rtol=1e-4)
     assert torch.equal(out[:2], base[:2])
+    if mode == "dual":  # same prompts: the own-values swap is the plain swap, residual and 4D layout included
+        ctx.own_prompt_values = True
+        torch.testing.assert_close(attn(hs, encoder_hidden_states=ehs), out, atol=1e-5, rtol=1e-4)
 
 
 @torch.no_grad()

@@ -241,6 +241,7 @@ class EraseContext:
         recorder: ConceptAttentionRecorder | None = None,
         gate: str | None = None,
         gate_threshold: float = 0.4,
+        own_prompt_values: bool = False,
     ):
         self.concepts = tuple(concepts)
         self.spans = [list(s) for s in spans]
@@ -260,6 +261,9 @@ class EraseContext:
         self.recorder = recorder
         self.gate = gate
         self.gate_threshold = gate_threshold
+        # dual cross window when the erased branch's prompt embeddings differ from the original's
+        # (anchored projection): the original's maps M_P on the erased branch's own V(E_P)
+        self.own_prompt_values = own_prompt_values
         self.predicted_scales: dict[str, np.ndarray] | None = None
         self.step = 0
         self.kv_cache: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
@@ -533,7 +537,10 @@ class EIUPCrossAttnProcessor(_EIUPProcessor):
             return self._fused_call(attn, hidden_states, encoder_hidden_states, attention_mask, kwargs.get("temb"), swap, need_term)
         out = self._base(attn, hidden_states, encoder_hidden_states, attention_mask, **kwargs)
         source, target = ctx.rows(hidden_states.shape[0])
-        if swap:
+        if swap and ctx.own_prompt_values:
+            replaced = self._source_maps_own_values(attn, hidden_states, encoder_hidden_states, kwargs.get("temb"), source, target)
+            out = torch.cat([out[: target.start], replaced.to(out.dtype)], dim=0)
+        elif swap:
             replaced = out[source]
             if getattr(attn, "residual_connection", False):
                 replaced = replaced + (hidden_states[target] - hidden_states[source]) / attn.rescale_output_factor
@@ -550,6 +557,26 @@ class EIUPCrossAttnProcessor(_EIUPProcessor):
             return out
         delta = _like_output(_project_delta(attn, merge_heads(term)), out).to(out.dtype)
         return torch.cat([out[: target.start], out[target] + delta], dim=0)
+
+    def _source_maps_own_values(self, attn, hidden_states, encoder_hidden_states, temb, source, target) -> torch.Tensor:
+        """Delegate path, dual cross window with ``own_prompt_values``: softmax(Q_o K_o^T) V_e, projected out."""
+        text = encoder_hidden_states[0] if isinstance(encoder_hidden_states, tuple) else encoder_hidden_states
+        text = attn.norm_encoder_hidden_states(text) if attn.norm_cross else text
+        x = _tokens(attn, hidden_states[source], _index(temb, source))
+        q = split_heads(attn.to_q(x), attn.heads)
+        k = split_heads(attn.to_k(text[source]), attn.heads)
+        if getattr(attn, "norm_q", None) is not None:
+            q = attn.norm_q(q)
+        if getattr(attn, "norm_k", None) is not None:
+            k = attn.norm_k(k)
+        o = F.scaled_dot_product_attention(q, k, split_heads(attn.to_v(text[target]), attn.heads), scale=attn.scale)
+        h = attn.to_out[1](attn.to_out[0](merge_heads(o).to(q.dtype)))
+        residual = hidden_states[target]
+        if residual.ndim == 4:
+            h = h.transpose(-1, -2).reshape(residual.shape)
+        if getattr(attn, "residual_connection", False):
+            h = h + residual
+        return h / attn.rescale_output_factor
 
     def _concept_term(self, attn, q: torch.Tensor, text: torch.Tensor, need_term: bool) -> torch.Tensor | None:
         """Concept term (B, heads, L, d) for the erased rows' queries ``q``; ``None`` when only observed."""
@@ -605,7 +632,13 @@ class EIUPCrossAttnProcessor(_EIUPProcessor):
             o = F.scaled_dot_product_attention(q[:n], k, v, attn_mask=mask, dropout_p=0.0, is_causal=False)
             term = self._concept_term(attn, q[target], encoder_hidden_states, need_term)
         if swap:
-            o = torch.cat([o, o[source] if term is None else o[source] + term], dim=0)
+            base = o[source]
+            if ctx.own_prompt_values:  # the original's maps on the erased rows' own prompt values
+                own = encoder_hidden_states[target]
+                own = attn.norm_encoder_hidden_states(own) if attn.norm_cross else own
+                base = F.scaled_dot_product_attention(q[source], k[source], split_heads(attn.to_v(own), attn.heads),
+                                                      attn_mask=None if mask is None else mask[source])
+            o = torch.cat([o, base if term is None else base + term], dim=0)
         elif term is not None:
             o[target] += term
         h = merge_heads(o).to(query.dtype)

@@ -521,6 +521,7 @@ class EIUPMixin:
             m = self._dual_call(call, device, cfg, lora_scale, height, width)
         if prompt_lengths is not None:
             self._project_prompt_padding(call, config, prompt_lengths, device, cfg, lora_scale, m)
+            ctx.own_prompt_values = dual
 
         # ---- run with EIUP processors, always restoring the user's ---------------------------
         # (set on the layers directly: unet.set_attn_processor walks the whole module tree twice)
