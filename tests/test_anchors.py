@@ -1,4 +1,4 @@
-"""Anchored padding projection (eiup.anchors): the maths, and its place in the pipeline call."""
+"""Anchored token projection (eiup.anchors): the maths, and its place in the pipeline call."""
 
 from __future__ import annotations
 
@@ -7,10 +7,7 @@ import pytest
 import torch
 
 from eiup import EraseConfigError
-from eiup.anchors import (
-    aligned_concept_and_anchors, aligned_padding, concept_directions, nearest_to_concept, padding_positions,
-    project_padding,
-)
+from eiup.anchors import aligned_concept_and_anchors, aligned_padding, concept_directions, nearest_to_concept, project_tokens
 from eiup.testing import ModelCalls
 
 KW = dict(num_inference_steps=3, output_type="np")
@@ -26,31 +23,30 @@ def test_aligned_padding_takes_each_rows_own_padding():
     assert out[0].tolist() == [2, 2, 2, 3, 4, 5] and out[1].tolist() == [10, 10, 10, 10, 10, 11]
 
 
-def test_projection_removes_the_component_along_the_concept_only_on_padding():
+def test_projection_removes_the_component_along_the_concept_after_bos():
     torch.manual_seed(0)
     seq, dim = 8, 5
     concept, anchors = torch.randn(seq, dim), torch.randn(3, seq, dim)
     mean, d = concept_directions(*aligned_concept_and_anchors(concept, 3, anchors, torch.tensor([3, 3, 4])))
     assert torch.allclose(d.norm(dim=-1), torch.ones(seq))
     prompt = mean + 2.0 * d + 0.1 * torch.randn(seq, dim)  # leans towards the concept everywhere
-    lengths = torch.tensor([4])
     coef = lambda e: ((e - mean) * d).sum(-1)  # noqa: E731
-    out = project_padding(prompt[None], lengths, mean, d, 1.0)[0]
-    assert torch.equal(out[:4], prompt[:4])  # BOS, words, EOS untouched
-    assert torch.allclose(coef(out)[4:], torch.zeros(4), atol=1e-5)  # component removed
-    residual = out[4:] - prompt[4:]
-    assert torch.allclose(residual, -coef(prompt)[4:, None] * d[4:], atol=1e-5)  # moved along d only
-    strong = project_padding(prompt[None], lengths, mean, d, 3.0)[0]
-    assert torch.allclose(coef(strong)[4:], -2 * coef(prompt)[4:], atol=1e-4)  # (1 - s) * coefficient
+    out = project_tokens(prompt[None], mean, d, 1.0)[0]
+    assert torch.equal(out[0], prompt[0])  # BOS untouched
+    assert torch.allclose(coef(out)[1:], torch.zeros(seq - 1), atol=1e-5)  # component removed
+    assert torch.allclose(out[1:] - prompt[1:], -coef(prompt)[1:, None] * d[1:], atol=1e-5)  # moved along d only
+    strong = project_tokens(prompt[None], mean, d, 3.0)[0]
+    assert torch.allclose(coef(strong)[1:], -2 * coef(prompt)[1:], atol=1e-4)  # (1 - s) * coefficient
 
 
-def test_prompts_leaning_away_from_the_concept_are_untouched():
+def test_tokens_leaning_away_from_the_concept_are_untouched():
     torch.manual_seed(1)
     seq, dim = 6, 4
     mean, d = torch.randn(seq, dim), torch.nn.functional.normalize(torch.randn(seq, dim), dim=-1)
     away = mean - 1.5 * d
-    assert torch.equal(project_padding(away[None], torch.tensor([2]), mean, d, 2.0)[0], away)
-    assert padding_positions(torch.tensor([2, 6]), 6).sum(1).tolist() == [4, 0]
+    away[2] = mean[2] + 0.5 * d[2]  # one token leans towards it: only that one moves
+    out = project_tokens(away[None], mean, d, 2.0)[0]
+    assert torch.equal(out[[0, 1, 3, 4, 5]], away[[0, 1, 3, 4, 5]]) and not torch.equal(out[2], away[2])
 
 
 BAD = [
@@ -62,7 +58,6 @@ BAD = [
     (dict(anchors=["blue"], anchor_strength=9.0), "anchor_strength"),
     (dict(anchors=["blue"], anchor_gate="yes"), "anchor_gate"),
     (dict(anchors=[" ".join(["blue"] * 80)]), r"anchors\[0\]"),
-    (dict(anchors=["blue"], prompt=None, prompt_embeds=torch.zeros(1, 77, 32)), "anchors need the prompt as text"),
 ]
 
 
@@ -80,11 +75,10 @@ def projected_embeds(pipe, prompts, concept, anchors, strength, gate):
     tok = pipe.tokenizer
     c, a = aligned_concept_and_anchors(enc(concept)[0], len(tok(concept).input_ids), torch.cat([enc(a) for a in anchors]),
                                        torch.tensor([len(ids) for ids in tok(anchors).input_ids]))
-    lengths = torch.tensor([len(ids) for ids in tok(prompts).input_ids])
     e = enc(prompts)
-    out = project_padding(e, lengths, *concept_directions(c, a), strength)
+    out = project_tokens(e, *concept_directions(c, a), strength)
     if gate:
-        near = nearest_to_concept(e, lengths, c, a)
+        near = nearest_to_concept(e, c, a)
         out[~near] = e[~near]
     return out
 
@@ -113,6 +107,14 @@ def test_processors_restored_and_prompt_embeds_path_untouched_after_anchors(sd1)
     assert dict(sd1.unet.attn_processors) == before
 
 
+def test_prompt_embeds_are_projected_like_the_prompt_text(sd1):
+    kw = dict(erase="red", erase_scale=-2.0, anchors=["blue", "green"], anchor_gate=False, concept_context="separate", **KW)
+    pe = sd1.encode_prompt("a red star", "cpu", 1, False)[0]
+    a = sd1("a red star", generator=gen(), **kw).images
+    b = sd1(prompt_embeds=pe, generator=gen(), **kw).images
+    assert np.allclose(a, b, atol=1e-6)
+
+
 def test_users_negative_prompt_embeds_are_kept_with_anchors(sd1):
     ne = sd1.encode_prompt("blurry", "cpu", 1, False)[0]
     kw = dict(erase="red", anchors=["blue", "green"], concept_context="separate", **KW)
@@ -122,16 +124,16 @@ def test_users_negative_prompt_embeds_are_kept_with_anchors(sd1):
     assert np.allclose(a, b, atol=1e-6) and not np.allclose(a, c, atol=1e-4)
 
 
-def test_nearest_concept_gate_compares_mean_cosine_over_the_padding():
+def test_nearest_concept_gate_compares_mean_cosine_after_bos():
     seq, dim = 6, 3
     concept = torch.tensor([1.0, 0.0, 0.0]).expand(seq, dim)
     anchors = torch.stack([torch.tensor([0.0, 1.0, 0.0]).expand(seq, dim), torch.tensor([0.0, 0.0, 1.0]).expand(seq, dim)])
     near_concept = torch.tensor([1.0, 0.8, 0.1]).expand(seq, dim).clone()
     near_anchor = torch.tensor([0.5, 0.1, 1.0]).expand(seq, dim).clone()
-    near_concept[:2] = near_anchor[:2]  # the words (positions < length) do not count
-    prompts = torch.stack([near_concept, near_anchor, near_concept])
-    gate = nearest_to_concept(prompts, torch.tensor([2, 2, 6]), concept, anchors)
-    assert gate.tolist() == [True, False, False]  # the last prompt has no padding
+    bos_only = near_anchor.clone()
+    bos_only[0] = near_concept[0]  # BOS does not count
+    gate = nearest_to_concept(torch.stack([near_concept, near_anchor, bos_only]), concept, anchors)
+    assert gate.tolist() == [True, False, False]
 
 
 def test_gate_leaves_prompts_nearer_an_anchor_untouched(sd1):

@@ -142,13 +142,13 @@ class EraseConfig:
             :data:`DEFAULT_CONCEPT_CONTEXT`, or ``"separate"`` when the call gives ``prompt_embeds``
             instead of prompt text.
         anchors: Concepts of the same kind as the erased ones (for "red": other colours). When
-            given, each erased concept is also projected out of the prompt's padding tokens,
-            relative to the anchors (:mod:`eiup.anchors`); prompts that do not lean towards the
+            given, each erased concept is also projected out of every prompt token after BOS,
+            relative to the anchors (:mod:`eiup.anchors`); tokens that do not lean towards the
             concept are left exactly as they are. ``()`` (default): off. SD 1.x/2.x pipelines.
         anchor_strength: s of the anchored projection (1 removes the concept's component, larger
             values push past the anchors), in (0, 8].
-        anchor_gate: Project only prompts whose padding is closer to the concept's than to every
-            anchor's (mean cosine over the padding positions); ``False`` projects every prompt
+        anchor_gate: Project only prompts whose tokens are closer to the concept's than to every
+            anchor's (mean cosine over the tokens after BOS); ``False`` projects every prompt
             that leans towards the concept.
 
     ``erase_scale="auto"`` predicts one scale per image and concept from the concept's
@@ -177,7 +177,7 @@ class EraseConfig:
         strength = _finite_number(self.anchor_strength, "anchor_strength")
         if not 0.0 < strength <= MAX_ANCHOR_STRENGTH:
             raise EraseConfigError(f"anchor_strength={strength} is outside (0, {MAX_ANCHOR_STRENGTH:g}]; "
-                                   "1 removes the concept's component from the padding, e.g. anchor_strength=1")
+                                   "1 removes the concept's component from the prompt tokens, e.g. anchor_strength=1")
         set_(self, "anchor_strength", strength)
         if not isinstance(self.anchor_gate, bool):
             raise EraseConfigError(f"anchor_gate={self.anchor_gate!r} must be True or False")
@@ -395,7 +395,7 @@ class EIUPMixin:
             gate_threshold: Presence gate threshold (default 0.4).
             concept_context: ``"prompt"`` (default) or ``"separate"``: how E_C is encoded (:class:`EraseConfig`).
             anchors: Concepts of the erased one's kind (e.g. the other colours for "red"): also
-                project the concept out of the prompt's padding tokens (:mod:`eiup.anchors`).
+                project the concept out of the prompt's tokens (:mod:`eiup.anchors`).
             anchor_strength: Strength of that projection (default 1).
             anchor_gate: Project only prompts nearer the concept than every anchor (default True).
             scale_predictors: With ``erase_scale="auto"``: a folder of calibrated predictors
@@ -450,7 +450,8 @@ class EIUPMixin:
         context_texts = None
         if config.concept_context == "prompt":
             context_texts, spans = self._contextual_concepts(call, config.concepts, spans)
-        prompt_lengths = self._anchor_prompt_lengths(call, config) if config.anchors else None
+        if config.anchors:
+            self._check_anchors(config)
         height, width = self._resolve_hw(call)
         vsf = self.vae_scale_factor
         latent_size = (int(height) // vsf, int(width) // vsf)
@@ -519,8 +520,8 @@ class EIUPMixin:
         m = None
         if dual:
             m = self._dual_call(call, device, cfg, lora_scale, height, width)
-        if prompt_lengths is not None:
-            self._project_prompt_padding(call, config, prompt_lengths, device, cfg, lora_scale, m)
+        if config.anchors:
+            self._project_prompt_tokens(call, config, device, cfg, lora_scale, m)
             ctx.own_prompt_values = dual
 
         # ---- run with EIUP processors, always restoring the user's ---------------------------
@@ -735,12 +736,8 @@ class EIUPMixin:
         texts = [t for t in texts for _ in range(per_image)]
         return texts, [[p + offsets[0] for p in span] for span in spans]
 
-    def _anchor_prompt_lengths(self, call: dict[str, Any], config: EraseConfig) -> torch.Tensor:
-        """Token count (BOS..EOS, at most the encoder's length) of each image's prompt, for ``anchors``."""
-        prompt = call.get("prompt")
-        if prompt is None or (not isinstance(prompt, str) and not all(isinstance(p, str) for p in prompt)):
-            raise EraseConfigError("anchors need the prompt as text (prompt=...) to find its padding, not prompt_embeds; "
-                                   "pass prompt=..., or drop anchors")
+    def _check_anchors(self, config: EraseConfig) -> None:
+        """``anchors`` must fit the text encoder, on a pipeline with one CLIP text encoder."""
         if not isinstance(self, StableDiffusionPipeline):
             raise EraseConfigError("anchors are supported on SD 1.x/2.x pipelines (one CLIP text encoder); drop anchors here")
         limit = self.tokenizer.model_max_length
@@ -749,20 +746,16 @@ class EIUPMixin:
             if n > limit:
                 raise EraseConfigError(f"anchors[{i}] is {n - 2} tokens long, more than the {limit - 2} the text "
                                        "encoder holds; shorten it")
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        prompts = [self.maybe_convert_prompt(p, self.tokenizer) for p in prompts]  # textual-inversion tokens
-        lengths = [min(len(ids), limit) for ids in self.tokenizer(prompts).input_ids]
-        per_image = int(call.get("num_images_per_prompt") or 1)
-        return torch.tensor([n for n in lengths for _ in range(per_image)])
 
-    def _project_prompt_padding(self, call: dict[str, Any], config: EraseConfig, lengths: torch.Tensor,
-                                device, cfg: bool, lora_scale, m: int | None) -> None:
-        """Replace the erased branch's prompt embeddings by their anchored padding projection."""
-        from .anchors import aligned_concept_and_anchors, concept_directions, nearest_to_concept, project_padding
+    def _project_prompt_tokens(self, call: dict[str, Any], config: EraseConfig, device, cfg: bool, lora_scale,
+                               m: int | None) -> None:
+        """Replace the erased branch's prompt embeddings by their anchored token projection (:mod:`eiup.anchors`)."""
+        from .anchors import aligned_concept_and_anchors, concept_directions, nearest_to_concept, project_tokens
 
         clip_skip = call.get("clip_skip")
         if m is None:  # single branch: encode the prompt here and hand the parent the edited embeddings
             pe, ne = self.encode_prompt(call["prompt"], device, call["num_images_per_prompt"], cfg, call["negative_prompt"],
+                                        prompt_embeds=call.get("prompt_embeds"),
                                         negative_prompt_embeds=call.get("negative_prompt_embeds"),
                                         lora_scale=lora_scale, clip_skip=clip_skip)
             call.update(prompt=None, negative_prompt=None, negative_prompt_embeds=ne if cfg else None,
@@ -774,14 +767,12 @@ class EIUPMixin:
         anchor_embeds = torch.cat([self._encode_concepts(a, device, lora_scale, clip_skip) for a in config.anchors]).float()
         anchor_lengths = torch.tensor([len(ids) for ids in tok(list(config.anchors)).input_ids], device=device)
         edited = pe[rows].float()
-        lengths = lengths.to(device)
         for concept in config.concepts:
             c = self._encode_concepts(concept, device, lora_scale, clip_skip)[0].float()
             c, anchors = aligned_concept_and_anchors(c, len(tok(concept).input_ids), anchor_embeds, anchor_lengths)
-            mean, direction = concept_directions(c, anchors)
-            projected = project_padding(edited, lengths, mean, direction, config.anchor_strength)
+            projected = project_tokens(edited, *concept_directions(c, anchors), config.anchor_strength)
             if config.anchor_gate:
-                keep = ~nearest_to_concept(edited, lengths, c, anchors)
+                keep = ~nearest_to_concept(edited, c, anchors)
                 projected[keep] = edited[keep]
             edited = projected
         pe = pe.clone()

@@ -55,9 +55,9 @@ def generate(
         "as the authors' code; stronger on implicit prompts). Default: the library's DEFAULT_CONCEPT_CONTEXT."),
     anchor: Optional[list[str]] = typer.Option(
         None, "--anchor", help="A concept of the erased one's kind (repeat; e.g. the other colours when erasing "
-        "'red'): also projects the concept out of the prompt's padding tokens, where implied concepts live."),
+        "'red'): also projects the concept out of the prompt's tokens (the padding included), where implied concepts live."),
     anchor_strength: float = typer.Option(
-        1.0, "--anchor-strength", help="Strength of the anchored padding projection, in (0, 8] (with --anchor)."),
+        1.0, "--anchor-strength", help="Strength of the anchored token projection, in (0, 8] (with --anchor)."),
     anchor_gate: bool = typer.Option(
         True, "--anchor-gate/--no-anchor-gate", help="Project only prompts nearer the concept than every anchor."),
     allow_amplify: bool = typer.Option(False, "--allow-amplify", help="Allow a positive --scale (amplifies the concepts)."),
@@ -127,7 +127,7 @@ def generate(
     if any(not a for a in anchors):
         raise _bad("an empty anchor; give a concept of the erased one's kind, e.g. --anchor blue", "--anchor")
     if not (math.isfinite(anchor_strength) and 0 < anchor_strength <= 8):
-        raise _bad(f"{anchor_strength} is outside (0, 8]; 1 removes the concept from the padding", "--anchor-strength")
+        raise _bad(f"{anchor_strength} is outside (0, 8]; 1 removes the concept from the prompt tokens", "--anchor-strength")
     if steps < 1:
         raise _bad(f"{steps} < 1", "--steps")
     if not math.isfinite(guidance) or guidance < 0:
