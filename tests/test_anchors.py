@@ -156,3 +156,32 @@ def test_anchors_refused_on_sdxl_before_model_work(sdxl):
     with ModelCalls(sdxl) as model, pytest.raises(EraseConfigError, match="anchors are supported on SD 1.x/2.x"):
         sdxl("a red star", erase="red", anchors=["blue"], generator=gen(), **KW)
     assert model.calls == []
+
+
+@pytest.fixture
+def model_folder(sd1, tmp_path):
+    """Point the session pipeline at a folder of this test's own (for eiup_anchors.json)."""
+    old = getattr(sd1.config, "_name_or_path", None)
+    sd1.register_to_config(_name_or_path=str(tmp_path))
+    yield tmp_path
+    sd1.register_to_config(_name_or_path=old)
+
+
+def test_auto_anchors_come_from_the_model_folder(sd1, model_folder):
+    (model_folder / "eiup_anchors.json").write_text('{"Red": ["blue", "green"]}')
+    kw = dict(erase="red", erase_scale=-2.0, anchor_gate=False, concept_context="separate", **KW)
+    auto = sd1("a red star", anchors="auto", generator=gen(), **kw).images
+    explicit = sd1("a red star", anchors=["blue", "green"], generator=gen(), **kw).images
+    assert np.array_equal(auto, explicit)
+    kw["erase"] = "star"
+    with pytest.warns(UserWarning, match="lists no anchors for \\['star'\\]"):
+        unlisted = sd1("a red star", anchors="auto", generator=gen(), **kw).images
+    assert np.array_equal(unlisted, sd1("a red star", generator=gen(), **kw).images)  # concept term alone
+
+
+@pytest.mark.parametrize("content", ['["blue"]', '{"red": "blue"}', '{"red": ["blue", " "]}', "{not json"])
+def test_malformed_anchor_file_is_refused_before_model_work(sd1, model_folder, content):
+    (model_folder / "eiup_anchors.json").write_text(content)
+    with ModelCalls(sd1) as model, pytest.raises(EraseConfigError, match="eiup_anchors.json"):
+        sd1("a red star", erase="red", anchors="auto", generator=gen(), **KW)
+    assert model.calls == []

@@ -364,3 +364,23 @@ def test_anchors_reach_the_pipeline_and_are_recorded(tmp_path, model_dir):
     for bad in (["--anchor", " "], ["--anchor", "blue", "--anchor-strength", "nan"], ["--anchor", "blue", "--anchor-strength", "0"]):
         res = invoke("generate", "-p", "x", "--model", model_dir, "--erase", "red", *bad, "--out", tmp_path / "bad")
         assert res.exit_code != 0 and bad[-2] in flat(res.output)
+
+
+def test_anchor_auto_reads_the_model_folder_and_none_switches_off(tmp_path, model_dir):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(model_dir, model)
+    (model / "eiup_anchors.json").write_text('{"red": ["blue", "green"]}')
+    base = ["generate", "-p", "a red star", "--model", model, "--steps", STEPS, "--erase", "red", "--no-progress"]
+    runs = {}
+    for name, extra in {"auto": ["--anchor", "auto"], "explicit": ["--anchor", "blue", "--anchor", "green"],
+                        "none": ["--anchor", "none"]}.items():
+        res = invoke(*base, *extra, "--out", tmp_path / name)
+        assert res.exit_code == 0, res.output
+        runs[name] = (sorted((tmp_path / name).glob("*.png"))[0].read_bytes(),
+                      json.loads((tmp_path / name / "run.json").read_text())["settings"].get("anchors"))
+    assert runs["auto"][1] == ["auto"] and runs["none"][1] == []
+    assert runs["auto"][0] == runs["explicit"][0] != runs["none"][0]
+    res = invoke(*base, "--anchor", "auto", "--anchor", "blue", "--out", tmp_path / "bad")
+    assert res.exit_code != 0 and "--anchor" in flat(res.output)

@@ -86,6 +86,9 @@ more than it protected unrelated images on the toy benchmark."""
 DEFAULT_CONCEPT_CONTEXT: str = "prompt"
 """How concepts are encoded when ``concept_context`` is not given: in the prompt's context, which
 erases implicit prompts where the separately encoded concept does not (toy benchmark)."""
+DEFAULT_ANCHORS: str | None = None
+"""Anchors used when ``anchors`` is not given (``"auto"``: the model's ``eiup_anchors.json``)."""
+ANCHOR_FILE = "eiup_anchors.json"
 ERASE_MODES = ("single", "dual")
 CONCEPT_CONTEXTS = ("separate", "prompt")
 TAILS = ("suppress", "reference")
@@ -144,7 +147,10 @@ class EraseConfig:
         anchors: Concepts of the same kind as the erased ones (for "red": other colours). When
             given, each erased concept is also projected out of every prompt token after BOS,
             relative to the anchors (:mod:`eiup.anchors`); tokens that do not lean towards the
-            concept are left exactly as they are. ``()`` (default): off. SD 1.x/2.x pipelines.
+            concept are left exactly as they are. ``"auto"``: per concept, the anchors listed in
+            the model folder's ``eiup_anchors.json`` (the toy model ships one; concepts it does not
+            list get none, with a warning). ``()``: off. ``None``: :data:`DEFAULT_ANCHORS`.
+            SD 1.x/2.x pipelines.
         anchor_strength: s of the anchored projection (1 removes the concept's component, larger
             values push past the anchors), in (0, 8].
         anchor_gate: Project only prompts whose tokens are closer to the concept's than to every
@@ -173,7 +179,13 @@ class EraseConfig:
     def __post_init__(self) -> None:
         set_ = object.__setattr__
         set_(self, "erase", self._concepts(self.erase))
-        set_(self, "anchors", self._concepts(self.anchors, "anchors"))
+        anchors = DEFAULT_ANCHORS if self.anchors is None else self.anchors
+        if isinstance(anchors, (list, tuple)) and len(anchors) == 1 and isinstance(anchors[0], str):
+            anchors = anchors[0] if anchors[0].strip().lower() == AUTO else anchors
+        if isinstance(anchors, str) and anchors.strip().lower() == AUTO:
+            set_(self, "anchors", AUTO)
+        else:
+            set_(self, "anchors", self._concepts(anchors, "anchors"))
         strength = _finite_number(self.anchor_strength, "anchor_strength")
         if not 0.0 < strength <= MAX_ANCHOR_STRENGTH:
             raise EraseConfigError(f"anchor_strength={strength} is outside (0, {MAX_ANCHOR_STRENGTH:g}]; "
@@ -450,8 +462,7 @@ class EIUPMixin:
         context_texts = None
         if config.concept_context == "prompt":
             context_texts, spans = self._contextual_concepts(call, config.concepts, spans)
-        if config.anchors:
-            self._check_anchors(config)
+        anchor_sets = self._anchor_sets(config) if config.anchors else None
         height, width = self._resolve_hw(call)
         vsf = self.vae_scale_factor
         latent_size = (int(height) // vsf, int(width) // vsf)
@@ -520,8 +531,8 @@ class EIUPMixin:
         m = None
         if dual:
             m = self._dual_call(call, device, cfg, lora_scale, height, width)
-        if config.anchors:
-            self._project_prompt_tokens(call, config, device, cfg, lora_scale, m)
+        if anchor_sets is not None and any(anchor_sets):
+            self._project_prompt_tokens(call, config, anchor_sets, device, cfg, lora_scale, m)
             ctx.own_prompt_values = dual
 
         # ---- run with EIUP processors, always restoring the user's ---------------------------
@@ -736,19 +747,50 @@ class EIUPMixin:
         texts = [t for t in texts for _ in range(per_image)]
         return texts, [[p + offsets[0] for p in span] for span in spans]
 
-    def _check_anchors(self, config: EraseConfig) -> None:
-        """``anchors`` must fit the text encoder, on a pipeline with one CLIP text encoder."""
+    def _anchor_sets(self, config: EraseConfig) -> list[tuple[str, ...]]:
+        """The anchors of each concept (explicit, or ``"auto"`` from the model folder), checked to fit the encoder."""
         if not isinstance(self, StableDiffusionPipeline):
             raise EraseConfigError("anchors are supported on SD 1.x/2.x pipelines (one CLIP text encoder); drop anchors here")
+        if config.anchors == AUTO:
+            sets = self._model_anchor_sets(config.concepts)
+        else:
+            sets = [tuple(config.anchors)] * len(config.concepts)
         limit = self.tokenizer.model_max_length
-        for i, anchor in enumerate(config.anchors):
+        for i, anchor in enumerate(dict.fromkeys(a for anchors in sets for a in anchors)):
             n = len(self.tokenizer(anchor).input_ids)
             if n > limit:
-                raise EraseConfigError(f"anchors[{i}] is {n - 2} tokens long, more than the {limit - 2} the text "
-                                       "encoder holds; shorten it")
+                raise EraseConfigError(f"anchors[{i}]={anchor[:30]!r}... is {n - 2} tokens long, more than the "
+                                       f"{limit - 2} the text encoder holds; shorten it")
+        return sets
 
-    def _project_prompt_tokens(self, call: dict[str, Any], config: EraseConfig, device, cfg: bool, lora_scale,
-                               m: int | None) -> None:
+    def _model_anchor_sets(self, concepts: Sequence[str]) -> list[tuple[str, ...]]:
+        """``anchors="auto"``: ``<model folder>/eiup_anchors.json`` ({concept: [anchor, ...]}), per concept."""
+        import json
+        from pathlib import Path
+
+        folder = getattr(self.config, "_name_or_path", None)
+        path = Path(folder) / ANCHOR_FILE if folder else None
+        table: dict = {}
+        if path is not None and path.is_file():
+            try:
+                table = {str(k).strip().lower(): v for k, v in json.loads(path.read_text()).items()}
+            except (ValueError, AttributeError) as e:
+                raise EraseConfigError(f"anchors='auto': {path} is not a JSON object of concept -> [anchors]: {e}") from e
+        sets = []
+        for concept in concepts:
+            anchors = table.get(concept.strip().lower(), [])
+            if not isinstance(anchors, list) or not all(isinstance(a, str) and a.strip() for a in anchors):
+                raise EraseConfigError(f"anchors='auto': {path} lists {anchors!r} for {concept!r}; give a list of words")
+            sets.append(tuple(a.strip() for a in anchors))
+        missing = [c for c, a in zip(concepts, sets) if not a]
+        if missing:
+            where = path if path is not None else "(no model folder known)"
+            warnings.warn(f"anchors='auto': {where} lists no anchors for {missing}; these concepts are erased by "
+                          "the concept term alone (pass anchors=[...] to project them too)", stacklevel=4)
+        return sets
+
+    def _project_prompt_tokens(self, call: dict[str, Any], config: EraseConfig, anchor_sets: list[tuple[str, ...]],
+                               device, cfg: bool, lora_scale, m: int | None) -> None:
         """Replace the erased branch's prompt embeddings by their anchored token projection (:mod:`eiup.anchors`)."""
         from .anchors import aligned_concept_and_anchors, concept_directions, nearest_to_concept, project_tokens
 
@@ -764,12 +806,20 @@ class EIUPMixin:
             pe = call["prompt_embeds"]
         rows = slice(0, pe.shape[0]) if m is None else slice(m, pe.shape[0])
         tok = self.tokenizer
-        anchor_embeds = torch.cat([self._encode_concepts(a, device, lora_scale, clip_skip) for a in config.anchors]).float()
-        anchor_lengths = torch.tensor([len(ids) for ids in tok(list(config.anchors)).input_ids], device=device)
+        encoded: dict[str, torch.Tensor] = {}
+
+        def encode(text: str) -> torch.Tensor:
+            if text not in encoded:
+                encoded[text] = self._encode_concepts(text, device, lora_scale, clip_skip)[0].float()
+            return encoded[text]
+
         edited = pe[rows].float()
-        for concept in config.concepts:
-            c = self._encode_concepts(concept, device, lora_scale, clip_skip)[0].float()
-            c, anchors = aligned_concept_and_anchors(c, len(tok(concept).input_ids), anchor_embeds, anchor_lengths)
+        for concept, anchor_texts in zip(config.concepts, anchor_sets):
+            if not anchor_texts:
+                continue
+            lengths = torch.tensor([len(ids) for ids in tok(list(anchor_texts)).input_ids], device=device)
+            c, anchors = aligned_concept_and_anchors(encode(concept), len(tok(concept).input_ids),
+                                                     torch.stack([encode(a) for a in anchor_texts]), lengths)
             projected = project_tokens(edited, *concept_directions(c, anchors), config.anchor_strength)
             if config.anchor_gate:
                 keep = ~nearest_to_concept(edited, c, anchors)

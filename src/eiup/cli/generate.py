@@ -28,10 +28,12 @@ def _fail(message: str, code: int = 1) -> typer.Exit:
     return typer.Exit(code)
 
 
-def _library_defaults() -> tuple[float | str, str, str | None, str]:
-    from eiup.pipeline import DEFAULT_CONCEPT_CONTEXT, DEFAULT_ERASE_MODE, DEFAULT_ERASE_SCALE, DEFAULT_GATE
+def _library_defaults() -> tuple[float | str, str, str | None, str, tuple[str, ...]]:
+    from eiup.pipeline import (DEFAULT_ANCHORS, DEFAULT_CONCEPT_CONTEXT, DEFAULT_ERASE_MODE, DEFAULT_ERASE_SCALE,
+                               DEFAULT_GATE)
 
-    return DEFAULT_ERASE_SCALE, str(DEFAULT_ERASE_MODE), DEFAULT_GATE, str(DEFAULT_CONCEPT_CONTEXT)
+    anchors = () if DEFAULT_ANCHORS is None else ((DEFAULT_ANCHORS,) if isinstance(DEFAULT_ANCHORS, str) else tuple(DEFAULT_ANCHORS))
+    return DEFAULT_ERASE_SCALE, str(DEFAULT_ERASE_MODE), DEFAULT_GATE, str(DEFAULT_CONCEPT_CONTEXT), anchors
 
 
 def generate(
@@ -55,7 +57,8 @@ def generate(
         "as the authors' code; stronger on implicit prompts). Default: the library's DEFAULT_CONCEPT_CONTEXT."),
     anchor: Optional[list[str]] = typer.Option(
         None, "--anchor", help="A concept of the erased one's kind (repeat; e.g. the other colours when erasing "
-        "'red'): also projects the concept out of the prompt's tokens (the padding included), where implied concepts live."),
+        "'red'): also projects the concept out of the prompt's tokens (the padding included), where implied concepts "
+        "live. 'auto': the model folder's eiup_anchors.json; 'none': off. Default: the library's DEFAULT_ANCHORS."),
     anchor_strength: float = typer.Option(
         1.0, "--anchor-strength", help="Strength of the anchored token projection, in (0, 8] (with --anchor)."),
     anchor_gate: bool = typer.Option(
@@ -124,6 +127,8 @@ def generate(
     if concept_context is not None and concept_context not in ("separate", "prompt"):
         raise _bad(f"{concept_context!r} is not one of separate, prompt", "--concept-context")
     anchors = tuple(a.strip() for a in anchor or ())
+    if len(anchors) > 1 and {"auto", "none"} & {a.lower() for a in anchors}:
+        raise _bad("'auto' and 'none' stand alone; give either them or a list of words", "--anchor")
     if any(not a for a in anchors):
         raise _bad("an empty anchor; give a concept of the erased one's kind, e.g. --anchor blue", "--anchor")
     if not (math.isfinite(anchor_strength) and 0 < anchor_strength <= 8):
@@ -179,7 +184,11 @@ def generate(
         if not torch.cuda.is_available():
             raise _bad("CUDA is not available on this machine; use --device cpu", "--device")
 
-    default_scale, default_mode, default_gate, default_context = _library_defaults()
+    default_scale, default_mode, default_gate, default_context, default_anchors = _library_defaults()
+    if not anchors:
+        anchors = default_anchors
+    elif anchors[0].lower() in ("auto", "none"):
+        anchors = () if anchors[0].lower() == "none" else ("auto",)
     settings = eio.GenerationSettings(
         model=info.location, steps=steps, guidance=guidance, seed=seed, erase=tuple(concepts),
         scale=default_scale if scale is None else scale, mode=mode or default_mode,

@@ -441,12 +441,23 @@ def export_pipeline(out: Path, dest: Path, checkpoint: Path | None = None, ema: 
     pipe.to(torch.float16)
     tmp = dest.with_name(dest.name + ".tmp")
     pipe.save_pretrained(tmp, safe_serialization=True)
+    write_anchor_file(tmp)
     if dest.exists():
         import shutil
 
         shutil.rmtree(dest)
     tmp.replace(dest)
     return dest
+
+
+def write_anchor_file(folder: Path) -> Path:
+    """``eiup_anchors.json``: each toy concept's anchors (the other values of its attribute), for ``anchors="auto"``."""
+    from ..pipeline import ANCHOR_FILE
+    from .world import CONCEPTS, anchor_concepts
+
+    path = Path(folder) / ANCHOR_FILE
+    path.write_text(json.dumps({c: anchor_concepts(c) for c in CONCEPTS}, indent=2) + "\n")
+    return path
 
 
 def train_toy_model(out: str | Path, cfg: ToyTrainConfig | None = None, export_to: str | Path | None = None) -> Path:
