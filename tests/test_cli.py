@@ -372,13 +372,15 @@ def test_anchor_auto_reads_the_model_folder_and_none_switches_off(tmp_path, mode
     model = tmp_path / "model"
     shutil.copytree(model_dir, model)
     (model / "eiup_anchors.json").write_text('{"red": ["blue", "green"]}')
-    base = ["generate", "-p", "a red star", "--model", model, "--steps", STEPS, "--erase", "red", "--no-progress"]
+    base = ["generate", "-p", "a red star", "--model", model, "--steps", STEPS, "--erase", "red", "--no-anchor-gate",
+            "--no-progress"]
     runs = {}
     for name, extra in {"auto": ["--anchor", "auto"], "explicit": ["--anchor", "blue", "--anchor", "green"],
                         "none": ["--anchor", "none"]}.items():
         res = invoke(*base, *extra, "--out", tmp_path / name)
         assert res.exit_code == 0, res.output
-        runs[name] = (sorted((tmp_path / name).glob("*.png"))[0].read_bytes(),
+        png = sorted((tmp_path / name).glob("*.png"))[0]
+        runs[name] = (np.asarray(Image.open(png)).tobytes(),  # pixels (the PNG's metadata names the settings)
                       json.loads((tmp_path / name / "run.json").read_text())["settings"].get("anchors"))
     assert runs["auto"][1] == ["auto"] and runs["none"][1] == []
     assert runs["auto"][0] == runs["explicit"][0] != runs["none"][0]
