@@ -122,9 +122,9 @@ class MethodRunner:
             return sld(prompts, **common, **self.sld_settings(method.preset)).images
         if method.family == "eiup":
             # a row names every setting that differs from the paper's formulation: the concept
-            # encoded alone unless the row says +concept_context=prompt (the library's default)
-            options = {"concept_context": "separate", **dict(method.options)}
-            if "anchors" in options:
+            # encoded alone unless the row says +concept_context=prompt, no anchors unless +anchors
+            options = {"concept_context": "separate", "anchors": (), **dict(method.options)}
+            if options["anchors"]:
                 options["anchors"] = _anchors(options["anchors"], concept)
             if "anchor_gate" in options:
                 options["anchor_gate"] = bool(options["anchor_gate"])
