@@ -185,3 +185,21 @@ def test_malformed_anchor_file_is_refused_before_model_work(sd1, model_folder, c
     with ModelCalls(sd1) as model, pytest.raises(EraseConfigError, match="eiup_anchors.json"):
         sd1("a red star", erase="red", anchors="auto", generator=gen(), **KW)
     assert model.calls == []
+
+
+def test_default_auto_is_quiet_without_an_anchor_file_and_used_with_one(sd1, model_folder, monkeypatch):
+    import warnings
+
+    import eiup.pipeline as pipeline_module
+
+    monkeypatch.setattr(pipeline_module, "DEFAULT_ANCHORS", "auto")
+    kw = dict(erase="red", erase_scale=-2.0, anchor_gate=False, concept_context="separate", **KW)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no anchor file: the default stays quiet
+        quiet = sd1("a red star", generator=gen(), **kw).images
+    assert np.array_equal(quiet, sd1("a red star", anchors=[], generator=gen(), **kw).images)
+    with pytest.warns(UserWarning, match="lists no anchors"):  # asked for explicitly: said
+        sd1("a red star", anchors="auto", generator=gen(), **kw)
+    (model_folder / "eiup_anchors.json").write_text('{"red": ["blue", "green"]}')
+    default = sd1("a red star", generator=gen(), **kw).images
+    assert np.array_equal(default, sd1("a red star", anchors=["blue", "green"], generator=gen(), **kw).images)

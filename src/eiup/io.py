@@ -871,9 +871,9 @@ def generate_to_dir(
                             kwargs["gate"] = settings.gate
                         if settings.concept_context != "separate":
                             kwargs["concept_context"] = settings.concept_context
+                        kwargs["anchors"] = list(settings.anchors)  # [] = off, whatever the library default
                         if settings.anchors:
-                            kwargs.update(anchors=list(settings.anchors), anchor_strength=settings.anchor_strength,
-                                          anchor_gate=settings.anchor_gate)
+                            kwargs.update(anchor_strength=settings.anchor_strength, anchor_gate=settings.anchor_gate)
                         if settings.allow_amplify:
                             kwargs["allow_amplify"] = True
                         if want_original:

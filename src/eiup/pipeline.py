@@ -179,13 +179,8 @@ class EraseConfig:
     def __post_init__(self) -> None:
         set_ = object.__setattr__
         set_(self, "erase", self._concepts(self.erase))
-        anchors = DEFAULT_ANCHORS if self.anchors is None else self.anchors
-        if isinstance(anchors, (list, tuple)) and len(anchors) == 1 and isinstance(anchors[0], str):
-            anchors = anchors[0] if anchors[0].strip().lower() == AUTO else anchors
-        if isinstance(anchors, str) and anchors.strip().lower() == AUTO:
-            set_(self, "anchors", AUTO)
-        else:
-            set_(self, "anchors", self._concepts(anchors, "anchors"))
+        if self.anchors is not None:  # None stays None: DEFAULT_ANCHORS, resolved at call time
+            set_(self, "anchors", self._anchor_spec(self.anchors))
         strength = _finite_number(self.anchor_strength, "anchor_strength")
         if not 0.0 < strength <= MAX_ANCHOR_STRENGTH:
             raise EraseConfigError(f"anchor_strength={strength} is outside (0, {MAX_ANCHOR_STRENGTH:g}]; "
@@ -241,6 +236,21 @@ class EraseConfig:
                 raise EraseConfigError(f"{name}[{i}]={item!r} is empty or whitespace; remove it or give a word, e.g. {example}")
             concepts.append(item.strip())
         return tuple(concepts)
+
+    @classmethod
+    def _anchor_spec(cls, anchors: Any) -> str | tuple[str, ...]:
+        if isinstance(anchors, (list, tuple)) and len(anchors) == 1 and isinstance(anchors[0], str):
+            anchors = anchors[0] if anchors[0].strip().lower() == AUTO else anchors
+        if isinstance(anchors, str) and anchors.strip().lower() == AUTO:
+            return AUTO
+        return cls._concepts(anchors, "anchors")
+
+    @property
+    def anchor_spec(self) -> str | tuple[str, ...]:
+        """The anchors of this call: ``"auto"``, a tuple of words, or ``()`` (``None`` resolves :data:`DEFAULT_ANCHORS`)."""
+        if self.anchors is None:
+            return () if DEFAULT_ANCHORS is None else self._anchor_spec(DEFAULT_ANCHORS)
+        return self.anchors  # type: ignore[return-value]
 
     @property
     def auto(self) -> bool:
@@ -462,7 +472,7 @@ class EIUPMixin:
         context_texts = None
         if config.concept_context == "prompt":
             context_texts, spans = self._contextual_concepts(call, config.concepts, spans)
-        anchor_sets = self._anchor_sets(config) if config.anchors else None
+        anchor_sets = self._anchor_sets(config) if config.anchor_spec else None
         height, width = self._resolve_hw(call)
         vsf = self.vae_scale_factor
         latent_size = (int(height) // vsf, int(width) // vsf)
@@ -751,10 +761,11 @@ class EIUPMixin:
         """The anchors of each concept (explicit, or ``"auto"`` from the model folder), checked to fit the encoder."""
         if not isinstance(self, StableDiffusionPipeline):
             raise EraseConfigError("anchors are supported on SD 1.x/2.x pipelines (one CLIP text encoder); drop anchors here")
-        if config.anchors == AUTO:
-            sets = self._model_anchor_sets(config.concepts)
+        spec = config.anchor_spec
+        if spec == AUTO:  # quiet about a model without an anchor file only when "auto" is just the default
+            sets = self._model_anchor_sets(config.concepts, quiet_without_file=config.anchors is None)
         else:
-            sets = [tuple(config.anchors)] * len(config.concepts)
+            sets = [tuple(spec)] * len(config.concepts)
         limit = self.tokenizer.model_max_length
         for i, anchor in enumerate(dict.fromkeys(a for anchors in sets for a in anchors)):
             n = len(self.tokenizer(anchor).input_ids)
@@ -763,7 +774,7 @@ class EIUPMixin:
                                        f"{limit - 2} the text encoder holds; shorten it")
         return sets
 
-    def _model_anchor_sets(self, concepts: Sequence[str]) -> list[tuple[str, ...]]:
+    def _model_anchor_sets(self, concepts: Sequence[str], quiet_without_file: bool = False) -> list[tuple[str, ...]]:
         """``anchors="auto"``: ``<model folder>/eiup_anchors.json`` ({concept: [anchor, ...]}), per concept."""
         import json
         from pathlib import Path
@@ -783,7 +794,7 @@ class EIUPMixin:
                 raise EraseConfigError(f"anchors='auto': {path} lists {anchors!r} for {concept!r}; give a list of words")
             sets.append(tuple(a.strip() for a in anchors))
         missing = [c for c, a in zip(concepts, sets) if not a]
-        if missing:
+        if missing and not (quiet_without_file and not table):
             where = path if path is not None else "(no model folder known)"
             warnings.warn(f"anchors='auto': {where} lists no anchors for {missing}; these concepts are erased by "
                           "the concept term alone (pass anchors=[...] to project them too)", stacklevel=4)
