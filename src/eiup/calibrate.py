@@ -12,6 +12,7 @@ import importlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -99,14 +100,14 @@ def mildest_scale(present_by_scale: dict[float, list[bool]]) -> list[float]:
 
 def collect(pipe, concept: str, prompts: Sequence[str], judge: Callable, seeds: Sequence[int], steps: int,
             guidance: float, grid: Sequence[float] = DEFAULT_GRID, gate: str | None = None,
-            mode: str = "single", concept_context: str | None = None) -> CalibrationData:
+            mode: str = "single", concept_context: str | None = None, anchors: Any = ()) -> CalibrationData:
     """Generate every prompt x seed at every grid scale; record step-0 features and judgements."""
     features, rows, present = [], [], {float(s): [] for s in grid}
     for prompt in tqdm(prompts, desc=f"calibrate {concept}"):
         for scale in grid:
             rec = ConceptAttentionRecorder((0,))
             images = pipe([prompt] * len(seeds), erase=[concept], erase_scale="auto", gate=gate, erase_mode=mode,
-                          concept_context=concept_context,
+                          concept_context=concept_context, anchors=anchors,
                           scale_predictors=[ConstantScale(concept, scale)], concept_recorder=rec,
                           generator=[torch.Generator("cpu").manual_seed(int(s)) for s in seeds],
                           num_inference_steps=steps, guidance_scale=guidance).images
@@ -120,16 +121,21 @@ def collect(pipe, concept: str, prompts: Sequence[str], judge: Callable, seeds: 
 def calibrate(pipe, concept: str, prompts: Sequence[str], judge: Callable, seeds: Sequence[int], steps: int = 25,
               guidance: float = 7.5, grid: Sequence[float] = DEFAULT_GRID, gate: str | None = None,
               out: str | Path | None = None, margin: float = 1.1, mode: str = "single",
-              concept_context: str | None = None) -> tuple[ScalePredictor, Path]:
-    """Collect calibration data, fit the scale predictor and save it (default: in the model folder)."""
+              concept_context: str | None = None, anchors: Any = ()) -> tuple[ScalePredictor, Path]:
+    """Collect calibration data, fit the scale predictor and save it (default: in the model folder).
+
+    ``anchors`` (default ``()``: the concept term alone) is used in every calibration call and
+    recorded; ``erase_scale="auto"`` warns when a call's anchors differ.
+    """
     if sorted(grid, reverse=True)[0] != 0:
         raise ValueError(f"grid={list(grid)} must start at 0 (no suppression) and go negative")
     if concept_context is None:
         from .pipeline import DEFAULT_CONCEPT_CONTEXT
 
         concept_context = DEFAULT_CONCEPT_CONTEXT
-    data = collect(pipe, concept, prompts, judge, seeds, steps, guidance, grid, gate, mode, concept_context)
-    info = {"gate": gate, "mode": mode, "concept_context": concept_context, "grid": list(grid), "steps": steps,
+    data = collect(pipe, concept, prompts, judge, seeds, steps, guidance, grid, gate, mode, concept_context, anchors)
+    info = {"gate": gate, "mode": mode, "concept_context": concept_context,
+            "anchors": anchors if isinstance(anchors, str) else list(anchors), "grid": list(grid), "steps": steps,
             "guidance": guidance, "seeds": len(seeds), "prompts": list(prompts), "mean_target": float(data.targets.mean()),
             "unerasable": int(sum(data.present[min(grid)]))}
     pred = fit_predictor(concept, data.features, data.targets, margin=margin, info=info, groups=data.prompts)

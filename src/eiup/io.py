@@ -426,7 +426,7 @@ class GenerationSettings:
     gate: str | None = None
     concept_context: str = "separate"  # "prompt": concepts encoded after the prompt (EraseConfig.concept_context)
     anchors: tuple[str, ...] = ()  # EraseConfig.anchors (anchored token projection); () = off
-    anchor_strength: float = 1.0
+    anchor_strength: float = 3.0
     anchor_gate: bool = True
     negative_prompt: str | None = None
     images_per_prompt: int = 1

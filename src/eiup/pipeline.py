@@ -86,8 +86,12 @@ more than it protected unrelated images on the toy benchmark."""
 DEFAULT_CONCEPT_CONTEXT: str = "prompt"
 """How concepts are encoded when ``concept_context`` is not given: in the prompt's context, which
 erases implicit prompts where the separately encoded concept does not (toy benchmark)."""
-DEFAULT_ANCHORS: str | None = None
-"""Anchors used when ``anchors`` is not given (``"auto"``: the model's ``eiup_anchors.json``)."""
+DEFAULT_ANCHORS: str | None = "auto"
+"""Anchors used when ``anchors`` is not given: ``"auto"``, the model folder's ``eiup_anchors.json``
+(models without one are erased by the concept term alone, quietly). On the toy benchmark the
+anchored projection cut the implicit residual from 66% to 16% at the same specificity."""
+DEFAULT_ANCHOR_STRENGTH: float = 3.0
+"""s of the anchored projection: on the toy benchmark 3 erased backgrounds and colours that 1 did not."""
 ANCHOR_FILE = "eiup_anchors.json"
 ERASE_MODES = ("single", "dual")
 CONCEPT_CONTEXTS = ("separate", "prompt")
@@ -152,7 +156,7 @@ class EraseConfig:
             list get none, with a warning). ``()``: off. ``None``: :data:`DEFAULT_ANCHORS`.
             SD 1.x/2.x pipelines.
         anchor_strength: s of the anchored projection (1 removes the concept's component, larger
-            values push past the anchors), in (0, 8].
+            values push past the anchors), in (0, 8]; default :data:`DEFAULT_ANCHOR_STRENGTH`.
         anchor_gate: Project only prompts whose tokens are closer to the concept's than to every
             anchor's (mean cosine over the tokens after BOS); ``False`` projects every prompt
             that leans towards the concept.
@@ -173,7 +177,7 @@ class EraseConfig:
     gate_threshold: float = 0.4
     concept_context: str | None = None
     anchors: str | Sequence[str] | None = None
-    anchor_strength: float = 1.0
+    anchor_strength: float = DEFAULT_ANCHOR_STRENGTH
     anchor_gate: bool = True
 
     def __post_init__(self) -> None:
@@ -418,7 +422,7 @@ class EIUPMixin:
             concept_context: ``"prompt"`` (default) or ``"separate"``: how E_C is encoded (:class:`EraseConfig`).
             anchors: Concepts of the erased one's kind (e.g. the other colours for "red"): also
                 project the concept out of the prompt's tokens (:mod:`eiup.anchors`).
-            anchor_strength: Strength of that projection (default 1).
+            anchor_strength: Strength of that projection (default :data:`DEFAULT_ANCHOR_STRENGTH`).
             anchor_gate: Project only prompts nearer the concept than every anchor (default True).
             scale_predictors: With ``erase_scale="auto"``: a folder of calibrated predictors
                 (``CONCEPT.safetensors``), one predictor file, or a list of
@@ -587,16 +591,20 @@ class EIUPMixin:
             raise EraseConfigError(str(e)) from e
         for pred in found:
             info = pred.info or {}
+            spec = config.anchor_spec
+            if spec == AUTO and not self._model_anchor_table()[1]:
+                spec = ()  # "auto" on a model without an anchor file: no anchors
             calibrated = {"erase_mode": info.get("mode", "single"), "gate": info.get("gate"),
-                          "concept_context": info.get("concept_context", "separate")}
-            used = {"erase_mode": config.erase_mode, "gate": config.gate, "concept_context": config.concept_context}
+                          "concept_context": info.get("concept_context", "separate"), "anchors": info.get("anchors", [])}
+            used = {"erase_mode": config.erase_mode, "gate": config.gate, "concept_context": config.concept_context,
+                    "anchors": spec if isinstance(spec, str) else list(spec)}
             if calibrated != used:
                 fmt = ", ".join
                 warnings.warn(
                     f"scale predictor for {pred.concept!r} was calibrated with "
                     f"{fmt(f'{k}={v!r}' for k, v in calibrated.items())}; this call uses "
                     f"{fmt(f'{k}={v!r}' for k, v in used.items())}: its scales may be off "
-                    "(recalibrate with `eiup calibrate --mode ... --gate/--no-gate --concept-context ...`)",
+                    "(recalibrate with `eiup calibrate --mode ... --gate/--no-gate --concept-context ... --anchor ...`)",
                     stacklevel=3)
         return found
 
@@ -760,6 +768,8 @@ class EIUPMixin:
     def _anchor_sets(self, config: EraseConfig) -> list[tuple[str, ...]]:
         """The anchors of each concept (explicit, or ``"auto"`` from the model folder), checked to fit the encoder."""
         if not isinstance(self, StableDiffusionPipeline):
+            if config.anchors is None:  # the default on SDXL: the concept term alone
+                return [()] * len(config.concepts)
             raise EraseConfigError("anchors are supported on SD 1.x/2.x pipelines (one CLIP text encoder); drop anchors here")
         spec = config.anchor_spec
         if spec == AUTO:  # quiet about a model without an anchor file only when "auto" is just the default
@@ -774,19 +784,23 @@ class EIUPMixin:
                                        f"{limit - 2} the text encoder holds; shorten it")
         return sets
 
-    def _model_anchor_sets(self, concepts: Sequence[str], quiet_without_file: bool = False) -> list[tuple[str, ...]]:
-        """``anchors="auto"``: ``<model folder>/eiup_anchors.json`` ({concept: [anchor, ...]}), per concept."""
+    def _model_anchor_table(self) -> tuple[Any, dict]:
+        """``<model folder>/eiup_anchors.json`` as {concept (lower case): anchors}; ``{}`` when there is none."""
         import json
         from pathlib import Path
 
         folder = getattr(self.config, "_name_or_path", None)
         path = Path(folder) / ANCHOR_FILE if folder else None
-        table: dict = {}
-        if path is not None and path.is_file():
-            try:
-                table = {str(k).strip().lower(): v for k, v in json.loads(path.read_text()).items()}
-            except (ValueError, AttributeError) as e:
-                raise EraseConfigError(f"anchors='auto': {path} is not a JSON object of concept -> [anchors]: {e}") from e
+        if path is None or not path.is_file():
+            return path, {}
+        try:
+            return path, {str(k).strip().lower(): v for k, v in json.loads(path.read_text()).items()}
+        except (ValueError, AttributeError) as e:
+            raise EraseConfigError(f"anchors='auto': {path} is not a JSON object of concept -> [anchors]: {e}") from e
+
+    def _model_anchor_sets(self, concepts: Sequence[str], quiet_without_file: bool = False) -> list[tuple[str, ...]]:
+        """``anchors="auto"``: ``<model folder>/eiup_anchors.json`` ({concept: [anchor, ...]}), per concept."""
+        path, table = self._model_anchor_table()
         sets = []
         for concept in concepts:
             anchors = table.get(concept.strip().lower(), [])

@@ -20,6 +20,7 @@ def calibrate(
     mode: Annotated[str, typer.Option(help="Erase mode to calibrate for (single or dual; use the same at inference).")] = "single",
     concept_context: Annotated[str, typer.Option(help="Concept encoding to calibrate for: separate or prompt (use the same at inference).")] = "prompt",
     gate: Annotated[bool, typer.Option("--gate/--no-gate", help="Calibrate with presence gating (use the same at inference).")] = False,
+    anchor: Annotated[list[str] | None, typer.Option(help="Anchors used while calibrating (repeat, or 'auto'); default none: the scale of the concept term alone.")] = None,
     steps: int = 25,
     guidance: float = 7.5,
     out: Annotated[Path | None, typer.Option(help="Predictor file (default: MODEL/eiup_scale_predictors/CONCEPT.safetensors).")] = None,
@@ -62,5 +63,5 @@ def calibrate(
     pipe.set_progress_bar_config(disable=True)
     pred, path = run(pipe, concept.strip(), prompt_list, judge, list(range(first_seed, first_seed + seeds)), steps,
                      guidance, grid_values, "presence" if gate else None, out, mode=mode,
-                     concept_context=concept_context)
+                     concept_context=concept_context, anchors="auto" if anchor == ["auto"] else tuple(anchor or ()))
     typer.echo(json.dumps({"predictor": str(path), **{k: v for k, v in (pred.info or {}).items() if k != "prompts"}}, indent=2))

@@ -60,7 +60,8 @@ def generate(
         "'red'): also projects the concept out of the prompt's tokens (the padding included), where implied concepts "
         "live. 'auto': the model folder's eiup_anchors.json; 'none': off. Default: the library's DEFAULT_ANCHORS."),
     anchor_strength: float = typer.Option(
-        1.0, "--anchor-strength", help="Strength of the anchored token projection, in (0, 8] (with --anchor)."),
+        3.0, "--anchor-strength", help="Strength of the anchored token projection, in (0, 8] (the library's "
+        "DEFAULT_ANCHOR_STRENGTH)."),
     anchor_gate: bool = typer.Option(
         True, "--anchor-gate/--no-anchor-gate", help="Project only prompts nearer the concept than every anchor."),
     allow_amplify: bool = typer.Option(False, "--allow-amplify", help="Allow a positive --scale (amplifies the concepts)."),
