@@ -203,3 +203,24 @@ def test_default_auto_is_quiet_without_an_anchor_file_and_used_with_one(sd1, mod
     (model_folder / "eiup_anchors.json").write_text('{"red": ["blue", "green"]}')
     default = sd1("a red star", generator=gen(), **kw).images
     assert np.array_equal(default, sd1("a red star", anchors=["blue", "green"], generator=gen(), **kw).images)
+
+
+def test_model_presets_give_strength_and_scale_unless_the_call_does(sd1, model_folder):
+    (model_folder / "eiup_anchors.json").write_text(
+        '{"red": {"anchors": ["blue", "green"], "strength": 2.0, "scale": -1.5}}')
+    kw = dict(erase="red", anchor_gate=False, concept_context="separate", **KW)
+    preset = sd1("a red star", generator=gen(), **kw).images
+    spelled = sd1("a red star", anchors=["blue", "green"], anchor_strength=2.0, erase_scale=-1.5, generator=gen(), **kw).images
+    assert np.array_equal(preset, spelled)
+    own = sd1("a red star", anchor_strength=1.0, erase_scale=-3.0, generator=gen(), **kw).images
+    spelled = sd1("a red star", anchors=["blue", "green"], anchor_strength=1.0, erase_scale=-3.0, generator=gen(), **kw).images
+    assert np.array_equal(own, spelled) and not np.array_equal(own, preset)
+
+
+@pytest.mark.parametrize("entry", ['{"anchors": ["blue"], "strength": 0}', '{"anchors": ["blue"], "scale": 0.5}',
+                                   '{"anchors": ["blue"], "scale": "strong"}', '{"strength": 1.0, "anchors": "blue"}'])
+def test_malformed_presets_are_refused_before_model_work(sd1, model_folder, entry):
+    (model_folder / "eiup_anchors.json").write_text('{"red": %s}' % entry)
+    with ModelCalls(sd1) as model, pytest.raises(EraseConfigError, match="eiup_anchors.json"):
+        sd1("a red star", erase="red", generator=gen(), **KW)
+    assert model.calls == []

@@ -421,12 +421,12 @@ class GenerationSettings:
     guidance: float = 7.5
     seed: int = 0
     erase: tuple[str, ...] = ()
-    scale: float | str = -1.0  # a number, or "auto" (calibrated per image)
+    scale: float | str | None = -1.0  # a number, "auto" (calibrated per image), or None (the library's default)
     mode: str = "single"
     gate: str | None = None
     concept_context: str = "separate"  # "prompt": concepts encoded after the prompt (EraseConfig.concept_context)
     anchors: tuple[str, ...] = ()  # EraseConfig.anchors (anchored token projection); () = off
-    anchor_strength: float = 3.0
+    anchor_strength: float | None = None  # None: the model's preset, else the library default
     anchor_gate: bool = True
     negative_prompt: str | None = None
     images_per_prompt: int = 1
@@ -873,7 +873,9 @@ def generate_to_dir(
                             kwargs["concept_context"] = settings.concept_context
                         kwargs["anchors"] = list(settings.anchors)  # [] = off, whatever the library default
                         if settings.anchors:
-                            kwargs.update(anchor_strength=settings.anchor_strength, anchor_gate=settings.anchor_gate)
+                            kwargs["anchor_gate"] = settings.anchor_gate
+                            if settings.anchor_strength is not None:
+                                kwargs["anchor_strength"] = settings.anchor_strength
                         if settings.allow_amplify:
                             kwargs["allow_amplify"] = True
                         if want_original:

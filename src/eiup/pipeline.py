@@ -114,6 +114,23 @@ def _finite_number(value: Any, name: str) -> float:
     return value
 
 
+def _anchor_strength(value: Any, name: str) -> float:
+    strength = _finite_number(value, name)
+    if not 0.0 < strength <= MAX_ANCHOR_STRENGTH:
+        raise EraseConfigError(f"{name}={strength} is outside (0, {MAX_ANCHOR_STRENGTH:g}]; "
+                               "1 removes the concept's component from the prompt tokens, e.g. anchor_strength=1")
+    return strength
+
+
+@dataclass(frozen=True)
+class AnchorPlan:
+    """How one concept is projected: its anchors, the strength, and the model's preset scale (or None)."""
+
+    anchors: tuple[str, ...]
+    strength: float
+    scale: float | None = None
+
+
 @dataclass(frozen=True)
 class EraseConfig:
     """Validated erasure settings of one call (the erasure keyword arguments of ``__call__``).
@@ -153,10 +170,14 @@ class EraseConfig:
             relative to the anchors (:mod:`eiup.anchors`); tokens that do not lean towards the
             concept are left exactly as they are. ``"auto"``: per concept, the anchors listed in
             the model folder's ``eiup_anchors.json`` (the toy model ships one; concepts it does not
-            list get none, with a warning). ``()``: off. ``None``: :data:`DEFAULT_ANCHORS`.
+            list get none, with a warning). An entry may also carry measured presets,
+            ``{"anchors": [...], "strength": s, "scale": w}``, used when the call leaves
+            ``anchor_strength`` / ``erase_scale`` unset. ``()``: off. ``None``: :data:`DEFAULT_ANCHORS`.
             SD 1.x/2.x pipelines.
         anchor_strength: s of the anchored projection (1 removes the concept's component, larger
-            values push past the anchors), in (0, 8]; default :data:`DEFAULT_ANCHOR_STRENGTH`.
+            values push past the anchors), in (0, 8]. ``None``: with ``anchors="auto"`` the model's
+            preset for the concept when its ``eiup_anchors.json`` gives one, else
+            :data:`DEFAULT_ANCHOR_STRENGTH`.
         anchor_gate: Project only prompts whose tokens are closer to the concept's than to every
             anchor's (mean cosine over the tokens after BOS); ``False`` projects every prompt
             that leans towards the concept.
@@ -177,7 +198,7 @@ class EraseConfig:
     gate_threshold: float = 0.4
     concept_context: str | None = None
     anchors: str | Sequence[str] | None = None
-    anchor_strength: float = DEFAULT_ANCHOR_STRENGTH
+    anchor_strength: float | None = None
     anchor_gate: bool = True
 
     def __post_init__(self) -> None:
@@ -185,11 +206,8 @@ class EraseConfig:
         set_(self, "erase", self._concepts(self.erase))
         if self.anchors is not None:  # None stays None: DEFAULT_ANCHORS, resolved at call time
             set_(self, "anchors", self._anchor_spec(self.anchors))
-        strength = _finite_number(self.anchor_strength, "anchor_strength")
-        if not 0.0 < strength <= MAX_ANCHOR_STRENGTH:
-            raise EraseConfigError(f"anchor_strength={strength} is outside (0, {MAX_ANCHOR_STRENGTH:g}]; "
-                                   "1 removes the concept's component from the prompt tokens, e.g. anchor_strength=1")
-        set_(self, "anchor_strength", strength)
+        if self.anchor_strength is not None:  # None: the model's preset for the concept, else the default
+            set_(self, "anchor_strength", _anchor_strength(self.anchor_strength, "anchor_strength"))
         if not isinstance(self.anchor_gate, bool):
             raise EraseConfigError(f"anchor_gate={self.anchor_gate!r} must be True or False")
         set_(self, "allow_amplify", bool(self.allow_amplify))
@@ -476,7 +494,7 @@ class EIUPMixin:
         context_texts = None
         if config.concept_context == "prompt":
             context_texts, spans = self._contextual_concepts(call, config.concepts, spans)
-        anchor_sets = self._anchor_sets(config) if config.anchor_spec else None
+        anchor_plans = self._anchor_plans(config) if config.anchor_spec else None
         height, width = self._resolve_hw(call)
         vsf = self.vae_scale_factor
         latent_size = (int(height) // vsf, int(width) // vsf)
@@ -506,7 +524,10 @@ class EIUPMixin:
         else:  # one encoding per distinct text, then one row per image
             encoded = {t: self._encode_concepts(t, device, lora_scale, call.get("clip_skip")) for t in dict.fromkeys(context_texts)}
             concept_embeds = torch.cat([encoded[t] for t in context_texts]) if len(encoded) > 1 else encoded[context_texts[0]]
-        token_scales = token_scale_vector(spans, config.scales, concept_embeds.shape[1], device=concept_embeds.device)
+        scales = config.scales
+        if config.erase_scale is None and anchor_plans:  # the model's measured preset, where it has one
+            scales = tuple(s if plan.scale is None else plan.scale for s, plan in zip(scales, anchor_plans))
+        token_scales = token_scale_vector(spans, scales, concept_embeds.shape[1], device=concept_embeds.device)
         ctx = EraseContext(
             concepts=config.concepts,
             spans=spans,
@@ -545,8 +566,8 @@ class EIUPMixin:
         m = None
         if dual:
             m = self._dual_call(call, device, cfg, lora_scale, height, width)
-        if anchor_sets is not None and any(anchor_sets):
-            self._project_prompt_tokens(call, config, anchor_sets, device, cfg, lora_scale, m)
+        if anchor_plans is not None and any(plan.anchors for plan in anchor_plans):
+            self._project_prompt_tokens(call, config, anchor_plans, device, cfg, lora_scale, m)
             ctx.own_prompt_values = dual
 
         # ---- run with EIUP processors, always restoring the user's ---------------------------
@@ -765,24 +786,25 @@ class EIUPMixin:
         texts = [t for t in texts for _ in range(per_image)]
         return texts, [[p + offsets[0] for p in span] for span in spans]
 
-    def _anchor_sets(self, config: EraseConfig) -> list[tuple[str, ...]]:
-        """The anchors of each concept (explicit, or ``"auto"`` from the model folder), checked to fit the encoder."""
+    def _anchor_plans(self, config: EraseConfig) -> list[AnchorPlan]:
+        """Each concept's anchors (explicit, or ``"auto"`` from the model folder), checked to fit the encoder."""
         if not isinstance(self, StableDiffusionPipeline):
             if config.anchors is None:  # the default on SDXL: the concept term alone
-                return [()] * len(config.concepts)
+                return [AnchorPlan((), DEFAULT_ANCHOR_STRENGTH)] * len(config.concepts)
             raise EraseConfigError("anchors are supported on SD 1.x/2.x pipelines (one CLIP text encoder); drop anchors here")
         spec = config.anchor_spec
+        strength = config.anchor_strength
         if spec == AUTO:  # quiet about a model without an anchor file only when "auto" is just the default
-            sets = self._model_anchor_sets(config.concepts, quiet_without_file=config.anchors is None)
+            plans = self._model_anchor_plans(config.concepts, strength, quiet_without_file=config.anchors is None)
         else:
-            sets = [tuple(spec)] * len(config.concepts)
+            plans = [AnchorPlan(tuple(spec), DEFAULT_ANCHOR_STRENGTH if strength is None else strength)] * len(config.concepts)
         limit = self.tokenizer.model_max_length
-        for i, anchor in enumerate(dict.fromkeys(a for anchors in sets for a in anchors)):
+        for i, anchor in enumerate(dict.fromkeys(a for plan in plans for a in plan.anchors)):
             n = len(self.tokenizer(anchor).input_ids)
             if n > limit:
                 raise EraseConfigError(f"anchors[{i}]={anchor[:30]!r}... is {n - 2} tokens long, more than the "
                                        f"{limit - 2} the text encoder holds; shorten it")
-        return sets
+        return plans
 
     def _model_anchor_table(self) -> tuple[Any, dict]:
         """``<model folder>/eiup_anchors.json`` as {concept (lower case): anchors}; ``{}`` when there is none."""
@@ -798,23 +820,37 @@ class EIUPMixin:
         except (ValueError, AttributeError) as e:
             raise EraseConfigError(f"anchors='auto': {path} is not a JSON object of concept -> [anchors]: {e}") from e
 
-    def _model_anchor_sets(self, concepts: Sequence[str], quiet_without_file: bool = False) -> list[tuple[str, ...]]:
-        """``anchors="auto"``: ``<model folder>/eiup_anchors.json`` ({concept: [anchor, ...]}), per concept."""
+    def _model_anchor_plans(self, concepts: Sequence[str], strength: float | None,
+                            quiet_without_file: bool = False) -> list[AnchorPlan]:
+        """``anchors="auto"``: ``<model folder>/eiup_anchors.json``, per concept: ``[anchor, ...]`` or
+        ``{"anchors": [...], "strength": s, "scale": w}`` (presets measured for that model)."""
         path, table = self._model_anchor_table()
-        sets = []
+        plans = []
         for concept in concepts:
-            anchors = table.get(concept.strip().lower(), [])
+            entry = table.get(concept.strip().lower(), [])
+            preset = entry if isinstance(entry, dict) else {"anchors": entry}
+            anchors = preset.get("anchors", [])
             if not isinstance(anchors, list) or not all(isinstance(a, str) and a.strip() for a in anchors):
-                raise EraseConfigError(f"anchors='auto': {path} lists {anchors!r} for {concept!r}; give a list of words")
-            sets.append(tuple(a.strip() for a in anchors))
-        missing = [c for c, a in zip(concepts, sets) if not a]
+                raise EraseConfigError(f"anchors='auto': {path} lists {entry!r} for {concept!r}; give a list of words "
+                                       'or {"anchors": [...], "strength": s, "scale": w}')
+            try:
+                own = _anchor_strength(preset["strength"], f"{path}: {concept!r} strength") if "strength" in preset else None
+                scale = _finite_number(preset["scale"], f"{path}: {concept!r} scale") if "scale" in preset else None
+            except EraseConfigError as e:
+                raise EraseConfigError(f"anchors='auto': {e}") from e
+            if scale is not None and not -MAX_ABS_SCALE <= scale < 0:
+                raise EraseConfigError(f"anchors='auto': {path}: {concept!r} scale={scale} must be negative and "
+                                       f">= -{MAX_ABS_SCALE:g}")
+            chosen = strength if strength is not None else (own if own is not None else DEFAULT_ANCHOR_STRENGTH)
+            plans.append(AnchorPlan(tuple(a.strip() for a in anchors), chosen, scale))
+        missing = [c for c, plan in zip(concepts, plans) if not plan.anchors]
         if missing and not (quiet_without_file and not table):
             where = path if path is not None else "(no model folder known)"
             warnings.warn(f"anchors='auto': {where} lists no anchors for {missing}; these concepts are erased by "
                           "the concept term alone (pass anchors=[...] to project them too)", stacklevel=4)
-        return sets
+        return plans
 
-    def _project_prompt_tokens(self, call: dict[str, Any], config: EraseConfig, anchor_sets: list[tuple[str, ...]],
+    def _project_prompt_tokens(self, call: dict[str, Any], config: EraseConfig, plans: list[AnchorPlan],
                                device, cfg: bool, lora_scale, m: int | None) -> None:
         """Replace the erased branch's prompt embeddings by their anchored token projection (:mod:`eiup.anchors`)."""
         from .anchors import aligned_concept_and_anchors, concept_directions, nearest_to_concept, project_tokens
@@ -839,13 +875,13 @@ class EIUPMixin:
             return encoded[text]
 
         edited = pe[rows].float()
-        for concept, anchor_texts in zip(config.concepts, anchor_sets):
-            if not anchor_texts:
+        for concept, plan in zip(config.concepts, plans):
+            if not plan.anchors:
                 continue
-            lengths = torch.tensor([len(ids) for ids in tok(list(anchor_texts)).input_ids], device=device)
+            lengths = torch.tensor([len(ids) for ids in tok(list(plan.anchors)).input_ids], device=device)
             c, anchors = aligned_concept_and_anchors(encode(concept), len(tok(concept).input_ids),
-                                                     torch.stack([encode(a) for a in anchor_texts]), lengths)
-            projected = project_tokens(edited, *concept_directions(c, anchors), config.anchor_strength)
+                                                     torch.stack([encode(a) for a in plan.anchors]), lengths)
+            projected = project_tokens(edited, *concept_directions(c, anchors), plan.strength)
             if config.anchor_gate:
                 keep = ~nearest_to_concept(edited, c, anchors)
                 projected[keep] = edited[keep]

@@ -48,7 +48,8 @@ def generate(
         None, "--erase", "-e", help="A concept to erase (repeat for several). None: plain generation."),
     scale: Optional[str] = typer.Option(
         None, "--scale", help="Suppression scale w (< 0 erases), or 'auto' (predicted per image by the model's "
-        "calibrated predictor, see `eiup calibrate`). Default: the library's DEFAULT_ERASE_SCALE."),
+        "calibrated predictor, see `eiup calibrate`). Default: the model's preset for the concept "
+        "(eiup_anchors.json, with anchors), else the library's DEFAULT_ERASE_SCALE."),
     gate: Optional[bool] = typer.Option(
         None, "--gate/--no-gate", help="Presence gating: suppress only where the image attends to the concept. "
         "Default: the library's DEFAULT_GATE."),
@@ -59,9 +60,9 @@ def generate(
         None, "--anchor", help="A concept of the erased one's kind (repeat; e.g. the other colours when erasing "
         "'red'): also projects the concept out of the prompt's tokens (the padding included), where implied concepts "
         "live. 'auto': the model folder's eiup_anchors.json; 'none': off. Default: the library's DEFAULT_ANCHORS."),
-    anchor_strength: float = typer.Option(
-        3.0, "--anchor-strength", help="Strength of the anchored token projection, in (0, 8] (the library's "
-        "DEFAULT_ANCHOR_STRENGTH)."),
+    anchor_strength: Optional[float] = typer.Option(
+        None, "--anchor-strength", help="Strength of the anchored token projection, in (0, 8]. Default: the "
+        "model's preset for the concept (eiup_anchors.json), else the library's DEFAULT_ANCHOR_STRENGTH."),
     anchor_gate: bool = typer.Option(
         True, "--anchor-gate/--no-anchor-gate", help="Project only prompts nearer the concept than every anchor."),
     allow_amplify: bool = typer.Option(False, "--allow-amplify", help="Allow a positive --scale (amplifies the concepts)."),
@@ -132,7 +133,7 @@ def generate(
         raise _bad("'auto' and 'none' stand alone; give either them or a list of words", "--anchor")
     if any(not a for a in anchors):
         raise _bad("an empty anchor; give a concept of the erased one's kind, e.g. --anchor blue", "--anchor")
-    if not (math.isfinite(anchor_strength) and 0 < anchor_strength <= 8):
+    if anchor_strength is not None and not (math.isfinite(anchor_strength) and 0 < anchor_strength <= 8):
         raise _bad(f"{anchor_strength} is outside (0, 8]; 1 removes the concept from the prompt tokens", "--anchor-strength")
     if steps < 1:
         raise _bad(f"{steps} < 1", "--steps")
@@ -185,14 +186,14 @@ def generate(
         if not torch.cuda.is_available():
             raise _bad("CUDA is not available on this machine; use --device cpu", "--device")
 
-    default_scale, default_mode, default_gate, default_context, default_anchors = _library_defaults()
+    _, default_mode, default_gate, default_context, default_anchors = _library_defaults()
     if not anchors:
         anchors = default_anchors
     elif anchors[0].lower() in ("auto", "none"):
         anchors = () if anchors[0].lower() == "none" else ("auto",)
     settings = eio.GenerationSettings(
         model=info.location, steps=steps, guidance=guidance, seed=seed, erase=tuple(concepts),
-        scale=default_scale if scale is None else scale, mode=mode or default_mode,
+        scale=scale, mode=mode or default_mode,  # None: the library's default (a model preset, else DEFAULT_ERASE_SCALE)
         gate=default_gate if gate is None else ("presence" if gate else None),
         concept_context=concept_context or default_context,
         anchors=anchors, anchor_strength=anchor_strength, anchor_gate=anchor_gate,
