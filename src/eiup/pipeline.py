@@ -141,7 +141,8 @@ class EraseConfig:
     Attributes:
         erase: Concepts to erase: a string or a list of strings (stripped; ``()`` if none).
         erase_scale: Suppression scale w, one float or one per concept (see :attr:`scales`).
-            ``None`` means :data:`DEFAULT_ERASE_SCALE`.
+            ``None`` means the model's preset for the concept (``anchors="auto"`` with a preset in
+            ``eiup_anchors.json``), else :data:`DEFAULT_ERASE_SCALE`.
         erase_mode: ``"single"`` or ``"dual"``; ``None`` means :data:`DEFAULT_ERASE_MODE`.
         cross_attn_fraction: Dual mode: the first ``floor(f * steps)`` steps use the original
             branch's prompt cross-attention output.
@@ -415,8 +416,8 @@ class EIUPMixin:
 
         Args:
             erase: Concept(s) to erase, e.g. ``"nudity"`` or ``["red", "star"]``.
-            erase_scale: Suppression scale w (< 0), one float or one per concept.
-                Default :data:`DEFAULT_ERASE_SCALE`.
+            erase_scale: Suppression scale w (< 0), one float or one per concept. Default: the
+                model's preset for the concept (see ``anchors``), else :data:`DEFAULT_ERASE_SCALE`.
             erase_mode: ``"single"`` (fast) or ``"dual"`` (paper). Default :data:`DEFAULT_ERASE_MODE`.
             cross_attn_fraction: Dual mode cross-attention window (default 0.8).
             self_attn_fraction: Dual mode self-attention window (default 0.4).
