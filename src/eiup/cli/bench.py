@@ -36,7 +36,9 @@ def bench(
     first_seed: Annotated[int, typer.Option(help="First seed (held-out seeds: the toy model trains with none).")] = 0,
     scales: Annotated[str, typer.Option(help="EIUP suppression scales to sweep (comma-separated, negative); these rows encode the concept alone (the paper); add rows such as eiup-single+concept_context=prompt@-4 with --method.")] = "-0.5,-1,-2,-4",
     modes: Annotated[str, typer.Option(help="EIUP modes to sweep.")] = "single,dual",
-    method: Annotated[list[str] | None, typer.Option(help="Extra methods, e.g. 'eiup-single+gate@auto' (repeatable).")] = None,
+    method: Annotated[list[str] | None, typer.Option(help="Extra methods (repeatable), e.g. 'eiup-single+gate=presence@auto', "
+                      "'eiup-single+concept_context=prompt+anchors=auto@-1' (anchors from the model), "
+                      "'+anchors' (toy world: the attribute's other values) or '+anchors=a|b', '+anchor_strength=3'.")] = None,
     only: Annotated[list[str] | None, typer.Option(help="Run only these methods (names as in the report).")] = None,
     no_sld: Annotated[bool, typer.Option("--no-sld", help="Skip the SLD presets.")] = False,
     model: Annotated[str | None, typer.Option(help="Pipeline folder or hub id (default: the bundled toy model).")] = None,
