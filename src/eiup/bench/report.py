@@ -100,28 +100,30 @@ def tradeoff_plot(summary: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
     families: dict = {}
     for method, m in summary.items():
         fam = method.split("@")[0] if "@" in method else method
         families.setdefault(fam, []).append((method, m))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5 + 0.16 * len(families)))
+    colors = dict(zip(families, plt.get_cmap("tab20")(np.linspace(0, 1, max(len(families), 2)))))  # one per family
     for ax, key, label in ((axes[0], "fidelity", "fidelity"), (axes[1], "specificity", "specificity (attributes)")):
         for fam, items in families.items():
             xs = [m["residual_implicit"] for _, m in items]
             ys = [m[key] for _, m in items]
             if len(items) > 1:
                 order = np.argsort(xs)
-                ax.plot(np.array(xs)[order], np.array(ys)[order], "o-", label=fam, markersize=4)
+                ax.plot(np.array(xs)[order], np.array(ys)[order], "o-", label=fam, markersize=4, color=colors[fam])
                 for (method, m) in items:
                     ax.annotate(method.split("@")[1], (m["residual_implicit"], m[key]), fontsize=6)
             else:
-                ax.plot(xs, ys, "s", label=fam, markersize=7)
+                ax.plot(xs, ys, "s", label=fam, markersize=7, color=colors[fam])
         ax.set_xlabel("residual concept rate on implicit prompts (lower is better)")
         ax.set_ylabel(f"{label} (higher is better)")
         ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=7, loc="lower left")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=7, loc="lower center", ncol=2, frameon=False)
     fig.suptitle("Erasure vs fidelity / specificity (toy world, mean over concepts)")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.03 * (len(families) + 1) / 2 + 0.02, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
