@@ -77,8 +77,8 @@ def projected_embeds(pipe, prompts, concept, anchors, strength, gate):
                                        torch.tensor([len(ids) for ids in tok(anchors).input_ids]))
     e = enc(prompts)
     out = project_tokens(e, *concept_directions(c, a), strength)
-    if gate:
-        near = nearest_to_concept(e, c, a)
+    if gate:  # nearer the concept than every anchor, or naming it
+        near = nearest_to_concept(e, c, a) | torch.tensor([concept in p.split() for p in prompts])
         out[~near] = e[~near]
     return out
 
@@ -224,3 +224,16 @@ def test_malformed_presets_are_refused_before_model_work(sd1, model_folder, entr
     with ModelCalls(sd1) as model, pytest.raises(EraseConfigError, match="eiup_anchors.json"):
         sd1("a red star", erase="red", generator=gen(), **KW)
     assert model.calls == []
+
+
+def test_a_prompt_naming_the_concept_is_gated_in(sd1):
+    kw = dict(erase="red", erase_scale=-2.0, anchors=["blue", "green"], concept_context="separate", **KW)
+    named = sd1(["a red star", "a RED, star"], generator=[gen(0), gen(1)], **kw).images
+    ungated = sd1(["a red star", "a RED, star"], generator=[gen(0), gen(1)], anchor_gate=False, **kw).images
+    assert np.array_equal(named, ungated)
+    from eiup.pipeline import _concepts_named
+
+    call = {"prompt": ["a red star", "a reddish star", "Red!", "a tomato"], "num_images_per_prompt": 2}
+    assert _concepts_named(call, ["red", "tomato"]) == [[True, True, False, False, True, True, False, False],
+                                                         [False, False, False, False, False, False, True, True]]
+    assert _concepts_named({"prompt": None}, ["red"]) is None

@@ -14,9 +14,9 @@ colours), at each position i:
     e_i <- e_i - s * max(0, <e_i - m_i, d_i>) * d_i
 
 Tokens that do not lean from the anchors towards the concept (coefficient <= 0) are left as they
-are. With the nearest-concept gate (default) a prompt is edited only when its tokens are on average
-closer (cosine) to the concept's than to every anchor's: "a lemon" is nearer "yellow" than "red"
-and keeps its colour even where it leans a little towards red.
+are. With the gate (default) a prompt is edited only when it names the concept or its tokens are on
+average closer (cosine) to the concept's than to every anchor's: "a lemon" is nearer "yellow" than
+"red" and keeps its colour even where it leans a little towards red.
 """
 
 from __future__ import annotations

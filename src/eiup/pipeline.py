@@ -39,6 +39,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import math
+import re
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -179,9 +180,9 @@ class EraseConfig:
             values push past the anchors), in (0, 8]. ``None``: with ``anchors="auto"`` the model's
             preset for the concept when its ``eiup_anchors.json`` gives one, else
             :data:`DEFAULT_ANCHOR_STRENGTH`.
-        anchor_gate: Project only prompts whose tokens are closer to the concept's than to every
-            anchor's (mean cosine over the tokens after BOS); ``False`` projects every prompt
-            that leans towards the concept.
+        anchor_gate: Project only prompts that name the concept (whole words) or whose tokens are
+            closer to the concept's than to every anchor's (mean cosine over the tokens after BOS);
+            ``False`` projects every prompt that leans towards the concept.
 
     ``erase_scale="auto"`` predicts one scale per image and concept from the concept's
     attention at the first step, with a predictor calibrated by ``eiup calibrate``.
@@ -337,6 +338,16 @@ class EIUPPipelineOutput(BaseOutput):
     original_images: Any = None
     heatmaps: dict[str, np.ndarray] | None = None
     erase_scales: dict[str, np.ndarray] | None = None
+
+
+def _concepts_named(call: dict[str, Any], concepts: Sequence[str]) -> list[list[bool]] | None:
+    """Per concept, per image: whether the prompt text names the concept (whole words, any case)."""
+    prompt = call.get("prompt")
+    if prompt is None or (not isinstance(prompt, str) and not all(isinstance(p, str) for p in prompt)):
+        return None  # prompt_embeds: the similarity gate alone
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    rows = [p.lower() for p in prompts for _ in range(int(call.get("num_images_per_prompt") or 1))]
+    return [[re.search(rf"(?<!\w){re.escape(c.lower())}(?!\w)", p) is not None for p in rows] for c in concepts]
 
 
 def _split(x: Any, m: int) -> tuple[Any, Any]:
@@ -496,6 +507,7 @@ class EIUPMixin:
         if config.concept_context == "prompt":
             context_texts, spans = self._contextual_concepts(call, config.concepts, spans)
         anchor_plans = self._anchor_plans(config) if config.anchor_spec else None
+        named = _concepts_named(call, config.concepts) if anchor_plans else None
         height, width = self._resolve_hw(call)
         vsf = self.vae_scale_factor
         latent_size = (int(height) // vsf, int(width) // vsf)
@@ -568,7 +580,7 @@ class EIUPMixin:
         if dual:
             m = self._dual_call(call, device, cfg, lora_scale, height, width)
         if anchor_plans is not None and any(plan.anchors for plan in anchor_plans):
-            self._project_prompt_tokens(call, config, anchor_plans, device, cfg, lora_scale, m)
+            self._project_prompt_tokens(call, config, anchor_plans, named, device, cfg, lora_scale, m)
             ctx.own_prompt_values = dual
 
         # ---- run with EIUP processors, always restoring the user's ---------------------------
@@ -852,7 +864,7 @@ class EIUPMixin:
         return plans
 
     def _project_prompt_tokens(self, call: dict[str, Any], config: EraseConfig, plans: list[AnchorPlan],
-                               device, cfg: bool, lora_scale, m: int | None) -> None:
+                               named: list[list[bool]] | None, device, cfg: bool, lora_scale, m: int | None) -> None:
         """Replace the erased branch's prompt embeddings by their anchored token projection (:mod:`eiup.anchors`)."""
         from .anchors import aligned_concept_and_anchors, concept_directions, nearest_to_concept, project_tokens
 
@@ -876,16 +888,18 @@ class EIUPMixin:
             return encoded[text]
 
         edited = pe[rows].float()
-        for concept, plan in zip(config.concepts, plans):
+        for k, (concept, plan) in enumerate(zip(config.concepts, plans)):
             if not plan.anchors:
                 continue
             lengths = torch.tensor([len(ids) for ids in tok(list(plan.anchors)).input_ids], device=device)
             c, anchors = aligned_concept_and_anchors(encode(concept), len(tok(concept).input_ids),
                                                      torch.stack([encode(a) for a in plan.anchors]), lengths)
             projected = project_tokens(edited, *concept_directions(c, anchors), plan.strength)
-            if config.anchor_gate:
-                keep = ~nearest_to_concept(edited, c, anchors)
-                projected[keep] = edited[keep]
+            if config.anchor_gate:  # projected: prompts nearer the concept than every anchor, or naming it
+                near = nearest_to_concept(edited, c, anchors)
+                if named is not None:
+                    near |= torch.tensor(named[k], device=near.device)
+                projected[~near] = edited[~near]
             edited = projected
         pe = pe.clone()
         pe[rows] = edited.to(pe.dtype)
