@@ -623,11 +623,11 @@ class EIUPMixin:
             found = find_predictors(config.concepts, getattr(self.config, "_name_or_path", None), source)
         except FileNotFoundError as e:
             raise EraseConfigError(str(e)) from e
+        spec = config.anchor_spec
+        if spec == AUTO and not self._model_anchor_table()[1]:
+            spec = ()  # "auto" on a model without an anchor file: no anchors
         for pred in found:
             info = pred.info or {}
-            spec = config.anchor_spec
-            if spec == AUTO and not self._model_anchor_table()[1]:
-                spec = ()  # "auto" on a model without an anchor file: no anchors
             calibrated = {"erase_mode": info.get("mode", "single"), "gate": info.get("gate"),
                           "concept_context": info.get("concept_context", "separate"), "anchors": info.get("anchors", [])}
             used = {"erase_mode": config.erase_mode, "gate": config.gate, "concept_context": config.concept_context,

@@ -133,8 +133,12 @@ def generate(
         raise _bad("'auto' and 'none' stand alone; give either them or a list of words", "--anchor")
     if any(not a for a in anchors):
         raise _bad("an empty anchor; give a concept of the erased one's kind, e.g. --anchor blue", "--anchor")
-    if anchor_strength is not None and not (math.isfinite(anchor_strength) and 0 < anchor_strength <= 8):
-        raise _bad(f"{anchor_strength} is outside (0, 8]; 1 removes the concept from the prompt tokens", "--anchor-strength")
+    if anchor_strength is not None:
+        from eiup.pipeline import MAX_ANCHOR_STRENGTH
+
+        if not (math.isfinite(anchor_strength) and 0 < anchor_strength <= MAX_ANCHOR_STRENGTH):
+            raise _bad(f"{anchor_strength} is outside (0, {MAX_ANCHOR_STRENGTH:g}]; 1 removes the concept from the "
+                       "prompt tokens", "--anchor-strength")
     if steps < 1:
         raise _bad(f"{steps} < 1", "--steps")
     if not math.isfinite(guidance) or guidance < 0:
