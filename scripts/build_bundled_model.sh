@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Rebuild everything the package ships for the toy world, on a CPU, from scratch:
 #   the pipeline (src/eiup/toy/weights/pipeline), the detector (src/eiup/toy/weights/detector.safetensors),
-#   the calibrated auto-scale predictors (inside the pipeline folder), and the committed reports (docs/).
+#   the prompt probes and calibrated auto-scale predictors (inside the pipeline folder), and the committed reports (docs/).
 # Each step resumes where an interrupted run stopped. Run from the repository root with .venv set up.
 # On this 2-core machine: data + VAE about 40 min, UNet 220 min of training steps (2 threads, nothing else
-# running; 10% of captions padded with style words past 77 tokens), detector 17 min, calibration ~5 min: ~4.6 h.
+# running; 10% of captions padded with style words past 77 tokens), detector 17 min, gate ~4 min, calibration ~5 min: ~4.7 h.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 W=src/eiup/toy/weights
@@ -13,6 +13,8 @@ export OMP_NUM_THREADS=$THREADS
 .venv/bin/eiup toy train --out runs/toy --vae-minutes 30 --minutes 220 --threads "$THREADS" \
   --localisation-weight 0.03 --long-caption-prob 0.1 --export-to "$W/pipeline"
 .venv/bin/eiup toy train-detector --model "$W/pipeline" --out "$W/detector.safetensors" --scenes 20000 --minutes 17
+# the anchored projection's gate: one prompt probe per concept, fitted on 600 world captions the model draws (~4 min)
+.venv/bin/eiup fit-gate --concept red --concept star --concept heart --concept night
 export OMP_NUM_THREADS=1
 for c in red star heart night; do
   .venv/bin/eiup calibrate --concept "$c" --mode dual --concept-context prompt --grid=0,-2,-4,-8,-16 --seeds 3

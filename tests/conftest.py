@@ -56,3 +56,12 @@ def sdxl_plain(sdxl):
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
+
+
+@pytest.fixture
+def model_folder(sd1, tmp_path):
+    """Point the session pipeline at a folder of this test's own (eiup_anchors.json, prompt probes)."""
+    old = getattr(sd1.config, "_name_or_path", None)
+    sd1.register_to_config(_name_or_path=str(tmp_path))
+    yield tmp_path
+    sd1.register_to_config(_name_or_path=old)

@@ -158,15 +158,6 @@ def test_anchors_refused_on_sdxl_before_model_work(sdxl):
     assert model.calls == []
 
 
-@pytest.fixture
-def model_folder(sd1, tmp_path):
-    """Point the session pipeline at a folder of this test's own (for eiup_anchors.json)."""
-    old = getattr(sd1.config, "_name_or_path", None)
-    sd1.register_to_config(_name_or_path=str(tmp_path))
-    yield tmp_path
-    sd1.register_to_config(_name_or_path=old)
-
-
 def test_auto_anchors_come_from_the_model_folder(sd1, model_folder):
     (model_folder / "eiup_anchors.json").write_text('{"Red": ["blue", "green"]}')
     kw = dict(erase="red", erase_scale=-2.0, anchor_gate=False, concept_context="separate", **KW)

@@ -79,6 +79,25 @@ def test_judgements_follow_the_definitions():
     assert m["residual_implicit"] == 0.5 and m["fidelity"] == 1.0  # fidelity ignores the erased attribute
 
 
+def test_fidelity_vs_plain_counts_the_methods_damage_not_the_models_mistakes():
+    wrong_shape = det(("red", "square", "plain"))  # the model drew the tomato as a square
+    erased = det(("orange", "square", "plain"))
+    j = judge_toy("a tomato", "implicit", 0, "red", erased, wrong_shape, 30, 1)
+    assert j.fidelity is False and j.kept is True  # the square was there without erasure
+    j = judge_toy("a tomato", "implicit", 0, "red", det(("orange", "circle", "plain")), wrong_shape, 30, 1)
+    assert j.fidelity is True and j.kept is False  # erasure changed the shape
+    assert judge_toy("a tomato", "implicit", 0, "red", det(), wrong_shape, 9, 0).kept is False  # object lost
+    gray = det(("red", "square", "plain"), background="gray")
+    assert judge_toy("a tomato", "implicit", 0, "red", erased, gray, 30, 1).kept is False  # background changed
+    night = det(("yellow", "circle", "plain"), background="black")
+    j = judge_toy("a lemon at night", "implicit", 0, "night", det(("yellow", "circle", "plain")), night, 30, 1)
+    assert j.kept is True  # the erased background is not held against it
+    assert judge_toy("a lime", "specificity", 0, "red", night, night, 40, 1).kept is None
+    m = aggregate([judge_toy("a tomato", "implicit", s, "red", e, wrong_shape, 30, 1)
+                   for s, e in enumerate([erased, erased, det(("orange", "circle", "plain")), erased])])
+    assert m["fidelity_vs_plain"] == 0.75 and m["fidelity"] == 0.25
+
+
 class ColourDetector:
     """A stand-in detector: one object, red when the image's red channel dominates."""
 

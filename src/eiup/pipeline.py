@@ -125,11 +125,13 @@ def _anchor_strength(value: Any, name: str) -> float:
 
 @dataclass(frozen=True)
 class AnchorPlan:
-    """How one concept is projected: its anchors, the strength, and the model's preset scale (or None)."""
+    """How one concept is projected: its anchors, the strength, the model's preset scale (or None),
+    and the model's prompt probe that gates it (or None: the nearest-anchor rule)."""
 
     anchors: tuple[str, ...]
     strength: float
     scale: float | None = None
+    probe: Any = None
 
 
 @dataclass(frozen=True)
@@ -180,9 +182,11 @@ class EraseConfig:
             values push past the anchors), in (0, 8]. ``None``: with ``anchors="auto"`` the model's
             preset for the concept when its ``eiup_anchors.json`` gives one, else
             :data:`DEFAULT_ANCHOR_STRENGTH`.
-        anchor_gate: Project only prompts that name the concept (whole words) or whose tokens are
-            closer to the concept's than to every anchor's (mean cosine over the tokens after BOS);
-            ``False`` projects every prompt that leans towards the concept.
+        anchor_gate: Project only prompts that name the concept (whole words) or imply it: by the
+            model's prompt probe where its folder has one (``eiup_prompt_probes/``, fitted by
+            ``eiup fit-gate`` on what the model draws; :mod:`eiup.probe`), else when their tokens
+            are closer to the concept's than to every anchor's (mean cosine over the tokens after
+            BOS). ``False`` projects every prompt that leans towards the concept.
 
     ``erase_scale="auto"`` predicts one scale per image and concept from the concept's
     attention at the first step, with a predictor calibrated by ``eiup calibrate``.
@@ -453,7 +457,7 @@ class EIUPMixin:
             anchors: Concepts of the erased one's kind (e.g. the other colours for "red"): also
                 project the concept out of the prompt's tokens (:mod:`eiup.anchors`).
             anchor_strength: Strength of that projection (default :data:`DEFAULT_ANCHOR_STRENGTH`).
-            anchor_gate: Project only prompts nearer the concept than every anchor (default True).
+            anchor_gate: Project only prompts that name or imply the concept (default True).
             scale_predictors: With ``erase_scale="auto"``: a folder of calibrated predictors
                 (``CONCEPT.safetensors``), one predictor file, or a list of
                 :class:`eiup.scale.ScalePredictor`; default ``<model folder>/eiup_scale_predictors``.
@@ -817,7 +821,24 @@ class EIUPMixin:
             if n > limit:
                 raise EraseConfigError(f"anchors[{i}]={anchor[:30]!r}... is {n - 2} tokens long, more than the "
                                        f"{limit - 2} the text encoder holds; shorten it")
+        if config.anchor_gate:
+            plans = [dataclasses.replace(plan, probe=self._prompt_probe(concept)) if plan.anchors else plan
+                     for concept, plan in zip(config.concepts, plans)]
         return plans
+
+    def _prompt_probe(self, concept: str):
+        """The model folder's prompt probe for ``concept`` (:mod:`eiup.probe`), or None (a few hundred bytes)."""
+        from .probe import find_probe
+
+        try:
+            probe = find_probe(concept.strip().lower(), getattr(self.config, "_name_or_path", None))
+        except ValueError as e:
+            raise EraseConfigError(f"anchor_gate: {e}") from e
+        width = self.text_encoder.config.hidden_size
+        if probe is not None and probe.weight.numel() != 2 * width:
+            raise EraseConfigError(f"anchor_gate: the prompt probe for {concept!r} expects {probe.weight.numel() // 2}-dim "
+                                   f"text embeddings, this model's are {width}-dim; refit it with `eiup fit-gate`")
+        return probe
 
     def _model_anchor_table(self) -> tuple[Any, dict]:
         """``<model folder>/eiup_anchors.json`` as {concept (lower case): anchors}; ``{}`` when there is none."""
@@ -887,7 +908,7 @@ class EIUPMixin:
                 encoded[text] = self._encode_concepts(text, device, lora_scale, clip_skip)[0].float()
             return encoded[text]
 
-        edited = pe[rows].float()
+        original = edited = pe[rows].float()
         for k, (concept, plan) in enumerate(zip(config.concepts, plans)):
             if not plan.anchors:
                 continue
@@ -895,11 +916,14 @@ class EIUPMixin:
             c, anchors = aligned_concept_and_anchors(encode(concept), len(tok(concept).input_ids),
                                                      torch.stack([encode(a) for a in plan.anchors]), lengths)
             projected = project_tokens(edited, *concept_directions(c, anchors), plan.strength)
-            if config.anchor_gate:  # projected: prompts nearer the concept than every anchor, or naming it
-                near = nearest_to_concept(edited, c, anchors)
+            if config.anchor_gate:  # projected: prompts that imply the concept (the model's probe) or name it
+                if plan.probe is not None:
+                    implied = plan.probe.logits(original) > 0
+                else:
+                    implied = nearest_to_concept(original, c, anchors)
                 if named is not None:
-                    near |= torch.tensor(named[k], device=near.device)
-                projected[~near] = edited[~near]
+                    implied |= torch.tensor(named[k], device=implied.device)
+                projected[~implied] = edited[~implied]
             edited = projected
         pe = pe.clone()
         pe[rows] = edited.to(pe.dtype)

@@ -25,10 +25,11 @@ class ImageJudgement:
     role: str
     seed: int
     residual: bool | None  # concept still detected (implicit/explicit/two-object)
-    fidelity: bool | None  # non-targeted attributes kept (implicit/explicit/two-object carrier)
+    fidelity: bool | None  # non-targeted attributes as the prompt asks (implicit/explicit/two-object carrier)
     specific: bool | None  # unrelated content unchanged vs the plain image (specificity/two-object other)
     psnr: float
     ssim: float
+    kept: bool | None = None  # non-targeted attributes as in the plain image of the same seed (same roles)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -53,7 +54,7 @@ def judge_toy(prompt: str, role: str, seed: int, concept: str, det: Detection, p
     """Judge one generated image of a toy suite against its prompt and the plain image."""
     scene: Scene = parse_caption(prompt)
     attribute, value = CONCEPTS[concept]
-    residual = fidelity = specific = None
+    residual = fidelity = specific = kept = None
     if role in ("implicit", "explicit", "two-object"):
         residual = concept_present(det, concept)
         skip = attribute if attribute != "background" else None
@@ -67,11 +68,20 @@ def judge_toy(prompt: str, role: str, seed: int, concept: str, det: Detection, p
         if role == "two-object":
             others = [i for i, o in enumerate(scene.objects) if o not in targets]
             specific = all(i in matched and kept_attributes(scene.objects[i], matched[i], None) for i in others)
+        kept = kept_from_plain(det, plain, skip, attribute == "background")
     if role == "specificity":
         specific = det.background == plain.background and len(det.objects) == len(plain.objects) and all(
             kept_attributes(plain.objects[j], det.objects[i], None)
             for i, j in match_objects(det.objects, plain.objects))
-    return ImageJudgement(prompt, role, seed, residual, fidelity, specific, psnr, ssim)
+    return ImageJudgement(prompt, role, seed, residual, fidelity, specific, psnr, ssim, kept)
+
+
+def kept_from_plain(det: Detection, plain: Detection, skip: str | None, background_erased: bool) -> bool:
+    """Fidelity against the plain image of the same seed instead of the prompt: the method's own
+    damage, not the model's mistakes (the plain image scores 100% by construction)."""
+    if not background_erased and det.background != plain.background or len(det.objects) != len(plain.objects):
+        return False
+    return all(kept_attributes(plain.objects[j], det.objects[i], skip) for i, j in match_objects(det.objects, plain.objects))
 
 
 def psnr_ssim(images, references) -> tuple[list[float], list[float]]:
@@ -102,6 +112,7 @@ def aggregate(judgements: list[ImageJudgement]) -> dict:
             by_role[role] = {
                 "residual": _rate(j.residual for j in js),
                 "fidelity": _rate(j.fidelity for j in js),
+                "fidelity_vs_plain": _rate(j.kept for j in js),
                 "specificity": _rate(j.specific for j in js),
                 "median_psnr": float(np.median([j.psnr for j in js])),
                 "median_ssim": float(np.median([j.ssim for j in js])),
@@ -114,6 +125,7 @@ def aggregate(judgements: list[ImageJudgement]) -> dict:
         "residual_implicit": by_role.get("implicit", {}).get("residual", math.nan),
         "residual_explicit": by_role.get("explicit", {}).get("residual", math.nan),
         "fidelity": _rate(j.fidelity for j in erase),
+        "fidelity_vs_plain": _rate(j.kept for j in erase),
         "specificity": _rate(j.specific for j in keep),
         "specificity_psnr": float(np.median([j.psnr for j in spec])) if spec else math.nan,
         "specificity_ssim": float(np.median([j.ssim for j in spec])) if spec else math.nan,

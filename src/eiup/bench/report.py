@@ -21,6 +21,7 @@ COLUMNS = [
     ("residual_implicit", "residual (implicit)", "{:.1%}"),
     ("residual_explicit", "residual (explicit)", "{:.1%}"),
     ("fidelity", "fidelity", "{:.1%}"),
+    ("fidelity_vs_plain", "fidelity vs plain", "{:.1%}"),
     ("specificity", "specificity (attributes)", "{:.1%}"),
     ("specificity_psnr", "median PSNR (dB)", "{:.1f}"),
     ("specificity_ssim", "median SSIM", "{:.3f}"),
@@ -55,7 +56,7 @@ def summarise(metrics: dict) -> dict:
                 methods.setdefault(method, []).append(m)
     out = {}
     for method, ms in methods.items():
-        row = {k: _nan_stat(np.nanmean, [m[k] for m in ms]) for k, _, _ in COLUMNS}
+        row = {k: _nan_stat(np.nanmean, [m.get(k) for m in ms]) for k, _, _ in COLUMNS}
         row["worst_residual_implicit"] = _nan_stat(np.nanmax, [m["residual_implicit"] for m in ms])
         out[method] = row
     return out

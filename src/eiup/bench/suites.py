@@ -159,3 +159,23 @@ def calibration_negatives(concept: str) -> list[str]:
         "background": ["a photo of a red star on a gray background", "a dotted blue heart"],
     }[attribute]
     return nouns + [p for p in explicit if p not in test]
+
+
+def gate_prompts(n: int = 600, seed: int = 0) -> list[str]:
+    """Random toy-world captions for fitting prompt probes (``eiup fit-gate``), none of them a
+    benchmark, calibration or held-out prompt of any concept, so the benchmark stays unseen."""
+    import random
+
+    from ..toy.world import caption, random_scene
+
+    held = {p.text for c in CONCEPTS for p in toy_suite(c, [0]).prompts}
+    held |= {p for c in CONCEPTS for p in calibration_prompts(c) + calibration_negatives(c)}
+    rng = random.Random(seed)
+    out: dict[str, None] = {}
+    for _ in range(50 * n):
+        text = caption(random_scene(rng), rng)
+        if text not in held:
+            out[text] = None
+        if len(out) == n:
+            break
+    return list(out)

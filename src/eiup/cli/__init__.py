@@ -10,6 +10,7 @@ import typer
 
 from . import bench, toy
 from .calibrate import calibrate
+from .fit_gate import fit_gate
 from .generate import generate
 
 app = typer.Typer(
@@ -20,6 +21,7 @@ app = typer.Typer(
 )
 app.command("generate")(generate)
 app.command("calibrate")(calibrate)
+app.command("fit-gate")(fit_gate)
 app.add_typer(toy.app, name="toy")
 app.add_typer(bench.app, name="bench")
 

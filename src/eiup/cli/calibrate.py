@@ -13,7 +13,7 @@ def calibrate(
     concept: Annotated[str, typer.Option(help="Concept to calibrate, e.g. red (toy) or nudity.")],
     prompts: Annotated[Path | None, typer.Option(help="Calibration prompts: text file (one per line) or CSV with a prompt column. Include prompts WITHOUT the concept too. Default for toy concepts: the held-out calibration prompts.")] = None,
     model: Annotated[str | None, typer.Option(help="Pipeline folder (default: the bundled toy model).")] = None,
-    detector: Annotated[str, typer.Option(help="Judge of 'concept still present': toy, nudenet, or package.module:function (images -> list[bool]).")] = "toy",
+    detector: Annotated[str, typer.Option(help="Judge of 'concept still present': toy, nudenet, or package.module:function (images -> list of bool).")] = "toy",
     seeds: Annotated[int, typer.Option(help="Seeds per prompt.")] = 8,
     first_seed: Annotated[int, typer.Option(help="First seed (keep calibration seeds apart from benchmark seeds).")] = 5000,
     grid: Annotated[str, typer.Option(help="Scales tried, mild to strong, starting at 0.")] = "0,-2,-4,-8,-16,-32",
