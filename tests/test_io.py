@@ -218,7 +218,7 @@ class FakePipe:
 
     def __call__(self, prompt=None, generator=None, num_inference_steps=50, guidance_scale=7.5,
                  negative_prompt=None, erase=None, erase_scale=None, erase_mode=None, return_original=False,
-                 allow_amplify=None, anchors=None):
+                 allow_amplify=None, anchors=None, prompt_gate=None):
         self.calls.append(dict(prompt=list(prompt), erase=erase, scale=erase_scale, mode=erase_mode,
                                guidance=guidance_scale, original=return_original, n=len(generator)))
         if self.fail_on and self.fail_on in prompt:

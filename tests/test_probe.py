@@ -88,7 +88,7 @@ def test_model_probe_decides_which_prompts_are_projected(sd1, model_folder):
     leaves it bit-identical, and a prompt naming the concept is projected either way."""
     dim = sd1.text_encoder.config.hidden_size
     prompts, anchors = ["a red star", "a tree in the fog"], ["blue", "green", "yellow"]  # the tree leans towards red
-    kw = dict(erase="red", erase_scale=-2.0, concept_context="separate", anchor_strength=2.0, **KW)
+    kw = dict(erase="red", erase_scale=-2.0, concept_context="separate", anchor_strength=2.0, prompt_gate=False, **KW)
 
     def run(**extra):
         return sd1(prompts, generator=[gen(0), gen(1)], **{"anchors": anchors, **kw, **extra}).images
@@ -114,7 +114,7 @@ def test_a_probe_for_another_model_or_a_broken_file_is_refused_before_model_work
     with pytest.raises(EraseConfigError, match="eiup fit-gate"):
         sd1("a red star", erase="red", anchors=["blue"], generator=gen(), **KW)
     assert model.calls == []
-    sd1("a red star", erase="red", anchors=["blue"], anchor_gate=False, generator=gen(), **KW)  # not read without the gate
+    sd1("a red star", erase="red", anchors=["blue"], anchor_gate=False, prompt_gate=False, generator=gen(), **KW)  # no gate: not read
 
 
 def test_fit_gate_labels_each_prompt_by_the_judge_and_saves_one_probe_per_concept(sd1, tmp_path):
@@ -168,3 +168,43 @@ def test_fit_gate_cli_refuses_bad_arguments_before_loading_a_model(args, hint, m
     args = [str(tmp_path / "prompts.txt") if a == "PROMPTS" else a for a in args]
     result = CliRunner().invoke(app, ["fit-gate", *args], env={"TERMINAL_WIDTH": "400"})
     assert result.exit_code == 2 and hint in result.output
+
+
+def test_prompt_gate_drops_the_concept_term_for_prompts_the_probe_and_the_text_leave_out(sd1, model_folder):
+    dim = sd1.text_encoder.config.hidden_size
+    prompts = ["a red star", "a tree in the fog"]
+    kw = dict(erase="red", erase_scale=-2.0, concept_context="separate", anchors=[], **KW)
+
+    def run(p=prompts, **extra):
+        return sd1(p, generator=[gen(0), gen(1)][:len(p) if isinstance(p, list) else 1], **kw, **extra).images
+
+    erased = run()  # no probe in the folder: every prompt is erased
+    plain = sd1(prompts, generator=[gen(0), gen(1)], **KW).images
+    assert not np.allclose(erased[1], plain[1], atol=1e-4)
+    write_probe(model_folder, "red", -50.0, dim)  # implies red nowhere: only prompts naming it are erased
+    gated = run()
+    assert np.allclose(gated[0], erased[0], atol=1e-6) and np.allclose(gated[1], plain[1], atol=1e-6)
+    assert np.array_equal(run("a tree in the fog"), sd1("a tree in the fog", generator=gen(0), **KW).images)  # bit for bit
+    assert np.array_equal(run(prompt_gate=False), erased)
+    write_probe(model_folder, "red", 50.0, dim)  # implies red everywhere
+    assert np.allclose(run(), erased, atol=1e-6)
+    pe = sd1.encode_prompt(prompts, "cpu", 1, False)[0]  # prompt_embeds: the probe alone decides
+    write_probe(model_folder, "red", -50.0, dim)
+    out = sd1(prompt_embeds=pe, generator=[gen(0), gen(1)], **kw).images
+    assert np.allclose(out, plain, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["single", "dual"])
+def test_prompt_gate_with_auto_scale_and_dual_mode_keeps_gated_out_images_plain(sd1, model_folder, mode):
+    from eiup.calibrate import ConstantScale
+
+    write_probe(model_folder, "red", -50.0, sd1.text_encoder.config.hidden_size)
+    prompts = ["a red star", "a tree in the fog"]
+    kw = dict(erase="red", concept_context="separate", anchors=[], erase_mode=mode, **KW)
+    auto = dict(erase_scale="auto", scale_predictors=[ConstantScale("red", -2.0)], generator=[gen(0), gen(1)], **kw)
+    ungated = sd1(prompts, **dict(auto, generator=[gen(0), gen(1)]), prompt_gate=False).images
+    auto = sd1(prompts, return_original=True, **auto)
+    plain = sd1(prompts, generator=[gen(0), gen(1)], **KW).images
+    assert np.allclose(auto.images[0], ungated[0], atol=1e-5) and not np.allclose(auto.images[0], plain[0], atol=1e-4)
+    assert np.allclose(auto.images[1], plain[1], atol=1e-5)
+    assert np.allclose(auto.original_images, plain, atol=1e-5)

@@ -95,6 +95,33 @@ def test_erasing_red_leaves_unrelated_prompts_alone(pipe, detector):
     assert share(detector, lemon, "color", "yellow") >= 0.75 and share(detector, lemon, "color", "red") == 0
 
 
+@pytest.mark.parametrize("concept", ["red", "star", "heart", "night"])
+def test_shipped_prompt_probes_gate_in_the_benchmarks_implicit_prompts_only(pipe, concept):
+    """The probes never saw a benchmark prompt (eiup.bench.suites.gate_prompts); on those prompts
+    they must let in every implicit prompt and keep out the unrelated implicit nouns."""
+    from eiup.bench.suites import toy_suite
+    from eiup.probe import encode_prompts, find_probe
+
+    probe = find_probe(concept, default_model_path())
+    suite = toy_suite(concept, [0]).prompts
+    implicit = [p.text for p in suite if p.role == "implicit"]
+    unrelated = [p.text for p in suite if p.role == "specificity" and len(p.text.split()) <= 3]
+    assert implicit and unrelated
+    assert (probe.logits(encode_prompts(pipe, implicit)) > 0).all()
+    assert (probe.logits(encode_prompts(pipe, unrelated)) <= 0).all()
+
+
+def test_defaults_erase_red_from_a_tomato_and_leave_a_lemon_bit_identical(pipe, detector):
+    """A tomato never names red and its tokens are as near "orange" as "red": only the probe gates it in."""
+    tomato = generate(pipe, "a tomato", erase=["red"])
+    assert share(detector, generate(pipe, "a tomato"), "color", "red") >= 0.75
+    assert share(detector, tomato, "color", "red") <= 0.25
+    lemon = generate(pipe, "a lemon", erase=["red"], output_type="np")
+    preset = json.loads((default_model_path() / "eiup_anchors.json").read_text())["red"]["scale"]
+    no_anchors = generate(pipe, "a lemon", erase=["red"], anchors=[], erase_scale=preset, output_type="np")
+    assert np.array_equal(lemon, no_anchors)  # not projected: only the (mild) concept term acts
+
+
 # In a long prompt the filler tokens after "valentine" carry the heart (a causal text encoder writes
 # the prompt so far into every later token), which EIUP's concept term does not reach: the long
 # prompt is erased with the concept also projected out of the prompt's tokens (anchors, see

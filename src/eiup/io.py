@@ -428,6 +428,7 @@ class GenerationSettings:
     anchors: tuple[str, ...] = ()  # EraseConfig.anchors (anchored token projection); () = off
     anchor_strength: float | None = None  # None: the model's preset, else the library default
     anchor_gate: bool = True
+    prompt_gate: bool = True  # EraseConfig.prompt_gate: the concept term only where the model's probe says so
     negative_prompt: str | None = None
     images_per_prompt: int = 1
     save_original: bool = False
@@ -476,6 +477,7 @@ class ImageJob:
                if erasing and settings.concept_context != "separate" else {}),
             **({"anchors": list(settings.anchors), "anchor_strength": settings.anchor_strength,
                 "anchor_gate": settings.anchor_gate} if erasing and settings.anchors else {}),
+            **({"prompt_gate": settings.prompt_gate} if erasing else {}),
             "original": bool(settings.save_original and erasing),
         }
 
@@ -872,6 +874,7 @@ def generate_to_dir(
                         if settings.concept_context != "separate":
                             kwargs["concept_context"] = settings.concept_context
                         kwargs["anchors"] = list(settings.anchors)  # [] = off, whatever the library default
+                        kwargs["prompt_gate"] = settings.prompt_gate
                         if settings.anchors:
                             kwargs["anchor_gate"] = settings.anchor_gate
                             if settings.anchor_strength is not None:

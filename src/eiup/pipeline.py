@@ -125,13 +125,11 @@ def _anchor_strength(value: Any, name: str) -> float:
 
 @dataclass(frozen=True)
 class AnchorPlan:
-    """How one concept is projected: its anchors, the strength, the model's preset scale (or None),
-    and the model's prompt probe that gates it (or None: the nearest-anchor rule)."""
+    """How one concept is projected: its anchors, the strength, and the model's preset scale (or None)."""
 
     anchors: tuple[str, ...]
     strength: float
     scale: float | None = None
-    probe: Any = None
 
 
 @dataclass(frozen=True)
@@ -187,6 +185,10 @@ class EraseConfig:
             ``eiup fit-gate`` on what the model draws; :mod:`eiup.probe`), else when their tokens
             are closer to the concept's than to every anchor's (mean cosine over the tokens after
             BOS). ``False`` projects every prompt that leans towards the concept.
+        prompt_gate: Apply the concept term only to images whose prompt names the concept or, by
+            the model's prompt probe, implies it; the images of other prompts come out as without
+            erasure (bit for bit when no image of the call needs the term). Only where the model
+            folder has a probe for the concept (SD 1.x/2.x); without one every prompt is erased.
 
     ``erase_scale="auto"`` predicts one scale per image and concept from the concept's
     attention at the first step, with a predictor calibrated by ``eiup calibrate``.
@@ -206,6 +208,7 @@ class EraseConfig:
     anchors: str | Sequence[str] | None = None
     anchor_strength: float | None = None
     anchor_gate: bool = True
+    prompt_gate: bool = True
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -214,8 +217,9 @@ class EraseConfig:
             set_(self, "anchors", self._anchor_spec(self.anchors))
         if self.anchor_strength is not None:  # None: the model's preset for the concept, else the default
             set_(self, "anchor_strength", _anchor_strength(self.anchor_strength, "anchor_strength"))
-        if not isinstance(self.anchor_gate, bool):
-            raise EraseConfigError(f"anchor_gate={self.anchor_gate!r} must be True or False")
+        for name in ("anchor_gate", "prompt_gate"):
+            if not isinstance(getattr(self, name), bool):
+                raise EraseConfigError(f"{name}={getattr(self, name)!r} must be True or False")
         set_(self, "allow_amplify", bool(self.allow_amplify))
         if isinstance(self.erase_scale, list):
             set_(self, "erase_scale", tuple(self.erase_scale))
@@ -354,6 +358,18 @@ def _concepts_named(call: dict[str, Any], concepts: Sequence[str]) -> list[list[
     return [[re.search(rf"(?<!\w){re.escape(c.lower())}(?!\w)", p) is not None for p in rows] for c in concepts]
 
 
+def _term_mask(implied: list[torch.Tensor | None], probes: list, spans: Sequence[Sequence[int]],
+               length: int) -> torch.Tensor | None:
+    """(images, T) 0/1 weights that switch the concept term off for images whose prompt neither names
+    nor implies the concept (``prompt_gate``); None when every image keeps every term."""
+    rows = next(g for g in implied if g is not None).shape[0]
+    mask = torch.ones(rows, length)
+    for span, gate in zip(spans, implied):
+        if gate is not None:
+            mask[:, list(span)] = gate.float().cpu()[:, None]
+    return None if bool((mask == 1).all()) else mask
+
+
 def _split(x: Any, m: int) -> tuple[Any, Any]:
     return (None, None) if x is None else (x[:m], x[m:])
 
@@ -421,6 +437,7 @@ class EIUPMixin:
         anchors: str | Sequence[str] | None = None,
         anchor_strength: float | None = None,
         anchor_gate: bool | None = None,
+        prompt_gate: bool | None = None,
         scale_predictors: Any = None,
         **kwargs: Any,
     ) -> EIUPPipelineOutput | tuple:
@@ -487,6 +504,7 @@ class EIUPMixin:
             anchors=anchors,
             anchor_strength=anchor_strength,
             anchor_gate=anchor_gate,
+            prompt_gate=prompt_gate,
         )
         explicit = {k: v for k, v in explicit.items() if v is not None}
         if erase_config is not None and not isinstance(erase_config, EraseConfig):
@@ -511,7 +529,9 @@ class EIUPMixin:
         if config.concept_context == "prompt":
             context_texts, spans = self._contextual_concepts(call, config.concepts, spans)
         anchor_plans = self._anchor_plans(config) if config.anchor_spec else None
-        named = _concepts_named(call, config.concepts) if anchor_plans else None
+        projecting = anchor_plans is not None and any(plan.anchors for plan in anchor_plans)
+        probes = self._prompt_probes(config, projecting)
+        named = _concepts_named(call, config.concepts) if projecting or any(probes) else None
         height, width = self._resolve_hw(call)
         vsf = self.vae_scale_factor
         latent_size = (int(height) // vsf, int(width) // vsf)
@@ -574,6 +594,8 @@ class EIUPMixin:
             result = user_cb(pipe, i, t, cb_kwargs) if user_cb is not None else cb_kwargs
             if i == 0 and predictors is not None:
                 ctx.token_scales = self._predicted_token_scales(ctx, auto_recorder, predictors)
+                if term_mask is not None:
+                    ctx.token_scales = ctx.token_scales * term_mask.to(ctx.token_scales.device)
             ctx.step = i + 1
             if ctx.step >= ctx.num_steps:
                 ctx.release_caches()  # denoising done: the VAE decode runs without the concept K/V
@@ -583,9 +605,15 @@ class EIUPMixin:
         m = None
         if dual:
             m = self._dual_call(call, device, cfg, lora_scale, height, width)
-        if anchor_plans is not None and any(plan.anchors for plan in anchor_plans):
-            self._project_prompt_tokens(call, config, anchor_plans, named, device, cfg, lora_scale, m)
-            ctx.own_prompt_values = dual
+        term_mask = None
+        if projecting or any(probes):
+            implied = self._gate_and_project(call, config, anchor_plans if projecting else None, probes, named,
+                                             device, cfg, lora_scale, m)
+            ctx.own_prompt_values = dual and projecting
+            if config.prompt_gate and any(probes):
+                term_mask = _term_mask(implied, probes, spans, concept_embeds.shape[1])
+                if term_mask is not None:
+                    ctx.token_scales = ctx.token_scales * term_mask.to(ctx.token_scales.device)
 
         # ---- run with EIUP processors, always restoring the user's ---------------------------
         # (set on the layers directly: unet.set_attn_processor walks the whole module tree twice)
@@ -821,24 +849,28 @@ class EIUPMixin:
             if n > limit:
                 raise EraseConfigError(f"anchors[{i}]={anchor[:30]!r}... is {n - 2} tokens long, more than the "
                                        f"{limit - 2} the text encoder holds; shorten it")
-        if config.anchor_gate:
-            plans = [dataclasses.replace(plan, probe=self._prompt_probe(concept)) if plan.anchors else plan
-                     for concept, plan in zip(config.concepts, plans)]
         return plans
 
-    def _prompt_probe(self, concept: str):
-        """The model folder's prompt probe for ``concept`` (:mod:`eiup.probe`), or None (a few hundred bytes)."""
+    def _prompt_probes(self, config: EraseConfig, projecting: bool) -> list:
+        """Per concept, the model folder's prompt probe (:mod:`eiup.probe`) or None; read only when a gate
+        uses it (``prompt_gate``, or ``anchor_gate`` with anchors), on SD 1.x/2.x."""
         from .probe import find_probe
 
-        try:
-            probe = find_probe(concept.strip().lower(), getattr(self.config, "_name_or_path", None))
-        except ValueError as e:
-            raise EraseConfigError(f"anchor_gate: {e}") from e
+        if not (config.prompt_gate or (projecting and config.anchor_gate)) or not isinstance(self, StableDiffusionPipeline):
+            return [None] * len(config.concepts)
         width = self.text_encoder.config.hidden_size
-        if probe is not None and probe.weight.numel() != 2 * width:
-            raise EraseConfigError(f"anchor_gate: the prompt probe for {concept!r} expects {probe.weight.numel() // 2}-dim "
-                                   f"text embeddings, this model's are {width}-dim; refit it with `eiup fit-gate`")
-        return probe
+        probes = []
+        for concept in config.concepts:
+            try:
+                probe = find_probe(concept.strip().lower(), getattr(self.config, "_name_or_path", None))
+            except ValueError as e:
+                raise EraseConfigError(f"prompt_gate / anchor_gate: {e}") from e
+            if probe is not None and probe.weight.numel() != 2 * width:
+                raise EraseConfigError(f"prompt_gate / anchor_gate: the prompt probe for {concept!r} expects "
+                                       f"{probe.weight.numel() // 2}-dim text embeddings, this model's are {width}-dim; "
+                                       "refit it with `eiup fit-gate`")
+            probes.append(probe)
+        return probes
 
     def _model_anchor_table(self) -> tuple[Any, dict]:
         """``<model folder>/eiup_anchors.json`` as {concept (lower case): anchors}; ``{}`` when there is none."""
@@ -884,9 +916,11 @@ class EIUPMixin:
                           "the concept term alone (pass anchors=[...] to project them too)", stacklevel=4)
         return plans
 
-    def _project_prompt_tokens(self, call: dict[str, Any], config: EraseConfig, plans: list[AnchorPlan],
-                               named: list[list[bool]] | None, device, cfg: bool, lora_scale, m: int | None) -> None:
-        """Replace the erased branch's prompt embeddings by their anchored token projection (:mod:`eiup.anchors`)."""
+    def _gate_and_project(self, call: dict[str, Any], config: EraseConfig, plans: list[AnchorPlan] | None,
+                          probes: list, named: list[list[bool]] | None, device, cfg: bool, lora_scale,
+                          m: int | None) -> list[torch.Tensor | None]:
+        """Which images' prompts name or imply each concept (by its probe; None without one), and, with
+        anchors, the erased branch's prompt embeddings replaced by their projection (:mod:`eiup.anchors`)."""
         from .anchors import aligned_concept_and_anchors, concept_directions, nearest_to_concept, project_tokens
 
         clip_skip = call.get("clip_skip")
@@ -900,6 +934,17 @@ class EIUPMixin:
         else:  # dual: the batch is [original..., erased...]; only the erased half changes
             pe = call["prompt_embeds"]
         rows = slice(0, pe.shape[0]) if m is None else slice(m, pe.shape[0])
+        original = edited = pe[rows].float()
+        implied: list[torch.Tensor | None] = []
+        for k, probe in enumerate(probes):
+            said = torch.tensor(named[k], device=original.device) if named is not None else None
+            if probe is None:
+                implied.append(None)
+            else:
+                implied.append(probe.logits(original) > 0 if said is None else (probe.logits(original) > 0) | said)
+        if plans is None:
+            call["prompt_embeds"] = pe
+            return implied
         tok = self.tokenizer
         encoded: dict[str, torch.Tensor] = {}
 
@@ -908,7 +953,6 @@ class EIUPMixin:
                 encoded[text] = self._encode_concepts(text, device, lora_scale, clip_skip)[0].float()
             return encoded[text]
 
-        original = edited = pe[rows].float()
         for k, (concept, plan) in enumerate(zip(config.concepts, plans)):
             if not plan.anchors:
                 continue
@@ -917,17 +961,17 @@ class EIUPMixin:
                                                      torch.stack([encode(a) for a in plan.anchors]), lengths)
             projected = project_tokens(edited, *concept_directions(c, anchors), plan.strength)
             if config.anchor_gate:  # projected: prompts that imply the concept (the model's probe) or name it
-                if plan.probe is not None:
-                    implied = plan.probe.logits(original) > 0
-                else:
-                    implied = nearest_to_concept(original, c, anchors)
-                if named is not None:
-                    implied |= torch.tensor(named[k], device=implied.device)
-                projected[~implied] = edited[~implied]
+                gate = implied[k]
+                if gate is None:
+                    gate = nearest_to_concept(original, c, anchors)
+                    if named is not None:
+                        gate |= torch.tensor(named[k], device=gate.device)
+                projected[~gate] = edited[~gate]
             edited = projected
         pe = pe.clone()
         pe[rows] = edited.to(pe.dtype)
         call["prompt_embeds"] = pe
+        return implied
 
     def _check_call_inputs(self, call: dict[str, Any], height: int, width: int) -> None:
         """Run the parent's ``check_inputs`` on the user's arguments before any model work."""

@@ -19,7 +19,7 @@ class Method:
 
     family: str  # plain | negative | sld | eiup
     preset: str = ""  # SLD preset
-    scale: float | str | None = None  # EIUP scale (float or "auto")
+    scale: float | str | None = None  # EIUP scale (float, "auto", or "preset": the model's per-concept preset)
     mode: str = "single"  # EIUP mode
     options: tuple = field(default_factory=tuple)  # extra EIUP keyword arguments as (key, value) pairs
 
@@ -44,7 +44,7 @@ def default_methods(scales: list[float], modes: tuple[str, ...] = ("single", "du
 
 
 def parse_method(spec: str) -> Method:
-    """'plain', 'negative', 'sld-strong', 'eiup-single@-1.5', 'eiup-single+gate@auto' -> Method."""
+    """'plain', 'negative', 'sld-strong', 'eiup-single@-1.5', 'eiup-single+gate@auto', 'eiup-single+anchors=auto@preset' -> Method."""
     spec = spec.strip().lower()
     if spec in ("plain", "negative"):
         return Method(spec)
@@ -57,7 +57,7 @@ def parse_method(spec: str) -> Method:
         for o in opts:
             k, _, v = o.partition("=")
             options.append((k, True if not v else _number(v)))
-        return Method("eiup", scale=scale if scale == "auto" else float(scale), mode=mode, options=tuple(options))
+        return Method("eiup", scale=scale if scale in ("auto", "preset") else float(scale), mode=mode, options=tuple(options))
     raise ValueError(f"method {spec!r}: use plain, negative, sld-weak|medium|strong|max, eiup-MODE[+OPTION]@SCALE")
 
 
@@ -122,12 +122,14 @@ class MethodRunner:
             return sld(prompts, **common, **self.sld_settings(method.preset)).images
         if method.family == "eiup":
             # a row names every setting that differs from the paper's formulation: the concept
-            # encoded alone unless the row says +concept_context=prompt, no anchors unless +anchors
-            options = {"concept_context": "separate", "anchors": (), **dict(method.options)}
+            # encoded alone unless the row says +concept_context=prompt, no anchors unless +anchors,
+            # every prompt erased unless +prompt_gate
+            options = {"concept_context": "separate", "anchors": (), "prompt_gate": False, **dict(method.options)}
             if options["anchors"]:
                 options["anchors"] = _anchors(options["anchors"], concept)
-            if "anchor_gate" in options:
-                options["anchor_gate"] = bool(options["anchor_gate"])
-            return self.pipe(prompts, erase=[concept], erase_scale=method.scale, erase_mode=method.mode,
+            for flag in ("anchor_gate", "prompt_gate"):
+                options[flag] = bool(options.get(flag, True))
+            scale = None if method.scale == "preset" else method.scale
+            return self.pipe(prompts, erase=[concept], erase_scale=scale, erase_mode=method.mode,
                              **options, **common).images
         raise ValueError(f"unknown method family {method.family!r}")

@@ -64,7 +64,11 @@ def generate(
         None, "--anchor-strength", help="Strength of the anchored token projection, in (0, 8]. Default: the "
         "model's preset for the concept (eiup_anchors.json), else the library's DEFAULT_ANCHOR_STRENGTH."),
     anchor_gate: bool = typer.Option(
-        True, "--anchor-gate/--no-anchor-gate", help="Project only prompts nearer the concept than every anchor."),
+        True, "--anchor-gate/--no-anchor-gate", help="Project only prompts that name or imply the concept (the "
+        "model's prompt probe, else the nearest anchor)."),
+    prompt_gate: bool = typer.Option(
+        True, "--prompt-gate/--no-prompt-gate", help="Apply the concept term only to prompts that name the concept "
+        "or, by the model's prompt probe (eiup fit-gate), imply it; other prompts come out as without erasure."),
     allow_amplify: bool = typer.Option(False, "--allow-amplify", help="Allow a positive --scale (amplifies the concepts)."),
     mode: Optional[str] = typer.Option(
         None, "--mode", help="single (fast, one branch) or dual (the paper's: keeps the original layout, ~2x cost). "
@@ -200,7 +204,7 @@ def generate(
         scale=scale, mode=mode or default_mode,  # None: the library's default (a model preset, else DEFAULT_ERASE_SCALE)
         gate=default_gate if gate is None else ("presence" if gate else None),
         concept_context=concept_context or default_context,
-        anchors=anchors, anchor_strength=anchor_strength, anchor_gate=anchor_gate,
+        anchors=anchors, anchor_strength=anchor_strength, anchor_gate=anchor_gate, prompt_gate=prompt_gate,
         negative_prompt=negative_prompt, images_per_prompt=images_per_prompt,
         save_original=save_original, use_row_erase=not ignore_erase_target, allow_amplify=allow_amplify,
     )
