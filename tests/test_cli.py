@@ -353,12 +353,12 @@ def test_anchors_reach_the_pipeline_and_are_recorded(tmp_path, model_dir):
     assert res.exit_code == 0, res.output
     rec = json.loads((out / "run.json").read_text())
     assert rec["settings"]["anchors"] == ["blue", "green"] and rec["settings"]["anchor_strength"] == 2.0
-    assert rec["settings"]["anchor_gate"] is True
+    assert rec["settings"]["anchor_gate"] is True and rec["settings"]["prompt_gate"] is True
     plain = tmp_path / "plain"
     assert invoke(*args[:7], "--erase", "red", "--out", plain, "--no-progress").exit_code == 0
     (a,), (b,) = sorted(out.glob("*.png")), sorted(plain.glob("*.png"))
     assert a.read_bytes() != b.read_bytes()  # the projection changed the image
-    for changed in (["--anchor-strength", "3"], ["--no-anchor-gate"]):
+    for changed in (["--anchor-strength", "3"], ["--no-anchor-gate"], ["--no-prompt-gate"]):
         res = invoke(*args[:-1], *changed, "--no-progress")
         assert res.exit_code == 1 and "other settings" in res.output  # part of what the images depend on
     for bad in (["--anchor", " "], ["--anchor", "blue", "--anchor-strength", "nan"], ["--anchor", "blue", "--anchor-strength", "0"]):

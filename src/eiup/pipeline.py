@@ -358,8 +358,7 @@ def _concepts_named(call: dict[str, Any], concepts: Sequence[str]) -> list[list[
     return [[re.search(rf"(?<!\w){re.escape(c.lower())}(?!\w)", p) is not None for p in rows] for c in concepts]
 
 
-def _term_mask(implied: list[torch.Tensor | None], probes: list, spans: Sequence[Sequence[int]],
-               length: int) -> torch.Tensor | None:
+def _term_mask(implied: list[torch.Tensor | None], spans: Sequence[Sequence[int]], length: int) -> torch.Tensor | None:
     """(images, T) 0/1 weights that switch the concept term off for images whose prompt neither names
     nor implies the concept (``prompt_gate``); None when every image keeps every term."""
     rows = next(g for g in implied if g is not None).shape[0]
@@ -611,7 +610,7 @@ class EIUPMixin:
                                              device, cfg, lora_scale, m)
             ctx.own_prompt_values = dual and projecting
             if config.prompt_gate and any(probes):
-                term_mask = _term_mask(implied, probes, spans, concept_embeds.shape[1])
+                term_mask = _term_mask(implied, spans, concept_embeds.shape[1])
                 if term_mask is not None:
                     ctx.token_scales = ctx.token_scales * term_mask.to(ctx.token_scales.device)
 
@@ -937,11 +936,10 @@ class EIUPMixin:
         original = edited = pe[rows].float()
         implied: list[torch.Tensor | None] = []
         for k, probe in enumerate(probes):
-            said = torch.tensor(named[k], device=original.device) if named is not None else None
-            if probe is None:
-                implied.append(None)
-            else:
-                implied.append(probe.logits(original) > 0 if said is None else (probe.logits(original) > 0) | said)
+            gate = None if probe is None else probe.logits(original) > 0
+            if gate is not None and named is not None:
+                gate |= torch.tensor(named[k], device=gate.device)
+            implied.append(gate)
         if plans is None:
             call["prompt_embeds"] = pe
             return implied
