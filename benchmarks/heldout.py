@@ -28,6 +28,7 @@ def main() -> None:
     ap.add_argument("--kwargs", default="{}", help="erasure keyword arguments as JSON (default: the library defaults)")
     ap.add_argument("--concepts", nargs="+", default=["red", "star", "heart", "night"])
     ap.add_argument("--seeds", type=int, default=6)
+    ap.add_argument("--first-seed", type=int, default=3000, help="seeds first..first+seeds-1 (benchmark: 0..19)")
     args = ap.parse_args()
 
     from eiup.bench.metrics import kept_from_plain, psnr_ssim
@@ -40,7 +41,7 @@ def main() -> None:
     pipe = load_pipeline(None)
     pipe.set_progress_bar_config(disable=True)
     detector = ConceptDetector.load()
-    seeds = list(range(3000, 3000 + args.seeds))
+    seeds = list(range(args.first_seed, args.first_seed + args.seeds))
 
     def attributes(d):
         return sorted(tuple(sorted(o.attributes().items())) for o in d.objects)

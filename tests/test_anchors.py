@@ -80,6 +80,10 @@ def projected_embeds(pipe, prompts, concept, anchors, strength, gate):
     if gate:  # nearer the concept than every anchor, or naming it
         near = nearest_to_concept(e, c, a) | torch.tensor([concept in p.split() for p in prompts])
         out[~near] = e[~near]
+    for r, p in enumerate(prompts):  # a prompt naming the concept: away from its counterfactuals
+        variants = [" ".join(w if w != concept else x for w in p.split()) for x in anchors]
+        if concept in p.split() and all(len(tok(v).input_ids) == len(tok(p).input_ids) for v in variants):
+            out[r] = e[r] - strength * (e[r] - torch.cat([enc(v) for v in variants]).mean(0))
     return out
 
 
@@ -108,11 +112,25 @@ def test_processors_restored_and_prompt_embeds_path_untouched_after_anchors(sd1)
 
 
 def test_prompt_embeds_are_projected_like_the_prompt_text(sd1):
-    kw = dict(erase="red", erase_scale=-2.0, anchors=["blue", "green"], anchor_gate=False, concept_context="separate", **KW)
-    pe = sd1.encode_prompt("a red star", "cpu", 1, False)[0]
-    a = sd1("a red star", generator=gen(), **kw).images
+    """Without the text, a prompt is projected along the concept's direction whether or not it names
+    the concept (the counterfactuals of a naming prompt need its words)."""
+    kw = dict(erase="red", erase_scale=-2.0, anchors=["blue", "green"], anchor_strength=2.0, anchor_gate=False,
+              concept_context="separate", **KW)
+    pe = sd1.encode_prompt("a tree in the fog", "cpu", 1, False)[0]
+    a = sd1("a tree in the fog", generator=gen(), **kw).images
     b = sd1(prompt_embeds=pe, generator=gen(), **kw).images
-    assert np.allclose(a, b, atol=1e-6)
+    assert np.allclose(a, b, atol=1e-6) and not np.allclose(a, sd1("a tree in the fog", generator=gen(), **KW).images, atol=1e-4)
+    projected = projected_embeds(sd1, ["a red star"], "red", ["blue", "green"], 2.0, gate=False)
+    pe = sd1.encode_prompt("a red star", "cpu", 1, False)[0]
+    along = project_tokens(pe, *concept_directions(*aligned_concept_and_anchors(
+        sd1.encode_prompt("red", "cpu", 1, False)[0][0], len(sd1.tokenizer("red").input_ids),
+        torch.cat([sd1.encode_prompt(x, "cpu", 1, False)[0] for x in ["blue", "green"]]),
+        torch.tensor([len(ids) for ids in sd1.tokenizer(["blue", "green"]).input_ids]))), 2.0)
+    ne = sd1.encode_prompt("", "cpu", 1, False)[0]
+    kw2 = {k: v for k, v in kw.items() if not k.startswith("anchor")}
+    b = sd1(prompt_embeds=pe, generator=gen(), **kw).images
+    assert np.allclose(b, sd1(prompt_embeds=along, negative_prompt_embeds=ne, generator=gen(), **kw2).images, atol=1e-5)
+    assert not torch.allclose(projected, along, atol=1e-3)
 
 
 def test_users_negative_prompt_embeds_are_kept_with_anchors(sd1):
@@ -208,13 +226,47 @@ def test_model_presets_give_strength_and_scale_unless_the_call_does(sd1, model_f
     assert np.array_equal(own, spelled) and not np.array_equal(own, preset)
 
 
-@pytest.mark.parametrize("entry", ['{"anchors": ["blue"], "strength": 0}', '{"anchors": ["blue"], "scale": 0.5}',
+def test_model_presets_may_give_prompts_naming_the_concept_their_own_strength(sd1, model_folder):
+    (model_folder / "eiup_anchors.json").write_text(
+        '{"red": {"anchors": ["blue", "green"], "strength": 2.0, "named_strength": 3.0, "scale": -1.5}}')
+    kw = dict(erase="red", erase_scale=-1.5, anchor_gate=False, prompt_gate=False, concept_context="separate", **KW)
+
+    def one(prompt, **extra):
+        return sd1(prompt, generator=gen(), **kw, **extra).images[0]
+
+    preset = sd1(["a red star", "a tree in the fog"], generator=[gen(), gen()], **kw).images
+    assert np.allclose(preset[0], one("a red star", anchors=["blue", "green"], anchor_strength=3.0), atol=1e-6)
+    assert np.allclose(preset[1], one("a tree in the fog", anchors=["blue", "green"], anchor_strength=2.0), atol=1e-6)
+    assert not np.allclose(preset[0], one("a red star", anchors=["blue", "green"], anchor_strength=2.0), atol=1e-4)
+    own = one("a red star", anchor_strength=1.0)  # the call's strength is for every prompt
+    assert np.allclose(own, one("a red star", anchors=["blue", "green"], anchor_strength=1.0), atol=1e-6)
+
+
+@pytest.mark.parametrize("entry", ['{"anchors": ["blue"], "named_strength": -1}', '{"anchors": ["blue"], "strength": 0}', '{"anchors": ["blue"], "scale": 0.5}',
                                    '{"anchors": ["blue"], "scale": "strong"}', '{"strength": 1.0, "anchors": "blue"}'])
 def test_malformed_presets_are_refused_before_model_work(sd1, model_folder, entry):
     (model_folder / "eiup_anchors.json").write_text('{"red": %s}' % entry)
     with ModelCalls(sd1) as model, pytest.raises(EraseConfigError, match="eiup_anchors.json"):
         sd1("a red star", erase="red", generator=gen(), **KW)
     assert model.calls == []
+
+
+def test_a_prompt_naming_the_concept_moves_away_from_its_counterfactuals(sd1):
+    """"a red star" -> e - s (e - mean(e("a blue star"), e("a green star"))): the tokens before "red"
+    are unchanged (causal encoder), the rest move away from the prompt with red replaced."""
+    anchors = ["blue", "green"]
+    kw = dict(erase="red", erase_scale=-2.0, concept_context="separate", anchors=anchors, anchor_strength=2.0,
+              prompt_gate=False, **KW)
+    expected = projected_embeds(sd1, ["a red star"], "red", anchors, 2.0, gate=True)
+    e = sd1.encode_prompt("a red star", "cpu", 1, False)[0]
+    n_before = len(sd1.tokenizer("a", add_special_tokens=False).input_ids) + 1  # BOS + "a"
+    assert torch.allclose(expected[0, :n_before], e[0, :n_before], atol=1e-5)
+    assert not torch.allclose(expected[0, n_before:], e[0, n_before:], atol=1e-3)
+    out = sd1("a red star", generator=gen(), **kw).images
+    ne = sd1.encode_prompt("", "cpu", 1, False)[0]
+    ref = sd1(prompt_embeds=expected, negative_prompt_embeds=ne, generator=gen(),
+              **{k: v for k, v in kw.items() if not k.startswith("anchor")}).images
+    assert np.allclose(out, ref, atol=1e-5)
 
 
 def test_a_prompt_naming_the_concept_is_gated_in(sd1):

@@ -52,6 +52,24 @@ def test_anchor_rows_pass_the_toy_worlds_siblings_or_the_given_list(sd1):
         runner.generate(parse_method("eiup-single+anchors@-4"), "a tomato", [0], "nudity")
 
 
+def test_rows_erase_every_prompt_unless_they_say_prompt_gate_and_preset_leaves_the_scale_to_the_model(sd1):
+    seen = []
+    sd1_call = type(sd1).__call__
+
+    class Spy(type(sd1)):
+        def __call__(self, *a, **kw):
+            seen.append((kw.get("erase_scale"), kw.get("prompt_gate"), kw.get("anchor_gate")))
+            return sd1_call(self, *a, **kw)
+
+    runner = MethodRunner(Spy(**sd1.components), steps=2, guidance=7.5)
+    gated = parse_method("eiup-single+anchors=auto+prompt_gate@preset")
+    assert gated.name == "eiup-single+anchors=auto+prompt_gate@preset" and parse_method(gated.name) == gated
+    runner.generate(gated, "a tomato", [0], "red")
+    runner.generate(parse_method("eiup-single@-2"), "a tomato", [0], "red")
+    runner.generate(parse_method("eiup-single+anchors=blue+anchor_gate=0@-2"), "a tomato", [0], "red")
+    assert seen == [(None, True, True), (-2.0, False, True), (-2.0, False, False)]
+
+
 def test_judgements_follow_the_definitions():
     plain = det(("red", "circle", "plain"))
     # erased and the rest kept: no residual, fidelity
@@ -87,6 +105,8 @@ def test_fidelity_vs_plain_counts_the_methods_damage_not_the_models_mistakes():
     j = judge_toy("a tomato", "implicit", 0, "red", det(("orange", "circle", "plain")), wrong_shape, 30, 1)
     assert j.fidelity is True and j.kept is False  # erasure changed the shape
     assert judge_toy("a tomato", "implicit", 0, "red", det(), wrong_shape, 9, 0).kept is False  # object lost
+    dotted = det(("orange", "square", "dotted"))  # the detector's pattern head is too noisy to count
+    assert judge_toy("a tomato", "implicit", 0, "red", dotted, wrong_shape, 30, 1).kept is True
     gray = det(("red", "square", "plain"), background="gray")
     assert judge_toy("a tomato", "implicit", 0, "red", erased, gray, 30, 1).kept is False  # background changed
     night = det(("yellow", "circle", "plain"), background="black")

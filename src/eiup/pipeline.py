@@ -125,11 +125,17 @@ def _anchor_strength(value: Any, name: str) -> float:
 
 @dataclass(frozen=True)
 class AnchorPlan:
-    """How one concept is projected: its anchors, the strength, and the model's preset scale (or None)."""
+    """How one concept is projected: its anchors, the strength (for prompts that name the concept:
+    ``named_strength``, default the same), and the model's preset scale (or None)."""
 
     anchors: tuple[str, ...]
     strength: float
     scale: float | None = None
+    named_strength: float | None = None
+
+    @property
+    def strength_when_named(self) -> float:
+        return self.strength if self.named_strength is None else self.named_strength
 
 
 @dataclass(frozen=True)
@@ -348,14 +354,25 @@ class EIUPPipelineOutput(BaseOutput):
     erase_scales: dict[str, np.ndarray] | None = None
 
 
-def _concepts_named(call: dict[str, Any], concepts: Sequence[str]) -> list[list[bool]] | None:
-    """Per concept, per image: whether the prompt text names the concept (whole words, any case)."""
+def _row_prompts(call: dict[str, Any]) -> list[str] | None:
+    """The prompt text of every image of the call, or None when the call gives ``prompt_embeds``."""
     prompt = call.get("prompt")
     if prompt is None or (not isinstance(prompt, str) and not all(isinstance(p, str) for p in prompt)):
-        return None  # prompt_embeds: the similarity gate alone
+        return None
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-    rows = [p.lower() for p in prompts for _ in range(int(call.get("num_images_per_prompt") or 1))]
-    return [[re.search(rf"(?<!\w){re.escape(c.lower())}(?!\w)", p) is not None for p in rows] for c in concepts]
+    return [p for p in prompts for _ in range(int(call.get("num_images_per_prompt") or 1))]
+
+
+def _word_pattern(concept: str) -> re.Pattern:
+    return re.compile(rf"(?<!\w){re.escape(concept.strip())}(?!\w)", re.IGNORECASE)
+
+
+def _concepts_named(call: dict[str, Any], concepts: Sequence[str]) -> list[list[bool]] | None:
+    """Per concept, per image: whether the prompt text names the concept (whole words, any case)."""
+    rows = _row_prompts(call)
+    if rows is None:
+        return None  # prompt_embeds: the probe or the similarity gate alone
+    return [[_word_pattern(c).search(p) is not None for p in rows] for c in concepts]
 
 
 def _term_mask(implied: list[torch.Tensor | None], spans: Sequence[Sequence[int]], length: int) -> torch.Tensor | None:
@@ -531,6 +548,7 @@ class EIUPMixin:
         projecting = anchor_plans is not None and any(plan.anchors for plan in anchor_plans)
         probes = self._prompt_probes(config, projecting)
         named = _concepts_named(call, config.concepts) if projecting or any(probes) else None
+        row_prompts = _row_prompts(call)
         height, width = self._resolve_hw(call)
         vsf = self.vae_scale_factor
         latent_size = (int(height) // vsf, int(width) // vsf)
@@ -607,7 +625,7 @@ class EIUPMixin:
         term_mask = None
         if projecting or any(probes):
             implied = self._gate_and_project(call, config, anchor_plans if projecting else None, probes, named,
-                                             device, cfg, lora_scale, m)
+                                             row_prompts, device, cfg, lora_scale, m)
             ctx.own_prompt_values = dual and projecting
             if config.prompt_gate and any(probes):
                 term_mask = _term_mask(implied, spans, concept_embeds.shape[1])
@@ -888,7 +906,8 @@ class EIUPMixin:
     def _model_anchor_plans(self, concepts: Sequence[str], strength: float | None,
                             quiet_without_file: bool = False) -> list[AnchorPlan]:
         """``anchors="auto"``: ``<model folder>/eiup_anchors.json``, per concept: ``[anchor, ...]`` or
-        ``{"anchors": [...], "strength": s, "scale": w}`` (presets measured for that model)."""
+        ``{"anchors": [...], "strength": s, "named_strength": s2, "scale": w}`` (presets measured for
+        that model; ``named_strength`` for prompts that name the concept, default ``strength``)."""
         path, table = self._model_anchor_table()
         plans = []
         for concept in concepts:
@@ -900,6 +919,8 @@ class EIUPMixin:
                                        'or {"anchors": [...], "strength": s, "scale": w}')
             try:
                 own = _anchor_strength(preset["strength"], f"{path}: {concept!r} strength") if "strength" in preset else None
+                named = (_anchor_strength(preset["named_strength"], f"{path}: {concept!r} named_strength")
+                         if "named_strength" in preset else None)
                 scale = _finite_number(preset["scale"], f"{path}: {concept!r} scale") if "scale" in preset else None
             except EraseConfigError as e:
                 raise EraseConfigError(f"anchors='auto': {e}") from e
@@ -907,7 +928,8 @@ class EIUPMixin:
                 raise EraseConfigError(f"anchors='auto': {path}: {concept!r} scale={scale} must be negative and "
                                        f">= -{MAX_ABS_SCALE:g}")
             chosen = strength if strength is not None else (own if own is not None else DEFAULT_ANCHOR_STRENGTH)
-            plans.append(AnchorPlan(tuple(a.strip() for a in anchors), chosen, scale))
+            named = None if strength is not None else named  # the call's strength is for every prompt
+            plans.append(AnchorPlan(tuple(a.strip() for a in anchors), chosen, scale, named))
         missing = [c for c, plan in zip(concepts, plans) if not plan.anchors]
         if missing and not (quiet_without_file and not table):
             where = path if path is not None else "(no model folder known)"
@@ -916,10 +938,12 @@ class EIUPMixin:
         return plans
 
     def _gate_and_project(self, call: dict[str, Any], config: EraseConfig, plans: list[AnchorPlan] | None,
-                          probes: list, named: list[list[bool]] | None, device, cfg: bool, lora_scale,
-                          m: int | None) -> list[torch.Tensor | None]:
+                          probes: list, named: list[list[bool]] | None, row_prompts: list[str] | None, device,
+                          cfg: bool, lora_scale, m: int | None) -> list[torch.Tensor | None]:
         """Which images' prompts name or imply each concept (by its probe; None without one), and, with
-        anchors, the erased branch's prompt embeddings replaced by their projection (:mod:`eiup.anchors`)."""
+        anchors, the erased branch's prompt embeddings replaced by their projection (:mod:`eiup.anchors`):
+        prompts that name the concept move away from their own counterfactuals (the concept word
+        replaced by each anchor), the others along the concept's direction from the anchors."""
         from .anchors import aligned_concept_and_anchors, concept_directions, nearest_to_concept, project_tokens
 
         clip_skip = call.get("clip_skip")
@@ -951,6 +975,15 @@ class EIUPMixin:
                 encoded[text] = self._encode_concepts(text, device, lora_scale, clip_skip)[0].float()
             return encoded[text]
 
+        def counterfactual(text: str, concept: str, anchors: Sequence[str]) -> torch.Tensor | None:
+            """Mean embedding of ``text`` with the concept word replaced by each anchor; None when a
+            replacement changes the token count (positions after it would not line up)."""
+            n = len(tok(text).input_ids)
+            variants = [_word_pattern(concept).sub(a, text) for a in anchors]
+            if any(len(tok(v).input_ids) != n for v in variants):
+                return None
+            return torch.stack([encode(v) for v in variants]).mean(0)
+
         for k, (concept, plan) in enumerate(zip(config.concepts, plans)):
             if not plan.anchors:
                 continue
@@ -958,6 +991,11 @@ class EIUPMixin:
             c, anchors = aligned_concept_and_anchors(encode(concept), len(tok(concept).input_ids),
                                                      torch.stack([encode(a) for a in plan.anchors]), lengths)
             projected = project_tokens(edited, *concept_directions(c, anchors), plan.strength)
+            if named is not None and row_prompts is not None:  # rows naming the concept: e -= s (e0 - cf)
+                for r in range(edited.shape[0]):
+                    cf = counterfactual(row_prompts[r], concept, plan.anchors) if named[k][r] else None
+                    if cf is not None:
+                        projected[r] = edited[r] - plan.strength_when_named * (original[r] - cf)
             if config.anchor_gate:  # projected: prompts that imply the concept (the model's probe) or name it
                 gate = implied[k]
                 if gate is None:

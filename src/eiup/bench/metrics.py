@@ -76,12 +76,19 @@ def judge_toy(prompt: str, role: str, seed: int, concept: str, det: Detection, p
     return ImageJudgement(prompt, role, seed, residual, fidelity, specific, psnr, ssim, kept)
 
 
+# Attributes the toy detector reads reliably (colour 97.5%, shape 98.9% on fresh renders); its pattern
+# head reads 75% (patterns do not survive the toy VAE), so a pattern "change" is mostly the detector's noise.
+RELIABLE_ATTRIBUTES = ("color", "shape")
+
+
 def kept_from_plain(det: Detection, plain: Detection, skip: str | None, background_erased: bool) -> bool:
     """Fidelity against the plain image of the same seed instead of the prompt: the method's own
-    damage, not the model's mistakes (the plain image scores 100% by construction)."""
+    damage, not the model's mistakes (the plain image scores 100% by construction). Compares the
+    object count, the background (unless erased) and the reliable attributes other than ``skip``."""
     if not background_erased and det.background != plain.background or len(det.objects) != len(plain.objects):
         return False
-    return all(kept_attributes(plain.objects[j], det.objects[i], skip) for i, j in match_objects(det.objects, plain.objects))
+    return all(getattr(plain.objects[j], a) == getattr(det.objects[i], a)
+               for i, j in match_objects(det.objects, plain.objects) for a in RELIABLE_ATTRIBUTES if a != skip)
 
 
 def psnr_ssim(images, references) -> tuple[list[float], list[float]]:

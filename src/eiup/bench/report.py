@@ -21,7 +21,7 @@ COLUMNS = [
     ("residual_implicit", "residual (implicit)", "{:.1%}"),
     ("residual_explicit", "residual (explicit)", "{:.1%}"),
     ("fidelity", "fidelity", "{:.1%}"),
-    ("fidelity_vs_plain", "fidelity vs plain", "{:.1%}"),
+    ("fidelity_vs_plain", "fidelity vs plain (colour, shape)", "{:.1%}"),
     ("specificity", "specificity (attributes)", "{:.1%}"),
     ("specificity_psnr", "median PSNR (dB)", "{:.1f}"),
     ("specificity_ssim", "median SSIM", "{:.3f}"),
