@@ -2,6 +2,7 @@
 
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -157,6 +158,20 @@ def test_run_resumes_and_writes_the_report(tmp_path, monkeypatch):
     run_benchmark(pipe, ColourDetector(), [suite], methods, tmp_path, steps=2, guidance=5.0)
     assert len(calls) == n_units + 1
     assert index.exists()
+    # new erasure presets in the model folder: only the EIUP units are redone; other steps: all
+    model = tmp_path / "model"
+    model.mkdir()
+    pipe.register_to_config(_name_or_path=str(model))
+    run_benchmark(pipe, ColourDetector(), [suite], methods, tmp_path, steps=2, guidance=5.0)
+    assert calls[n_units + 1:] == ["eiup-single@-2"] * len(suite.prompts)  # a model folder now: a new fingerprint
+    (model / "eiup_anchors.json").write_text('{"red": ["blue"]}')
+    del calls[n_units + 1:]
+    run_benchmark(pipe, ColourDetector(), [suite], methods, tmp_path, steps=2, guidance=5.0)
+    assert calls[n_units + 1:] == ["eiup-single@-2"] * len(suite.prompts)
+    run_benchmark(pipe, ColourDetector(), [suite], methods, tmp_path, steps=2, guidance=5.0)
+    assert len(calls) == n_units + 1 + len(suite.prompts)  # nothing left to do
+    run_benchmark(pipe, ColourDetector(), [suite], methods[:1], tmp_path, steps=3, guidance=5.0)
+    assert calls[-len(suite.prompts):] == ["plain"] * len(suite.prompts)
 
 
 # ---------------------------------------------------------------- coco suite: CLIP score, FID, PSNR/SSIM

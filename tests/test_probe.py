@@ -147,7 +147,9 @@ def test_default_toy_gate_prompts_are_in_no_benchmark_or_calibration_set():
     held = {p.text for c in CONCEPTS for p in toy_suite(c, [0]).prompts}
     held |= {p for c in CONCEPTS for p in calibration_prompts(c) + calibration_negatives(c)}
     assert not held & set(prompts)
-    scenes = [parse_caption(p) for p in prompts]
+    long = [p for p in prompts if "," in p]
+    assert 0.1 < len(long) / len(prompts) < 0.3 and any(p.count(",") >= 8 for p in long)
+    scenes = [parse_caption(p.split(",")[0]) for p in prompts]
     assert any(len(s.objects) == 2 for s in scenes) and any(s.background == "black" for s in scenes)
 
 

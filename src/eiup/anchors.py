@@ -14,7 +14,9 @@ colours), at each position i:
     e_i <- e_i - s * max(0, <e_i - m_i, d_i>) * d_i
 
 Tokens that do not lean from the anchors towards the concept (coefficient <= 0) are left as they
-are. With the gate (default) a prompt is edited only when it names the concept or its tokens are on
+are. A prompt that names the concept has better anchors, its own counterfactuals (the concept word
+replaced by each anchor): it moves away from their mean, e <- e - s * (e - mean_a e[concept -> a]);
+the tokens before the word are those of the counterfactuals already (causal encoder) and stay. With the gate (default) a prompt is edited only when it names the concept or its tokens are on
 average closer (cosine) to the concept's than to every anchor's: "a lemon" is nearer "yellow" than
 "red" and keeps its colour even where it leans a little towards red.
 """
@@ -62,3 +64,9 @@ def nearest_to_concept(prompt_embeds: torch.Tensor, concept: torch.Tensor, ancho
     to_concept = F.cosine_similarity(e, concept[None, 1:], dim=-1).mean(1)
     to_anchors = F.cosine_similarity(e[:, None], anchors[None, :, 1:], dim=-1).mean(2)
     return to_concept > to_anchors.max(1).values
+
+
+def away_from_counterfactuals(embeds: torch.Tensor, original: torch.Tensor, counterfactual_mean: torch.Tensor,
+                              strength: float) -> torch.Tensor:
+    """e - s * (e0 - mean_a e0[concept -> a]) for a prompt that names the concept (module docstring)."""
+    return embeds - strength * (original - counterfactual_mean)

@@ -179,8 +179,10 @@ class EraseConfig:
             concept are left exactly as they are. ``"auto"``: per concept, the anchors listed in
             the model folder's ``eiup_anchors.json`` (the toy model ships one; concepts it does not
             list get none, with a warning). An entry may also carry measured presets,
-            ``{"anchors": [...], "strength": s, "scale": w}``, used when the call leaves
-            ``anchor_strength`` / ``erase_scale`` unset. ``()``: off. ``None``: :data:`DEFAULT_ANCHORS`.
+            ``{"anchors": [...], "strength": s, "named_strength": s2, "scale": w}``, used when the
+            call leaves ``anchor_strength`` / ``erase_scale`` unset. A prompt that names the
+            concept moves away from its counterfactuals instead (the concept word replaced by each
+            anchor, where that keeps the token count), with ``named_strength``. ``()``: off. ``None``: :data:`DEFAULT_ANCHORS`.
             SD 1.x/2.x pipelines.
         anchor_strength: s of the anchored projection (1 removes the concept's component, larger
             values push past the anchors), in (0, 8]. ``None``: with ``anchors="auto"`` the model's
@@ -944,7 +946,8 @@ class EIUPMixin:
         anchors, the erased branch's prompt embeddings replaced by their projection (:mod:`eiup.anchors`):
         prompts that name the concept move away from their own counterfactuals (the concept word
         replaced by each anchor), the others along the concept's direction from the anchors."""
-        from .anchors import aligned_concept_and_anchors, concept_directions, nearest_to_concept, project_tokens
+        from .anchors import (aligned_concept_and_anchors, away_from_counterfactuals, concept_directions,
+                              nearest_to_concept, project_tokens)
 
         clip_skip = call.get("clip_skip")
         if m is None:  # single branch: encode the prompt here and hand the parent the edited embeddings
@@ -995,7 +998,7 @@ class EIUPMixin:
                 for r in range(edited.shape[0]):
                     cf = counterfactual(row_prompts[r], concept, plan.anchors) if named[k][r] else None
                     if cf is not None:
-                        projected[r] = edited[r] - plan.strength_when_named * (original[r] - cf)
+                        projected[r] = away_from_counterfactuals(edited[r], original[r], cf, plan.strength_when_named)
             if config.anchor_gate:  # projected: prompts that imply the concept (the model's probe) or name it
                 gate = implied[k]
                 if gate is None:

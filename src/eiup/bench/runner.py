@@ -67,18 +67,59 @@ def load_unit_images(out: Path, unit: Unit) -> list[Image.Image]:
     return [Image.open(folder / f"seed{s:06d}.png").convert("RGB") for s in unit.seeds()]
 
 
+# Files of a model folder that change what EIUP does without changing the weights (presets, gates, predictors).
+ERASURE_FILES = ("eiup_anchors.json", "eiup_prompt_probes", "eiup_scale_predictors")
+
+
+def erasure_fingerprint(pipe) -> str:
+    """SHA-1 of the model folder's erasure presets (:data:`ERASURE_FILES`); '' when it has none."""
+    folder = getattr(pipe.config, "_name_or_path", None)
+    if not folder or not Path(folder).is_dir():
+        return ""
+    digest = hashlib.sha1()
+    for name in ERASURE_FILES:
+        path = Path(folder) / name
+        for f in sorted([path] if path.is_file() else path.rglob("*") if path.is_dir() else []):
+            if f.is_file():
+                digest.update(f.relative_to(folder).as_posix().encode() + b"\0" + f.read_bytes())
+    return digest.hexdigest()
+
+
+def unit_spec(unit: Unit, steps: int, guidance: float, fingerprint: str) -> dict:
+    """What a unit's images depend on besides its method, prompt and seeds (compared on resume)."""
+    spec = {"steps": steps, "guidance": guidance}
+    if unit.method.family == "eiup":
+        spec["erasure_files"] = fingerprint
+    return spec
+
+
+def _is_done(record: Path, spec: dict) -> bool:
+    """A record made with the same spec; records written before specs were recorded count as done."""
+    if not record.exists():
+        return False
+    saved = json.loads(record.read_text()).get("spec")
+    return saved is None or saved == spec
+
+
 def run_units(pipe, detector, units: list[Unit], out: Path, steps: int, guidance: float,
               process_index: int = 0, num_processes: int = 1) -> None:
-    """Generate and detect every unit of this process that has no record yet."""
+    """Generate and detect every unit of this process that has no record yet, or one made with other
+    settings (steps, guidance, or the model folder's erasure presets: those units are redone)."""
     runner = MethodRunner(pipe, steps, guidance)
+    fingerprint = erasure_fingerprint(pipe)
     mine = [u for k, u in enumerate(units) if k % num_processes == process_index]
-    todo = [u for u in mine if not unit_paths(out, u)[1].exists()]
+    todo = [u for u in mine if not _is_done(unit_paths(out, u)[1], unit_spec(u, steps, guidance, fingerprint))]
+    stale = sum(unit_paths(out, u)[1].exists() for u in todo)
+    if stale:
+        print(f"bench (process {process_index}): redoing {stale} unit(s) made with other steps, guidance or "
+              "erasure presets", flush=True)
     bar = tqdm(todo, desc=f"bench (process {process_index})", disable=process_index != 0 and num_processes > 1)
     for unit in bar:
         bar.set_postfix_str(unit.method.name)
         folder, record = unit_paths(out, unit)
-        if record.exists():  # finished meanwhile by another run sharing the folder
-            continue
+        spec = unit_spec(unit, steps, guidance, fingerprint)
+        if record.exists() and json.loads(record.read_text()).get("spec") == spec:
+            continue  # finished meanwhile by another run sharing the folder
         seeds = unit.seeds()
         t0 = time.perf_counter()
         images = runner.generate(unit.method, unit.prompt.text, seeds, unit.suite.concept)
@@ -89,6 +130,7 @@ def run_units(pipe, detector, units: list[Unit], out: Path, steps: int, guidance
         write_json_atomic(record, {
             "method": unit.method.name, "suite": unit.suite.name, "prompt": unit.prompt.text,
             "role": unit.prompt.role, "seeds": seeds, "seconds_per_image": seconds, "detections": detections,
+            "spec": spec,
         })
 
 

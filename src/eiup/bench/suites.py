@@ -161,12 +161,13 @@ def calibration_negatives(concept: str) -> list[str]:
     return nouns + [p for p in explicit if p not in test]
 
 
-def gate_prompts(n: int = 600, seed: int = 0) -> list[str]:
+def gate_prompts(n: int = 600, seed: int = 0, long_share: float = 0.2) -> list[str]:
     """Random toy-world captions for fitting prompt probes (``eiup fit-gate``), none of them a
-    benchmark, calibration or held-out prompt of any concept, so the benchmark stays unseen."""
+    benchmark, calibration or held-out prompt of any concept, so the benchmark stays unseen;
+    ``long_share`` of them end in style phrases, past 77 tokens for some (as users write them)."""
     import random
 
-    from ..toy.world import caption, random_scene
+    from ..toy.world import caption, filler_tail, random_scene
 
     held = {p.text for c in CONCEPTS for p in toy_suite(c, [0]).prompts}
     held |= {p for c in CONCEPTS for p in calibration_prompts(c) + calibration_negatives(c)}
@@ -174,6 +175,8 @@ def gate_prompts(n: int = 600, seed: int = 0) -> list[str]:
     out: dict[str, None] = {}
     for _ in range(50 * n):
         text = caption(random_scene(rng), rng)
+        if rng.random() < long_share:
+            text += filler_tail(rng)
         if text not in held:
             out[text] = None
         if len(out) == n:
