@@ -107,7 +107,9 @@ def tradeoff_plot(summary: dict, path: Path) -> None:
         families.setdefault(fam, []).append((method, m))
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5 + 0.16 * len(families)))
     colors = dict(zip(families, plt.get_cmap("tab20")(np.linspace(0, 1, max(len(families), 2)))))  # one per family
-    for ax, key, label in ((axes[0], "fidelity", "fidelity"), (axes[1], "specificity", "specificity (attributes)")):
+    vs_plain = all(not math.isnan(m.get("fidelity_vs_plain", math.nan)) for m in summary.values())
+    fidelity = ("fidelity_vs_plain", "fidelity vs plain (colour, shape)") if vs_plain else ("fidelity", "fidelity")
+    for ax, key, label in ((axes[0], *fidelity), (axes[1], "specificity", "specificity (attributes)")):
         for fam, items in families.items():
             xs = [m["residual_implicit"] for _, m in items]
             ys = [m[key] for _, m in items]
