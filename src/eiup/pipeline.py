@@ -978,14 +978,25 @@ class EIUPMixin:
                 encoded[text] = self._encode_concepts(text, device, lora_scale, clip_skip)[0].float()
             return encoded[text]
 
-        def counterfactual(text: str, concept: str, anchors: Sequence[str]) -> torch.Tensor | None:
-            """Mean embedding of ``text`` with the concept word replaced by each anchor; None when a
-            replacement changes the token count (positions after it would not line up)."""
+        def variants(text: str, concept: str, anchors: Sequence[str]) -> list[str] | None:
+            """``text`` with the concept word replaced by each anchor; None when a replacement changes
+            the token count (positions after it would not line up)."""
             n = len(tok(text).input_ids)
-            variants = [_word_pattern(concept).sub(a, text) for a in anchors]
-            if any(len(tok(v).input_ids) != n for v in variants):
-                return None
-            return torch.stack([encode(v) for v in variants]).mean(0)
+            out = [_word_pattern(concept).sub(a, text) for a in anchors]
+            return out if all(len(tok(v).input_ids) == n for v in out) else None
+
+        counterfactuals: dict[tuple[int, int], list[str]] = {}  # (concept, row) -> texts
+        for k, (concept, plan) in enumerate(zip(config.concepts, plans)):
+            for r in range(edited.shape[0]) if plan.anchors and named is not None and row_prompts is not None else ():
+                found = variants(row_prompts[r], concept, plan.anchors) if named[k][r] else None
+                if found is not None:
+                    counterfactuals[k, r] = found
+        needed = [c for c, plan in zip(config.concepts, plans) if plan.anchors]
+        needed += [a for plan in plans for a in plan.anchors] + [t for ts in counterfactuals.values() for t in ts]
+        needed = list(dict.fromkeys(needed))
+        if needed:  # one batched text-encoder pass for everything below
+            batch = self._encode_concepts(needed, device, lora_scale, clip_skip).float()
+            encoded.update(zip(needed, batch))
 
         for k, (concept, plan) in enumerate(zip(config.concepts, plans)):
             if not plan.anchors:
@@ -994,11 +1005,10 @@ class EIUPMixin:
             c, anchors = aligned_concept_and_anchors(encode(concept), len(tok(concept).input_ids),
                                                      torch.stack([encode(a) for a in plan.anchors]), lengths)
             projected = project_tokens(edited, *concept_directions(c, anchors), plan.strength)
-            if named is not None and row_prompts is not None:  # rows naming the concept: e -= s (e0 - cf)
-                for r in range(edited.shape[0]):
-                    cf = counterfactual(row_prompts[r], concept, plan.anchors) if named[k][r] else None
-                    if cf is not None:
-                        projected[r] = away_from_counterfactuals(edited[r], original[r], cf, plan.strength_when_named)
+            for r in range(edited.shape[0]):  # rows naming the concept: e -= s (e0 - mean of counterfactuals)
+                if (k, r) in counterfactuals:
+                    cf = torch.stack([encode(t) for t in counterfactuals[k, r]]).mean(0)
+                    projected[r] = away_from_counterfactuals(edited[r], original[r], cf, plan.strength_when_named)
             if config.anchor_gate:  # projected: prompts that imply the concept (the model's probe) or name it
                 gate = implied[k]
                 if gate is None:
