@@ -274,9 +274,9 @@ def test_a_prompt_naming_the_concept_is_gated_in(sd1):
     named = sd1(["a red star", "a RED, star"], generator=[gen(0), gen(1)], **kw).images
     ungated = sd1(["a red star", "a RED, star"], generator=[gen(0), gen(1)], anchor_gate=False, **kw).images
     assert np.array_equal(named, ungated)
-    from eiup.pipeline import _concepts_named
+    from eiup.pipeline import _concepts_named, _row_prompts
 
     call = {"prompt": ["a red star", "a reddish star", "Red!", "a tomato"], "num_images_per_prompt": 2}
-    assert _concepts_named(call, ["red", "tomato"]) == [[True, True, False, False, True, True, False, False],
+    assert _concepts_named(_row_prompts(call), ["red", "tomato"]) == [[True, True, False, False, True, True, False, False],
                                                          [False, False, False, False, False, False, True, True]]
-    assert _concepts_named({"prompt": None}, ["red"]) is None
+    assert _concepts_named(_row_prompts({"prompt": None}), ["red"]) is None

@@ -16,9 +16,11 @@ colours), at each position i:
 Tokens that do not lean from the anchors towards the concept (coefficient <= 0) are left as they
 are. A prompt that names the concept has better anchors, its own counterfactuals (the concept word
 replaced by each anchor): it moves away from their mean, e <- e - s * (e - mean_a e[concept -> a]);
-the tokens before the word are those of the counterfactuals already (causal encoder) and stay. With the gate (default) a prompt is edited only when it names the concept or its tokens are on
-average closer (cosine) to the concept's than to every anchor's: "a lemon" is nearer "yellow" than
-"red" and keeps its colour even where it leans a little towards red.
+the tokens before the word are those of the counterfactuals already (causal encoder) and stay.
+Which prompts are edited at all is the gate's decision (``EraseConfig.anchor_gate``): those that
+name the concept or that the model's prompt probe (:mod:`eiup.probe`) says imply it, or, for a model
+without probes, those whose tokens are on average closer (cosine) to the concept's than to every
+anchor's (:func:`nearest_to_concept`).
 """
 
 from __future__ import annotations

@@ -107,7 +107,7 @@ def collect(pipe, concept: str, prompts: Sequence[str], judge: Callable, seeds: 
         for scale in grid:
             rec = ConceptAttentionRecorder((0,))
             images = pipe([prompt] * len(seeds), erase=[concept], erase_scale="auto", gate=gate, erase_mode=mode,
-                          concept_context=concept_context, anchors=anchors,
+                          concept_context=concept_context, anchors=anchors, prompt_gate=False,
                           scale_predictors=[ConstantScale(concept, scale)], concept_recorder=rec,
                           generator=[torch.Generator("cpu").manual_seed(int(s)) for s in seeds],
                           num_inference_steps=steps, guidance_scale=guidance).images
@@ -125,7 +125,9 @@ def calibrate(pipe, concept: str, prompts: Sequence[str], judge: Callable, seeds
     """Collect calibration data, fit the scale predictor and save it (default: in the model folder).
 
     ``anchors`` (default ``()``: the concept term alone) is used in every calibration call and
-    recorded; ``erase_scale="auto"`` warns when a call's anchors differ.
+    recorded; ``erase_scale="auto"`` warns when a call's anchors differ. Calibration measures the
+    concept term on every prompt, so it runs without the prompt gate (which only decides whether
+    the term acts at all).
     """
     if sorted(grid, reverse=True)[0] != 0:
         raise ValueError(f"grid={list(grid)} must start at 0 (no suppression) and go negative")

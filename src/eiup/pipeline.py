@@ -37,6 +37,7 @@ Modes:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import math
 import re
@@ -365,13 +366,14 @@ def _row_prompts(call: dict[str, Any]) -> list[str] | None:
     return [p for p in prompts for _ in range(int(call.get("num_images_per_prompt") or 1))]
 
 
+@functools.lru_cache(maxsize=256)
 def _word_pattern(concept: str) -> re.Pattern:
     return re.compile(rf"(?<!\w){re.escape(concept.strip())}(?!\w)", re.IGNORECASE)
 
 
-def _concepts_named(call: dict[str, Any], concepts: Sequence[str]) -> list[list[bool]] | None:
-    """Per concept, per image: whether the prompt text names the concept (whole words, any case)."""
-    rows = _row_prompts(call)
+def _concepts_named(rows: list[str] | None, concepts: Sequence[str]) -> list[list[bool]] | None:
+    """Per concept, per image: whether the image's prompt text (``rows``, see :func:`_row_prompts`)
+    names the concept (whole words, any case); None without prompt text."""
     if rows is None:
         return None  # prompt_embeds: the probe or the similarity gate alone
     return [[_word_pattern(c).search(p) is not None for p in rows] for c in concepts]
@@ -549,8 +551,8 @@ class EIUPMixin:
         anchor_plans = self._anchor_plans(config) if config.anchor_spec else None
         projecting = anchor_plans is not None and any(plan.anchors for plan in anchor_plans)
         probes = self._prompt_probes(config, projecting)
-        named = _concepts_named(call, config.concepts) if projecting or any(probes) else None
         row_prompts = _row_prompts(call)
+        named = _concepts_named(row_prompts, config.concepts) if projecting or any(probes) else None
         height, width = self._resolve_hw(call)
         vsf = self.vae_scale_factor
         latent_size = (int(height) // vsf, int(width) // vsf)
@@ -961,22 +963,16 @@ class EIUPMixin:
             pe = call["prompt_embeds"]
         rows = slice(0, pe.shape[0]) if m is None else slice(m, pe.shape[0])
         original = edited = pe[rows].float()
+        said = ([torch.tensor(n, device=original.device) for n in named] if named is not None
+                else [None] * len(config.concepts))  # per concept: which images name it
         implied: list[torch.Tensor | None] = []
-        for k, probe in enumerate(probes):
+        for probe, names in zip(probes, said):
             gate = None if probe is None else probe.logits(original) > 0
-            if gate is not None and named is not None:
-                gate |= torch.tensor(named[k], device=gate.device)
-            implied.append(gate)
+            implied.append(gate if gate is None or names is None else gate | names)
         if plans is None:
             call["prompt_embeds"] = pe
             return implied
         tok = self.tokenizer
-        encoded: dict[str, torch.Tensor] = {}
-
-        def encode(text: str) -> torch.Tensor:
-            if text not in encoded:
-                encoded[text] = self._encode_concepts(text, device, lora_scale, clip_skip)[0].float()
-            return encoded[text]
 
         def variants(text: str, concept: str, anchors: Sequence[str]) -> list[str] | None:
             """``text`` with the concept word replaced by each anchor; None when a replacement changes
@@ -994,27 +990,26 @@ class EIUPMixin:
         needed = [c for c, plan in zip(config.concepts, plans) if plan.anchors]
         needed += [a for plan in plans for a in plan.anchors] + [t for ts in counterfactuals.values() for t in ts]
         needed = list(dict.fromkeys(needed))
+        encoded: dict[str, torch.Tensor] = {}
         if needed:  # one batched text-encoder pass for everything below
-            batch = self._encode_concepts(needed, device, lora_scale, clip_skip).float()
-            encoded.update(zip(needed, batch))
+            encoded = dict(zip(needed, self._encode_concepts(needed, device, lora_scale, clip_skip).float()))
 
         for k, (concept, plan) in enumerate(zip(config.concepts, plans)):
             if not plan.anchors:
                 continue
             lengths = torch.tensor([len(ids) for ids in tok(list(plan.anchors)).input_ids], device=device)
-            c, anchors = aligned_concept_and_anchors(encode(concept), len(tok(concept).input_ids),
-                                                     torch.stack([encode(a) for a in plan.anchors]), lengths)
+            c, anchors = aligned_concept_and_anchors(encoded[concept], len(tok(concept).input_ids),
+                                                     torch.stack([encoded[a] for a in plan.anchors]), lengths)
             projected = project_tokens(edited, *concept_directions(c, anchors), plan.strength)
             for r in range(edited.shape[0]):  # rows naming the concept: e -= s (e0 - mean of counterfactuals)
                 if (k, r) in counterfactuals:
-                    cf = torch.stack([encode(t) for t in counterfactuals[k, r]]).mean(0)
+                    cf = torch.stack([encoded[t] for t in counterfactuals[k, r]]).mean(0)
                     projected[r] = away_from_counterfactuals(edited[r], original[r], cf, plan.strength_when_named)
             if config.anchor_gate:  # projected: prompts that imply the concept (the model's probe) or name it
                 gate = implied[k]
                 if gate is None:
                     gate = nearest_to_concept(original, c, anchors)
-                    if named is not None:
-                        gate |= torch.tensor(named[k], device=gate.device)
+                    gate = gate if said[k] is None else gate | said[k]
                 projected[~gate] = edited[~gate]
             edited = projected
         pe = pe.clone()

@@ -45,8 +45,8 @@ def concept_present(det: Detection, concept: str) -> bool:
     return det.has(attribute, value)
 
 
-def kept_attributes(expected: Obj, found, skip: str | None) -> bool:
-    return all(getattr(expected, a) == getattr(found, a) for a in ATTRIBUTES if a != skip)
+def kept_attributes(expected: Obj, found, skip: str | None, attributes: tuple[str, ...] = ATTRIBUTES) -> bool:
+    return all(getattr(expected, a) == getattr(found, a) for a in attributes if a != skip)
 
 
 def judge_toy(prompt: str, role: str, seed: int, concept: str, det: Detection, plain: Detection,
@@ -87,8 +87,8 @@ def kept_from_plain(det: Detection, plain: Detection, skip: str | None, backgrou
     object count, the background (unless erased) and the reliable attributes other than ``skip``."""
     if not background_erased and det.background != plain.background or len(det.objects) != len(plain.objects):
         return False
-    return all(getattr(plain.objects[j], a) == getattr(det.objects[i], a)
-               for i, j in match_objects(det.objects, plain.objects) for a in RELIABLE_ATTRIBUTES if a != skip)
+    return all(kept_attributes(plain.objects[j], det.objects[i], skip, RELIABLE_ATTRIBUTES)
+               for i, j in match_objects(det.objects, plain.objects))
 
 
 def psnr_ssim(images, references) -> tuple[list[float], list[float]]:
