@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from eiup import EraseConfigError
-from eiup.anchors import aligned_concept_and_anchors, aligned_padding, concept_directions, nearest_to_concept, project_tokens
+from eiup.anchors import (aligned_concept_and_anchors, aligned_padding, concept_directions, counterfactual_positions,
+                          nearest_to_concept, project_tokens)
 from eiup.testing import ModelCalls
 
 KW = dict(num_inference_steps=3, output_type="np")
@@ -69,6 +70,15 @@ def test_bad_anchor_arguments_are_refused_before_model_work(sd1, kwargs, match):
     assert model.calls == []
 
 
+def shifted_positions(tok, prompt, concept, variant, seq_len):
+    """Where the variant holds each prompt position's content, for a one-token concept word: the same
+    before it, the anchor's last token for it, shifted by the length difference after it."""
+    ids, word = tok(prompt).input_ids, tok(concept, add_special_tokens=False).input_ids
+    assert len(word) == 1
+    start, shift = ids.index(word[0]), len(tok(variant).input_ids) - len(ids)
+    return torch.tensor([i if i < start else i + shift for i in range(seq_len)]).clamp(0, seq_len - 1)
+
+
 def projected_embeds(pipe, prompts, concept, anchors, strength, gate):
     """The projection computed by hand from the pipeline's own encoder (what the call must feed the UNet)."""
     enc = lambda t: pipe.encode_prompt(t, "cpu", 1, False)[0]  # noqa: E731
@@ -81,10 +91,20 @@ def projected_embeds(pipe, prompts, concept, anchors, strength, gate):
         near = nearest_to_concept(e, c, a) | torch.tensor([concept in p.split() for p in prompts])
         out[~near] = e[~near]
     for r, p in enumerate(prompts):  # a prompt naming the concept: away from its counterfactuals
-        variants = [" ".join(w if w != concept else x for w in p.split()) for x in anchors]
-        if concept in p.split() and all(len(tok(v).input_ids) == len(tok(p).input_ids) for v in variants):
-            out[r] = e[r] - strength * (e[r] - torch.cat([enc(v) for v in variants]).mean(0))
+        if concept in p.split():
+            variants = [" ".join(w if w != concept else x for w in p.split()) for x in anchors]
+            aligned = [enc(v)[0][shifted_positions(tok, p, concept, v, e.shape[1])] for v in variants]
+            out[r] = e[r] - strength * (e[r] - torch.stack(aligned).mean(0))
     return out
+
+
+def test_counterfactual_positions_pair_shared_tokens_and_right_align_replacements():
+    # BOS a red star EOS | pad...  ->  BOS a light blue star EOS | pad...
+    assert counterfactual_positions([0, 5, 7, 9, 1], [0, 5, 7, 9, 1], 8).tolist() == list(range(8))  # same text
+    assert counterfactual_positions([0, 5, 7, 9, 1], [0, 5, 3, 4, 9, 1], 8).tolist() == [0, 1, 3, 4, 5, 6, 7, 7]
+    # two concept tokens for one anchor token: both read the anchor; a deleted word reads the token before it
+    assert counterfactual_positions([0, 5, 7, 8, 9, 1], [0, 5, 3, 9, 1], 8).tolist() == [0, 1, 2, 2, 3, 4, 5, 6]
+    assert counterfactual_positions([0, 5, 7, 9, 1], [0, 5, 9, 1], 8).tolist() == [0, 1, 1, 2, 3, 4, 5, 6]
 
 
 @pytest.mark.parametrize("mode", ["single", "dual"])
@@ -243,7 +263,8 @@ def test_model_presets_may_give_prompts_naming_the_concept_their_own_strength(sd
 
 
 @pytest.mark.parametrize("entry", ['{"anchors": ["blue"], "named_strength": -1}', '{"anchors": ["blue"], "strength": 0}', '{"anchors": ["blue"], "scale": 0.5}',
-                                   '{"anchors": ["blue"], "scale": "strong"}', '{"strength": 1.0, "anchors": "blue"}'])
+                                   '{"anchors": ["blue"], "scale": "strong"}', '{"strength": 1.0, "anchors": "blue"}',
+                                   '{"anchors": ["blue"], "aliases": "crimson"}', '{"anchors": ["blue"], "aliases": [""]}'])
 def test_malformed_presets_are_refused_before_model_work(sd1, model_folder, entry):
     (model_folder / "eiup_anchors.json").write_text('{"red": %s}' % entry)
     with ModelCalls(sd1) as model, pytest.raises(EraseConfigError, match="eiup_anchors.json"):
@@ -280,3 +301,38 @@ def test_a_prompt_naming_the_concept_is_gated_in(sd1):
     assert _concepts_named(_row_prompts(call), ["red", "tomato"]) == [[True, True, False, False, True, True, False, False],
                                                          [False, False, False, False, False, False, True, True]]
     assert _concepts_named(_row_prompts({"prompt": None}), ["red"]) is None
+
+
+def test_an_anchor_of_another_token_count_is_read_through_the_alignment(sd1):
+    tok = sd1.tokenizer
+    anchors = ["light blue", "green"]
+    assert len(tok("a light blue star").input_ids) != len(tok("a red star").input_ids)
+    kw = dict(erase="red", erase_scale=-2.0, concept_context="separate", anchors=anchors, anchor_strength=2.0,
+              prompt_gate=False, **KW)
+    expected = projected_embeds(sd1, ["a red star"], "red", anchors, 2.0, gate=True)
+    out = sd1("a red star", generator=gen(), **kw).images
+    ne = sd1.encode_prompt("", "cpu", 1, False)[0]
+    ref = sd1(prompt_embeds=expected, negative_prompt_embeds=ne, generator=gen(),
+              **{k: v for k, v in kw.items() if not k.startswith("anchor")}).images
+    assert np.allclose(out, ref, atol=1e-5)
+
+
+def test_preset_aliases_name_the_concept_and_are_replaced_by_the_anchors(sd1, model_folder):
+    """{"aliases": ["black background"]}: "a star on a black background" names night and moves away
+    from "a star on a white background"; without the alias it is projected along night's direction."""
+    preset = '{"night": {"anchors": ["white background"], "strength": 1.5, "named_strength": 1.0%s}}'
+    kw = dict(erase="night", erase_scale=-1.0, concept_context="separate", anchor_gate=False, prompt_gate=False, **KW)
+    (model_folder / "eiup_anchors.json").write_text(preset % ', "aliases": ["black background"]')
+    with_alias = sd1("a star on a black background", generator=gen(), **kw).images
+    ne = sd1.encode_prompt("", "cpu", 1, False)[0]
+    away = sd1.encode_prompt("a star on a white background", "cpu", 1, False)[0]  # strength 1: the counterfactual
+    ref = sd1(prompt_embeds=away, negative_prompt_embeds=ne, generator=gen(),
+              **{k: v for k, v in kw.items() if not k.startswith("anchor")}).images
+    assert np.allclose(with_alias, ref, atol=1e-5)
+    (model_folder / "eiup_anchors.json").write_text(preset % "")
+    without = sd1("a star on a black background", generator=gen(), **kw).images
+    assert not np.allclose(with_alias, without, atol=1e-4)
+    from eiup.pipeline import _concepts_named
+
+    assert _concepts_named(["a star at NIGHT", "on a black background", "blackbackground"], ["night"],
+                           [("black background",)]) == [[True, True, False]]

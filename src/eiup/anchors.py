@@ -16,7 +16,11 @@ colours), at each position i:
 Tokens that do not lean from the anchors towards the concept (coefficient <= 0) are left as they
 are. A prompt that names the concept has better anchors, its own counterfactuals (the concept word
 replaced by each anchor): it moves away from their mean, e <- e - s * (e - mean_a e[concept -> a]);
-the tokens before the word are those of the counterfactuals already (causal encoder) and stay.
+the tokens before the word are those of the counterfactuals already (causal encoder) and stay. A
+counterfactual whose anchor has another token count than the concept word (``"night"`` ->
+``"white background"``) is read position by position through a token alignment of the two texts
+(:func:`counterfactual_positions`): shared tokens with shared tokens, the concept's tokens with the
+anchor's last ones, the padding with the padding.
 Which prompts are edited at all is the gate's decision (``EraseConfig.anchor_gate``): those that
 name the concept or that the model's prompt probe (:mod:`eiup.probe`) says imply it, or, for a model
 without probes, those whose tokens are on average closer (cosine) to the concept's than to every
@@ -24,6 +28,9 @@ anchor's (:func:`nearest_to_concept`).
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from difflib import SequenceMatcher
 
 import torch
 import torch.nn.functional as F
@@ -72,3 +79,25 @@ def away_from_counterfactuals(embeds: torch.Tensor, original: torch.Tensor, coun
                               strength: float) -> torch.Tensor:
     """e - s * (e0 - mean_a e0[concept -> a]) for a prompt that names the concept (module docstring)."""
     return embeds - strength * (original - counterfactual_mean)
+
+
+def counterfactual_positions(prompt_ids: Sequence[int], variant_ids: Sequence[int], seq_len: int) -> torch.Tensor:
+    """(seq_len,) for each position of the prompt, the counterfactual's position that holds the same content.
+
+    Both id lists are unpadded (BOS ... EOS). Tokens both texts share map to each other; a replaced
+    span maps right-aligned onto its replacement (the last replacement token has read it whole); a
+    deleted span maps to the token before it; padding after EOS keeps its distance from EOS.
+    """
+    pos = list(range(seq_len))
+    n_p, n_v = len(prompt_ids), len(variant_ids)
+    for tag, i1, i2, j1, j2 in SequenceMatcher(None, list(prompt_ids), list(variant_ids), autojunk=False).get_opcodes():
+        for k, i in enumerate(range(i1, min(i2, seq_len))):
+            if tag == "equal":
+                pos[i] = j1 + k
+            elif j2 > j1:  # replace
+                pos[i] = j1 + min(max(k + (j2 - j1) - (i2 - i1), 0), j2 - j1 - 1)
+            elif tag == "delete":
+                pos[i] = max(j1 - 1, 0)
+    for i in range(n_p, seq_len):
+        pos[i] = i - n_p + n_v
+    return torch.tensor(pos).clamp(0, seq_len - 1)

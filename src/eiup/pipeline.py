@@ -127,12 +127,14 @@ def _anchor_strength(value: Any, name: str) -> float:
 @dataclass(frozen=True)
 class AnchorPlan:
     """How one concept is projected: its anchors, the strength (for prompts that name the concept:
-    ``named_strength``, default the same), and the model's preset scale (or None)."""
+    ``named_strength``, default the same), the model's preset scale (or None), and other words that
+    name the concept (``aliases``: a prompt saying one names the concept)."""
 
     anchors: tuple[str, ...]
     strength: float
     scale: float | None = None
     named_strength: float | None = None
+    aliases: tuple[str, ...] = ()
 
     @property
     def strength_when_named(self) -> float:
@@ -367,16 +369,20 @@ def _row_prompts(call: dict[str, Any]) -> list[str] | None:
 
 
 @functools.lru_cache(maxsize=256)
-def _word_pattern(concept: str) -> re.Pattern:
-    return re.compile(rf"(?<!\w){re.escape(concept.strip())}(?!\w)", re.IGNORECASE)
+def _word_pattern(*words: str) -> re.Pattern:
+    """Any of ``words`` as whole words, any case (the longest first, so "black background" wins over "black")."""
+    choices = "|".join(re.escape(w.strip()) for w in sorted(words, key=len, reverse=True))
+    return re.compile(rf"(?<!\w)(?:{choices})(?!\w)", re.IGNORECASE)
 
 
-def _concepts_named(rows: list[str] | None, concepts: Sequence[str]) -> list[list[bool]] | None:
+def _concepts_named(rows: list[str] | None, concepts: Sequence[str],
+                    aliases: Sequence[Sequence[str]] | None = None) -> list[list[bool]] | None:
     """Per concept, per image: whether the image's prompt text (``rows``, see :func:`_row_prompts`)
-    names the concept (whole words, any case); None without prompt text."""
+    names the concept or one of its ``aliases`` (whole words, any case); None without prompt text."""
     if rows is None:
         return None  # prompt_embeds: the probe or the similarity gate alone
-    return [[_word_pattern(c).search(p) is not None for p in rows] for c in concepts]
+    aliases = aliases or [()] * len(concepts)
+    return [[_word_pattern(c, *a).search(p) is not None for p in rows] for c, a in zip(concepts, aliases)]
 
 
 def _term_mask(implied: list[torch.Tensor | None], spans: Sequence[Sequence[int]], length: int) -> torch.Tensor | None:
@@ -552,7 +558,8 @@ class EIUPMixin:
         projecting = anchor_plans is not None and any(plan.anchors for plan in anchor_plans)
         probes = self._prompt_probes(config, projecting)
         row_prompts = _row_prompts(call)
-        named = _concepts_named(row_prompts, config.concepts) if projecting or any(probes) else None
+        named = (_concepts_named(row_prompts, config.concepts, [plan.aliases for plan in anchor_plans or []])
+                 if projecting or any(probes) else None)
         height, width = self._resolve_hw(call)
         vsf = self.vae_scale_factor
         latent_size = (int(height) // vsf, int(width) // vsf)
@@ -910,8 +917,9 @@ class EIUPMixin:
     def _model_anchor_plans(self, concepts: Sequence[str], strength: float | None,
                             quiet_without_file: bool = False) -> list[AnchorPlan]:
         """``anchors="auto"``: ``<model folder>/eiup_anchors.json``, per concept: ``[anchor, ...]`` or
-        ``{"anchors": [...], "strength": s, "named_strength": s2, "scale": w}`` (presets measured for
-        that model; ``named_strength`` for prompts that name the concept, default ``strength``)."""
+        ``{"anchors": [...], "strength": s, "named_strength": s2, "scale": w, "aliases": [...]}`` (presets
+        measured for that model; ``named_strength`` for prompts that name the concept, default
+        ``strength``; ``aliases``: other words that name it, replaced by the anchors like the concept)."""
         path, table = self._model_anchor_table()
         plans = []
         for concept in concepts:
@@ -926,6 +934,10 @@ class EIUPMixin:
                 named = (_anchor_strength(preset["named_strength"], f"{path}: {concept!r} named_strength")
                          if "named_strength" in preset else None)
                 scale = _finite_number(preset["scale"], f"{path}: {concept!r} scale") if "scale" in preset else None
+                aliases = preset.get("aliases", [])
+                if not isinstance(aliases, list) or not all(isinstance(a, str) and a.strip() for a in aliases):
+                    raise EraseConfigError(f"{path}: {concept!r} aliases={aliases!r}: give a list of words that name "
+                                           "the concept")
             except EraseConfigError as e:
                 raise EraseConfigError(f"anchors='auto': {e}") from e
             if scale is not None and not -MAX_ABS_SCALE <= scale < 0:
@@ -933,7 +945,8 @@ class EIUPMixin:
                                        f">= -{MAX_ABS_SCALE:g}")
             chosen = strength if strength is not None else (own if own is not None else DEFAULT_ANCHOR_STRENGTH)
             named = None if strength is not None else named  # the call's strength is for every prompt
-            plans.append(AnchorPlan(tuple(a.strip() for a in anchors), chosen, scale, named))
+            plans.append(AnchorPlan(tuple(a.strip() for a in anchors), chosen, scale, named,
+                                    tuple(a.strip() for a in aliases)))
         missing = [c for c, plan in zip(concepts, plans) if not plan.anchors]
         if missing and not (quiet_without_file and not table):
             where = path if path is not None else "(no model folder known)"
@@ -949,7 +962,7 @@ class EIUPMixin:
         prompts that name the concept move away from their own counterfactuals (the concept word
         replaced by each anchor), the others along the concept's direction from the anchors."""
         from .anchors import (aligned_concept_and_anchors, away_from_counterfactuals, concept_directions,
-                              nearest_to_concept, project_tokens)
+                              counterfactual_positions, nearest_to_concept, project_tokens)
 
         clip_skip = call.get("clip_skip")
         if m is None:  # single branch: encode the prompt here and hand the parent the edited embeddings
@@ -974,19 +987,14 @@ class EIUPMixin:
             return implied
         tok = self.tokenizer
 
-        def variants(text: str, concept: str, anchors: Sequence[str]) -> list[str] | None:
-            """``text`` with the concept word replaced by each anchor; None when a replacement changes
-            the token count (positions after it would not line up)."""
-            n = len(tok(text).input_ids)
-            out = [_word_pattern(concept).sub(a, text) for a in anchors]
-            return out if all(len(tok(v).input_ids) == n for v in out) else None
+        def token_ids(text: str) -> list[int]:  # as the encoder reads it (truncated to its window)
+            return tok(text, truncation=True, max_length=tok.model_max_length).input_ids
 
-        counterfactuals: dict[tuple[int, int], list[str]] = {}  # (concept, row) -> texts
+        counterfactuals: dict[tuple[int, int], list[str]] = {}  # (concept, row) -> the concept replaced by each anchor
         for k, (concept, plan) in enumerate(zip(config.concepts, plans)):
             for r in range(edited.shape[0]) if plan.anchors and named is not None and row_prompts is not None else ():
-                found = variants(row_prompts[r], concept, plan.anchors) if named[k][r] else None
-                if found is not None:
-                    counterfactuals[k, r] = found
+                if named[k][r]:
+                    counterfactuals[k, r] = [_word_pattern(concept, *plan.aliases).sub(a, row_prompts[r]) for a in plan.anchors]
         needed = [c for c, plan in zip(config.concepts, plans) if plan.anchors]
         needed += [a for plan in plans for a in plan.anchors] + [t for ts in counterfactuals.values() for t in ts]
         needed = list(dict.fromkeys(needed))
@@ -1003,7 +1011,9 @@ class EIUPMixin:
             projected = project_tokens(edited, *concept_directions(c, anchors), plan.strength)
             for r in range(edited.shape[0]):  # rows naming the concept: e -= s (e0 - mean of counterfactuals)
                 if (k, r) in counterfactuals:
-                    cf = torch.stack([encoded[t] for t in counterfactuals[k, r]]).mean(0)
+                    prompt_ids = token_ids(row_prompts[r])
+                    cf = torch.stack([encoded[t][counterfactual_positions(prompt_ids, token_ids(t), edited.shape[1]).to(device)]
+                                      for t in counterfactuals[k, r]]).mean(0)
                     projected[r] = away_from_counterfactuals(edited[r], original[r], cf, plan.strength_when_named)
             if config.anchor_gate:  # projected: prompts that imply the concept (the model's probe) or name it
                 gate = implied[k]

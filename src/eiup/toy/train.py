@@ -460,8 +460,9 @@ def export_pipeline(out: Path, dest: Path, checkpoint: Path | None = None, ema: 
 # measured on held-out explicit prompts with backgrounds (benchmarks/heldout.py's, seeds 3000-3005):
 # red 1.5 (0%, 67%; 1.25 left 30%, 2 kept 52%), star 1.5 (0%, 85%; 1 left 25%), heart 2 (0%, 92%; 1 left 28%).
 ANCHOR_PRESETS = {"red": (1.25, -1.0), "star": (1.0, -1.0), "heart": (1.0, -1.0), "night": (1.5, -0.25)}
-NAMED_STRENGTHS = {"red": 1.5, "star": 1.5, "heart": 2.0}
+NAMED_STRENGTHS = {"red": 1.5, "star": 1.5, "heart": 2.0, "night": 1.25}
 PRESET_ANCHORS = {"night": ["white background"]}  # instead of all the attribute's other values
+PRESET_ALIASES = {"night": ["black background"]}  # other words of the world that name the concept
 
 
 def write_anchor_file(folder: Path) -> Path:
@@ -478,6 +479,8 @@ def write_anchor_file(folder: Path) -> Path:
             table[concept] = {"anchors": anchors, "strength": strength, "scale": scale}
             if concept in NAMED_STRENGTHS:
                 table[concept]["named_strength"] = NAMED_STRENGTHS[concept]
+            if concept in PRESET_ALIASES:
+                table[concept]["aliases"] = PRESET_ALIASES[concept]
         else:
             table[concept] = anchors
     path = Path(folder) / ANCHOR_FILE
