@@ -5,7 +5,8 @@ Prompts: per concept, the calibration prompts (templated implicit nouns such as 
 tomato", explicit prompts with backgrounds) and the calibration negatives, none of them in the
 benchmark suites; seeds 3000.. (the benchmark uses 0..19). Residual: share of erased images that
 still show the concept, among those whose plain image shows it; fidelity vs plain: share of those
-whose other attributes (background included, unless it is the concept) are as in the plain image.
+whose other attributes (background included, unless it is the concept) are as in the plain image;
+as plain or as prompted: ... or as the prompt asks (an erasure that corrects the model's mistake).
 Specificity: share of negative images whose detected attributes are unchanged by the erasure, and
 their median PSNR against the plain image.
 
@@ -31,11 +32,11 @@ def main() -> None:
     ap.add_argument("--first-seed", type=int, default=3000, help="seeds first..first+seeds-1 (benchmark: 0..19)")
     args = ap.parse_args()
 
-    from eiup.bench.metrics import kept_from_plain, psnr_ssim
+    from eiup.bench.metrics import as_prompted, kept_from_plain, psnr_ssim
     from eiup.bench.suites import calibration_negatives, calibration_prompts
     from eiup.models import load_pipeline
     from eiup.toy.detect import ConceptDetector
-    from eiup.toy.world import CONCEPTS
+    from eiup.toy.world import CONCEPTS, parse_caption
 
     kwargs = json.loads(args.kwargs)
     pipe = load_pipeline(None)
@@ -46,13 +47,13 @@ def main() -> None:
     def attributes(d):
         return sorted(tuple(sorted(o.attributes().items())) for o in d.objects)
 
-    print(f"| concept | held-out prompts (+ negatives) | residual | fidelity vs plain | specificity | median PSNR |"
-          f"  settings: {json.dumps(kwargs)}")
-    print("|---|---|---|---|---|---|")
+    print(f"| concept | held-out prompts (+ negatives) | residual | fidelity vs plain | as plain or as prompted |"
+          f" specificity | median PSNR |  settings: {json.dumps(kwargs)}")
+    print("|---|---|---|---|---|---|---|")
     for concept in args.concepts:
         attribute, value = CONCEPTS[concept]
         positives, negatives = calibration_prompts(concept), calibration_negatives(concept)
-        residual, kept, same, psnr = [], [], [], []
+        residual, kept, unharmed, same, psnr = [], [], [], [], []
         skip = attribute if attribute != "background" else None
         for prompt in tqdm(positives + negatives, desc=concept, leave=False):
             out = pipe([prompt] * len(seeds), num_inference_steps=25, erase=[concept], return_original=True,
@@ -62,11 +63,13 @@ def main() -> None:
                 shown = [(e, p) for e, p in zip(erased, plain) if p.has(attribute, value)]
                 residual += [e.has(attribute, value) for e, p in shown]
                 kept += [kept_from_plain(e, p, skip, skip is None) for e, p in shown]
+                unharmed += [k or as_prompted(e, parse_caption(prompt), concept)
+                             for k, (e, _) in zip(kept[len(kept) - len(shown):], shown)]
             else:
                 same += [attributes(p) == attributes(e) for p, e in zip(plain, erased)]
                 psnr += psnr_ssim(out.images, out.original_images)[0]
         print(f"| {concept} | {len(positives)} (+{len(negatives)}) | {np.mean(residual):.0%} (n={len(residual)}) | "
-              f"{np.mean(kept):.0%} | {np.mean(same):.0%} (n={len(same)}) | {np.median(psnr):.1f} dB |", flush=True)
+              f"{np.mean(kept):.0%} | {np.mean(unharmed):.0%} | {np.mean(same):.0%} (n={len(same)}) | {np.median(psnr):.1f} dB |", flush=True)
 
 
 if __name__ == "__main__":

@@ -13,8 +13,8 @@ export OMP_NUM_THREADS=$THREADS
 .venv/bin/eiup toy train --out runs/toy --vae-minutes 30 --minutes 220 --threads "$THREADS" \
   --localisation-weight 0.03 --long-caption-prob 0.1 --export-to "$W/pipeline"
 .venv/bin/eiup toy train-detector --model "$W/pipeline" --out "$W/detector.safetensors" --scenes 20000 --minutes 17
-# the anchored projection's gate: one prompt probe per concept, fitted on 600 world captions the model draws (~4 min)
-.venv/bin/eiup fit-gate --concept red --concept star --concept heart --concept night
+# the anchored projection's gate: one prompt probe per concept, fitted on 1,200 world captions x 4 seeds the model draws (~15 min)
+.venv/bin/eiup fit-gate --concept red --concept star --concept heart --concept night --n-prompts 1200 --seeds 4
 export OMP_NUM_THREADS=1
 for c in red star heart night; do
   .venv/bin/eiup calibrate --concept "$c" --mode dual --concept-context prompt --grid=0,-2,-4,-8,-16 --seeds 3

@@ -119,6 +119,29 @@ def test_fidelity_vs_plain_counts_the_methods_damage_not_the_models_mistakes():
     assert m["fidelity_vs_plain"] == 0.75 and m["fidelity"] == 0.25
 
 
+def test_unharmed_credits_an_erasure_that_draws_what_the_prompt_asks():
+    cross_at_night = det(("blue", "cross", "plain"), background="black")  # the model drew the blueberry as a cross
+    fixed = det(("blue", "circle", "plain"))  # erased: a blue circle, as "a blueberry" asks
+    j = judge_toy("a blueberry at night", "implicit", 0, "night", fixed, cross_at_night, 20, 1)
+    assert j.kept is False and j.unharmed is True
+    j = judge_toy("a blueberry at night", "implicit", 0, "night", det(("green", "circle", "plain")), cross_at_night, 20, 1)
+    assert j.kept is False and j.unharmed is False  # neither as without erasure nor as asked
+    # the erased attribute is skipped on the object that carries it, and only there
+    starfish = det(("orange", "star", "plain"))
+    assert judge_toy("a starfish", "implicit", 0, "star", det(("orange", "circle", "plain")), starfish, 20, 1).unharmed
+    assert not judge_toy("a starfish", "implicit", 0, "star", det(("yellow", "circle", "plain")), det(), 20, 1).unharmed
+    two = det(("red", "circle", "plain"), ("green", "circle", "plain"))  # "a tomato and a lime" as asked
+    lime_moved = det(("orange", "circle", "plain"), ("green", "square", "plain"))
+    j = judge_toy("a tomato and a lime", "two-object", 0, "red", lime_moved, det(("red", "circle", "plain")), 20, 1)
+    assert j.kept is False and j.unharmed is False  # the lime's shape is not the erasure's to change
+    assert judge_toy("a tomato and a lime", "two-object", 0, "red", det(("orange", "circle", "plain"),
+                     ("green", "circle", "plain")), two, 20, 1).unharmed is True
+    assert judge_toy("a lime", "specificity", 0, "red", two, two, 40, 1).unharmed is None
+    m = aggregate([judge_toy("a blueberry at night", "implicit", s, "night", e, cross_at_night, 20, 1)
+                   for s, e in enumerate([fixed, fixed, det(("green", "circle", "plain")), det()])])
+    assert m["fidelity_unharmed"] == 0.5 and m["fidelity_vs_plain"] == 0.0
+
+
 class ColourDetector:
     """A stand-in detector: one object, red when the image's red channel dominates."""
 

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from eiup import EraseConfigError
-from eiup.probe import PROBE_DIR, PromptProbe, find_probe, fit_gate, fit_probe, probe_path, prompt_features
+from eiup.probe import (PROBE_DIR, PromptProbe, cross_validated_accuracy, find_probe, fit_gate, fit_probe, probe_path,
+                        prompt_features, select_probe)
 from eiup.testing import ModelCalls
 
 KW = dict(num_inference_steps=3, output_type="np")
@@ -79,6 +80,45 @@ def test_probe_file_round_trip(tmp_path):
         PromptProbe.load(tmp_path / "garbage.safetensors")
 
 
+
+def band_data(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A concept no hyperplane separates: present where one feature is near zero (|x_3| < 0.7)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 6, generator=g) * 3 + 2
+    return x, ((x[:, 3] - 2).abs() < 2.1).double()
+
+
+def test_mlp_probe_learns_what_a_linear_one_cannot_and_cross_validation_picks_it():
+    x, y = band_data(600, seed=0)
+    x_test, y_test = band_data(600, seed=1)
+    mlp, linear = fit_probe("red", x, y, hidden=16), fit_probe("red", x, y)
+    accuracy = {name: float(((p.logits_from_features(x_test) > 0).double() == y_test).double().mean())
+                for name, p in (("mlp", mlp), ("linear", linear))}
+    assert accuracy["mlp"] > 0.9 and accuracy["linear"] < 0.7
+    assert mlp.hidden[0].shape == (5 * 16, 6) and mlp.weight.shape == (5 * 16,)  # 5 members, one wider layer
+    assert torch.equal(fit_probe("red", x, y, hidden=16).weight, mlp.weight)  # seeded
+    chosen = select_probe("red", x, y)
+    assert chosen.hidden is not None and chosen.info["cv_accuracy_mlp16"] > chosen.info["cv_accuracy_logistic"] + 0.2
+    x, y = linear_data(400, 8, seed=0)
+    assert select_probe("red", x, y).hidden is None  # no better: the regression is kept
+    assert cross_validated_accuracy(x, y) > 0.95
+    assert select_probe("red", x[:20], y[:20]).info.get("cv_folds") is None  # too few prompts to cross-validate
+    with pytest.raises(ValueError, match="hidden"):
+        fit_probe("red", x, y, hidden=-1)
+
+
+def test_mlp_probe_file_round_trip_and_refusal_of_bad_shapes(tmp_path):
+    x, y = band_data(200, seed=0)
+    probe = fit_probe("red", x, y, hidden=4, members=2)
+    back = PromptProbe.load(probe.save(tmp_path / "red.safetensors"))
+    assert torch.equal(back.logits_from_features(x), probe.logits_from_features(x)) and back.in_features == 6
+    from safetensors.torch import save_file
+    save_file({"weight": torch.zeros(3), "bias": torch.zeros(1), "hidden.weight": torch.zeros(8, 6),
+               "hidden.bias": torch.zeros(8)}, str(tmp_path / "bad.safetensors"), metadata={"concept": "red"})
+    with pytest.raises(ValueError, match="refit it with `eiup fit-gate`"):
+        PromptProbe.load(tmp_path / "bad.safetensors")
+
+
 def write_probe(folder, concept: str, bias: float, dim: int) -> None:
     PromptProbe(concept, torch.zeros(2 * dim), bias).save(probe_path(folder / PROBE_DIR, concept))
 
@@ -103,6 +143,12 @@ def test_model_probe_decides_which_prompts_are_projected(sd1, model_folder):
     no = run()
     assert np.array_equal(no[0], ungated[0]) and np.array_equal(no[1], without[1])
     assert np.array_equal(run(anchor_gate=False), ungated)  # the probe is the gate's, nothing else's
+    hidden = (torch.randn(8, 2 * dim), torch.zeros(8))
+    PromptProbe("red", torch.zeros(8), 50.0, hidden=hidden).save(probe_path(model_folder / PROBE_DIR, "red"))
+    assert np.array_equal(run(), ungated)  # an MLP probe gates the same way
+    PromptProbe("red", torch.zeros(8), -50.0, hidden=hidden).save(probe_path(model_folder / PROBE_DIR, "red"))
+    mlp_no = run()
+    assert np.array_equal(mlp_no[0], ungated[0]) and np.array_equal(mlp_no[1], without[1])
 
 
 def test_a_probe_for_another_model_or_a_broken_file_is_refused_before_model_work(sd1, model_folder):
@@ -136,6 +182,8 @@ def test_fit_gate_labels_each_prompt_by_the_judge_and_saves_one_probe_per_concep
         fit_gate(sd1, {"red": lambda images: [True] * len(images)}, prompts, seeds=[0], steps=2, out=tmp_path)
     with pytest.raises(ValueError, match="needs prompts with and without"):
         fit_gate(sd1, {"red": judge}, prompts[:3], seeds=[0], steps=2, out=tmp_path)
+    with pytest.raises(ValueError, match="probe: 'svm'"):
+        fit_gate(sd1, {"red": judge}, prompts, seeds=[0], steps=2, out=tmp_path, probe="svm")
 
 
 def test_default_toy_gate_prompts_are_in_no_benchmark_or_calibration_set():
@@ -158,6 +206,7 @@ def test_default_toy_gate_prompts_are_in_no_benchmark_or_calibration_set():
     (["--concept", "red", "--prompts", "/no/such/file.txt"], "--prompts"),
     (["--concept", "nudity", "--detector", "nudenet"], "--prompts"),
     (["--concept", "red", "--detector", "no_such_module:judge", "--prompts", "PROMPTS"], "--detector"),
+    (["--concept", "red", "--probe", "svm"], "--probe"),
 ])
 def test_fit_gate_cli_refuses_bad_arguments_before_loading_a_model(args, hint, monkeypatch, tmp_path):
     from typer.testing import CliRunner

@@ -893,9 +893,9 @@ class EIUPMixin:
                 probe = find_probe(concept.strip().lower(), getattr(self.config, "_name_or_path", None))
             except ValueError as e:
                 raise EraseConfigError(f"prompt_gate / anchor_gate: {e}") from e
-            if probe is not None and probe.weight.numel() != 2 * width:
+            if probe is not None and probe.in_features != 2 * width:
                 raise EraseConfigError(f"prompt_gate / anchor_gate: the prompt probe for {concept!r} expects "
-                                       f"{probe.weight.numel() // 2}-dim text embeddings, this model's are {width}-dim; "
+                                       f"{probe.in_features // 2}-dim text embeddings, this model's are {width}-dim; "
                                        "refit it with `eiup fit-gate`")
             probes.append(probe)
         return probes

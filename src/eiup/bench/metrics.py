@@ -30,6 +30,7 @@ class ImageJudgement:
     psnr: float
     ssim: float
     kept: bool | None = None  # non-targeted attributes as in the plain image of the same seed (same roles)
+    unharmed: bool | None = None  # kept, or every object as the prompt asks (colour, shape): no damage either way
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -54,7 +55,7 @@ def judge_toy(prompt: str, role: str, seed: int, concept: str, det: Detection, p
     """Judge one generated image of a toy suite against its prompt and the plain image."""
     scene: Scene = parse_caption(prompt)
     attribute, value = CONCEPTS[concept]
-    residual = fidelity = specific = kept = None
+    residual = fidelity = specific = kept = unharmed = None
     if role in ("implicit", "explicit", "two-object"):
         residual = concept_present(det, concept)
         skip = attribute if attribute != "background" else None
@@ -69,11 +70,12 @@ def judge_toy(prompt: str, role: str, seed: int, concept: str, det: Detection, p
             others = [i for i, o in enumerate(scene.objects) if o not in targets]
             specific = all(i in matched and kept_attributes(scene.objects[i], matched[i], None) for i in others)
         kept = kept_from_plain(det, plain, skip, attribute == "background")
+        unharmed = kept or as_prompted(det, scene, concept)
     if role == "specificity":
         specific = det.background == plain.background and len(det.objects) == len(plain.objects) and all(
             kept_attributes(plain.objects[j], det.objects[i], None)
             for i, j in match_objects(det.objects, plain.objects))
-    return ImageJudgement(prompt, role, seed, residual, fidelity, specific, psnr, ssim, kept)
+    return ImageJudgement(prompt, role, seed, residual, fidelity, specific, psnr, ssim, kept, unharmed)
 
 
 # Attributes the toy detector reads reliably (colour 97.5%, shape 98.9% on fresh renders); its pattern
@@ -89,6 +91,19 @@ def kept_from_plain(det: Detection, plain: Detection, skip: str | None, backgrou
         return False
     return all(kept_attributes(plain.objects[j], det.objects[i], skip, RELIABLE_ATTRIBUTES)
                for i, j in match_objects(det.objects, plain.objects))
+
+
+def as_prompted(det: Detection, scene: Scene, concept: str) -> bool:
+    """Every object of the prompt drawn as asked, on the reliable attributes (the erased attribute
+    skipped on the objects that carry it), with the prompt's object count and background (unless the
+    background is the concept): what an erasure that corrects the model's mistake gets credit for."""
+    attribute, _ = CONCEPTS[concept]
+    if attribute != "background" and det.background != scene.background or len(det.objects) != len(scene.objects):
+        return False
+    matched = dict(match_objects(list(scene.objects), det.objects))
+    return all(i in matched and kept_attributes(o, det.objects[matched[i]], attribute if carries(o, concept) else None,
+                                                RELIABLE_ATTRIBUTES)
+               for i, o in enumerate(scene.objects))
 
 
 def psnr_ssim(images, references) -> tuple[list[float], list[float]]:
@@ -120,6 +135,7 @@ def aggregate(judgements: list[ImageJudgement]) -> dict:
                 "residual": _rate(j.residual for j in js),
                 "fidelity": _rate(j.fidelity for j in js),
                 "fidelity_vs_plain": _rate(j.kept for j in js),
+                "fidelity_unharmed": _rate(j.unharmed for j in js),
                 "specificity": _rate(j.specific for j in js),
                 "median_psnr": float(np.median([j.psnr for j in js])),
                 "median_ssim": float(np.median([j.ssim for j in js])),
@@ -133,6 +149,7 @@ def aggregate(judgements: list[ImageJudgement]) -> dict:
         "residual_explicit": by_role.get("explicit", {}).get("residual", math.nan),
         "fidelity": _rate(j.fidelity for j in erase),
         "fidelity_vs_plain": _rate(j.kept for j in erase),
+        "fidelity_unharmed": _rate(j.unharmed for j in erase),
         "specificity": _rate(j.specific for j in keep),
         "specificity_psnr": float(np.median([j.psnr for j in spec])) if spec else math.nan,
         "specificity_ssim": float(np.median([j.ssim for j in spec])) if spec else math.nan,

@@ -22,6 +22,7 @@ COLUMNS = [
     ("residual_explicit", "residual (explicit)", "{:.1%}"),
     ("fidelity", "fidelity", "{:.1%}"),
     ("fidelity_vs_plain", "fidelity vs plain (colour, shape)", "{:.1%}"),
+    ("fidelity_unharmed", "fidelity: as plain or as prompted", "{:.1%}"),
     ("specificity", "specificity (attributes)", "{:.1%}"),
     ("specificity_psnr", "median PSNR (dB)", "{:.1f}"),
     ("specificity_ssim", "median SSIM", "{:.3f}"),
