@@ -8,7 +8,7 @@ import torch
 
 from eiup import EraseConfigError
 from eiup.anchors import (aligned_concept_and_anchors, aligned_padding, concept_directions, counterfactual_positions,
-                          nearest_to_concept, project_tokens)
+                          nearest_to_concept, project_tokens, protect_directions)
 from eiup.testing import ModelCalls
 
 KW = dict(num_inference_steps=3, output_type="np")
@@ -48,6 +48,26 @@ def test_tokens_leaning_away_from_the_concept_are_untouched():
     away[2] = mean[2] + 0.5 * d[2]  # one token leans towards it: only that one moves
     out = project_tokens(away[None], mean, d, 2.0)[0]
     assert torch.equal(out[[0, 1, 3, 4, 5]], away[[0, 1, 3, 4, 5]]) and not torch.equal(out[2], away[2])
+
+
+
+def test_protected_directions_cannot_move_a_prompt_along_the_protected_differences():
+    torch.manual_seed(2)
+    seq, dim = 7, 6
+    concept, anchors, protected = torch.randn(seq, dim), torch.randn(3, seq, dim), torch.randn(3, seq, dim)
+    mean, d = concept_directions(concept, anchors)
+    kept = protect_directions(d, mean, concept, protected)
+    diffs = protected - protected.mean(0)  # (3, L, D): two independent directions per position
+    assert torch.allclose(kept.norm(dim=-1), torch.ones(seq))
+    assert torch.allclose((kept[None] * diffs).sum(-1), torch.zeros(3, seq), atol=1e-5)  # orthogonal to them
+    assert (kept * d).sum(-1).min() > 0  # still the concept's side
+    prompt = mean + 2.0 * d + torch.randn(seq, dim)
+    moved = project_tokens(prompt[None], mean, kept, 3.0)[0] - prompt
+    assert torch.allclose((moved[None] * diffs).sum(-1), torch.zeros(3, seq), atol=1e-4)  # protected parts kept
+    assert moved[1:].norm() > 0
+    # the concept's difference inside the protected span entirely: nothing left, the plain direction stays
+    inside = mean + diffs[0]
+    assert torch.allclose(protect_directions(d, mean, inside, protected), d)
 
 
 BAD = [
@@ -264,7 +284,8 @@ def test_model_presets_may_give_prompts_naming_the_concept_their_own_strength(sd
 
 @pytest.mark.parametrize("entry", ['{"anchors": ["blue"], "named_strength": -1}', '{"anchors": ["blue"], "strength": 0}', '{"anchors": ["blue"], "scale": 0.5}',
                                    '{"anchors": ["blue"], "scale": "strong"}', '{"strength": 1.0, "anchors": "blue"}',
-                                   '{"anchors": ["blue"], "aliases": "crimson"}', '{"anchors": ["blue"], "aliases": [""]}'])
+                                   '{"anchors": ["blue"], "aliases": "crimson"}', '{"anchors": ["blue"], "aliases": [""]}',
+                                   '{"anchors": ["blue"], "protect": ["star"]}', '{"anchors": ["blue"], "protect": "star"}'])
 def test_malformed_presets_are_refused_before_model_work(sd1, model_folder, entry):
     (model_folder / "eiup_anchors.json").write_text('{"red": %s}' % entry)
     with ModelCalls(sd1) as model, pytest.raises(EraseConfigError, match="eiup_anchors.json"):
@@ -336,3 +357,30 @@ def test_preset_aliases_name_the_concept_and_are_replaced_by_the_anchors(sd1, mo
 
     assert _concepts_named(["a star at NIGHT", "on a black background", "blackbackground"], ["night"],
                            [("black background",)]) == [[True, True, False]]
+
+
+def test_preset_protect_projects_along_the_direction_kept_clear_of_the_protected_words(sd1, model_folder):
+    """{"protect": [...]}: a prompt that does not name the concept is projected along the concept's
+    direction with the protected words' differences removed (hand-built reference), and differently
+    from without it; prompts naming the concept keep their counterfactual path."""
+    preset = '{"red": {"anchors": ["blue", "green"], "strength": 2.0%s}}'
+    protect = ["circle", "square", "star"]
+    kw = dict(erase="red", erase_scale=-1.0, concept_context="separate", anchor_gate=False, prompt_gate=False, **KW)
+    (model_folder / "eiup_anchors.json").write_text(preset % (', "protect": %s' % str(protect).replace("'", '"')))
+    out = sd1("a tree in the fog", generator=gen(), **kw).images
+    enc = lambda t: sd1.encode_prompt(t, "cpu", 1, False)[0]  # noqa: E731
+    tok = sd1.tokenizer
+    lengths = lambda words: torch.tensor([len(ids) for ids in tok(words).input_ids])  # noqa: E731
+    c, a = aligned_concept_and_anchors(enc("red")[0], len(tok("red").input_ids), torch.cat([enc(w) for w in ["blue", "green"]]),
+                                       lengths(["blue", "green"]))
+    _, p = aligned_concept_and_anchors(enc("red")[0], len(tok("red").input_ids), torch.cat([enc(w) for w in protect]),
+                                       lengths(protect))
+    mean, d = concept_directions(c, a)
+    pe = project_tokens(enc("a tree in the fog"), mean, protect_directions(d, mean, c, p), 2.0)
+    ref = sd1(prompt_embeds=pe, negative_prompt_embeds=enc(""), generator=gen(),
+              **{k: v for k, v in kw.items() if not k.startswith("anchor")}).images
+    assert np.allclose(out, ref, atol=1e-5)
+    named = sd1("a red star", generator=gen(), **kw).images
+    (model_folder / "eiup_anchors.json").write_text(preset % "")
+    assert not np.allclose(sd1("a tree in the fog", generator=gen(), **kw).images, out, atol=1e-4)
+    assert np.allclose(sd1("a red star", generator=gen(), **kw).images, named, atol=1e-6)

@@ -56,6 +56,22 @@ def concept_directions(concept: torch.Tensor, anchors: torch.Tensor) -> tuple[to
     return m, F.normalize(concept - m, dim=-1)
 
 
+def protect_directions(direction: torch.Tensor, anchor_mean: torch.Tensor, concept: torch.Tensor,
+                       protected: torch.Tensor) -> torch.Tensor:
+    """d_i with the span of the protected words' differences from their mean removed from C[i] - m_i, renormalised:
+    the projection then cannot move a prompt along another attribute (the starfish's colour when star is erased).
+    Where the concept's difference lies inside that span, d_i is kept as it is (the erasure is not given up).
+
+    ``direction``, ``anchor_mean``, ``concept`` (L, D); ``protected`` (K, L, D) aligned like the anchors.
+    """
+    diff = (protected - protected.mean(0, keepdim=True)).permute(1, 2, 0)  # (L, D, K)
+    basis = torch.linalg.qr(diff).Q  # orthonormal columns spanning the protected differences, per position
+    full = concept - anchor_mean
+    v = full - torch.einsum("ldk,lk->ld", basis, torch.einsum("ldk,ld->lk", basis, full))
+    left = v.norm(dim=-1, keepdim=True) > 1e-4 * full.norm(dim=-1, keepdim=True)
+    return torch.where(left, F.normalize(v, dim=-1), direction)  # nothing left outside the span: erasure first
+
+
 def project_tokens(prompt_embeds: torch.Tensor, anchor_mean: torch.Tensor, direction: torch.Tensor,
                    strength: float) -> torch.Tensor:
     """e_i - s * max(0, <e_i - m_i, d_i>) * d_i for every token after BOS (module docstring)."""

@@ -128,13 +128,15 @@ def _anchor_strength(value: Any, name: str) -> float:
 class AnchorPlan:
     """How one concept is projected: its anchors, the strength (for prompts that name the concept:
     ``named_strength``, default the same), the model's preset scale (or None), and other words that
-    name the concept (``aliases``: a prompt saying one names the concept)."""
+    name the concept (``aliases``: a prompt saying one names the concept), and words of other attributes
+    whose differences the projection must not move prompts along (``protect``)."""
 
     anchors: tuple[str, ...]
     strength: float
     scale: float | None = None
     named_strength: float | None = None
     aliases: tuple[str, ...] = ()
+    protect: tuple[str, ...] = ()
 
     @property
     def strength_when_named(self) -> float:
@@ -917,9 +919,10 @@ class EIUPMixin:
     def _model_anchor_plans(self, concepts: Sequence[str], strength: float | None,
                             quiet_without_file: bool = False) -> list[AnchorPlan]:
         """``anchors="auto"``: ``<model folder>/eiup_anchors.json``, per concept: ``[anchor, ...]`` or
-        ``{"anchors": [...], "strength": s, "named_strength": s2, "scale": w, "aliases": [...]}`` (presets
-        measured for that model; ``named_strength`` for prompts that name the concept, default
-        ``strength``; ``aliases``: other words that name it, replaced by the anchors like the concept)."""
+        ``{"anchors": [...], "strength": s, "named_strength": s2, "scale": w, "aliases": [...], "protect": [...]}``
+        (presets measured for that model; ``named_strength`` for prompts that name the concept, default
+        ``strength``; ``aliases``: other words that name it, replaced by the anchors like the concept;
+        ``protect``: values of another attribute that the projection of implying prompts must keep)."""
         path, table = self._model_anchor_table()
         plans = []
         for concept in concepts:
@@ -938,6 +941,11 @@ class EIUPMixin:
                 if not isinstance(aliases, list) or not all(isinstance(a, str) and a.strip() for a in aliases):
                     raise EraseConfigError(f"{path}: {concept!r} aliases={aliases!r}: give a list of words that name "
                                            "the concept")
+                protect = preset.get("protect", [])
+                if (not isinstance(protect, list) or len(protect) == 1
+                        or not all(isinstance(a, str) and a.strip() for a in protect)):
+                    raise EraseConfigError(f"{path}: {concept!r} protect={protect!r}: give a list of two or more "
+                                           "values of another attribute (e.g. colours), or leave it out")
             except EraseConfigError as e:
                 raise EraseConfigError(f"anchors='auto': {e}") from e
             if scale is not None and not -MAX_ABS_SCALE <= scale < 0:
@@ -946,7 +954,7 @@ class EIUPMixin:
             chosen = strength if strength is not None else (own if own is not None else DEFAULT_ANCHOR_STRENGTH)
             named = None if strength is not None else named  # the call's strength is for every prompt
             plans.append(AnchorPlan(tuple(a.strip() for a in anchors), chosen, scale, named,
-                                    tuple(a.strip() for a in aliases)))
+                                    tuple(a.strip() for a in aliases), tuple(a.strip() for a in protect)))
         missing = [c for c, plan in zip(concepts, plans) if not plan.anchors]
         if missing and not (quiet_without_file and not table):
             where = path if path is not None else "(no model folder known)"
@@ -962,7 +970,7 @@ class EIUPMixin:
         prompts that name the concept move away from their own counterfactuals (the concept word
         replaced by each anchor), the others along the concept's direction from the anchors."""
         from .anchors import (aligned_concept_and_anchors, away_from_counterfactuals, concept_directions,
-                              counterfactual_positions, nearest_to_concept, project_tokens)
+                              counterfactual_positions, nearest_to_concept, project_tokens, protect_directions)
 
         clip_skip = call.get("clip_skip")
         if m is None:  # single branch: encode the prompt here and hand the parent the edited embeddings
@@ -996,7 +1004,8 @@ class EIUPMixin:
                 if named[k][r]:
                     counterfactuals[k, r] = [_word_pattern(concept, *plan.aliases).sub(a, row_prompts[r]) for a in plan.anchors]
         needed = [c for c, plan in zip(config.concepts, plans) if plan.anchors]
-        needed += [a for plan in plans for a in plan.anchors] + [t for ts in counterfactuals.values() for t in ts]
+        needed += [a for plan in plans for a in (*plan.anchors, *plan.protect)]
+        needed += [t for ts in counterfactuals.values() for t in ts]
         needed = list(dict.fromkeys(needed))
         encoded: dict[str, torch.Tensor] = {}
         if needed:  # one batched text-encoder pass for everything below
@@ -1008,7 +1017,13 @@ class EIUPMixin:
             lengths = torch.tensor([len(ids) for ids in tok(list(plan.anchors)).input_ids], device=device)
             c, anchors = aligned_concept_and_anchors(encoded[concept], len(tok(concept).input_ids),
                                                      torch.stack([encoded[a] for a in plan.anchors]), lengths)
-            projected = project_tokens(edited, *concept_directions(c, anchors), plan.strength)
+            mean, direction = concept_directions(c, anchors)
+            if plan.protect:
+                protect_lengths = torch.tensor([len(ids) for ids in tok(list(plan.protect)).input_ids], device=device)
+                _, protected = aligned_concept_and_anchors(encoded[concept], len(tok(concept).input_ids),
+                                                           torch.stack([encoded[a] for a in plan.protect]), protect_lengths)
+                direction = protect_directions(direction, mean, c, protected)
+            projected = project_tokens(edited, mean, direction, plan.strength)
             for r in range(edited.shape[0]):  # rows naming the concept: e -= s (e0 - mean of counterfactuals)
                 if (k, r) in counterfactuals:
                     prompt_ids = token_ids(row_prompts[r])

@@ -463,6 +463,8 @@ ANCHOR_PRESETS = {"red": (1.25, -1.0), "star": (1.0, -1.0), "heart": (1.0, -1.0)
 NAMED_STRENGTHS = {"red": 1.5, "star": 1.5, "heart": 2.0, "night": 1.25}
 PRESET_ANCHORS = {"night": ["white background"]}  # instead of all the attribute's other values
 PRESET_ALIASES = {"night": ["black background"]}  # other words of the world that name the concept
+# attributes the projection must not move (erasing star turned the orange starfish yellow without it)
+PRESET_PROTECT = {"star": ["red", "orange", "yellow", "green", "blue", "purple"]}
 
 
 def write_anchor_file(folder: Path) -> Path:
@@ -481,6 +483,8 @@ def write_anchor_file(folder: Path) -> Path:
                 table[concept]["named_strength"] = NAMED_STRENGTHS[concept]
             if concept in PRESET_ALIASES:
                 table[concept]["aliases"] = PRESET_ALIASES[concept]
+            if concept in PRESET_PROTECT:
+                table[concept]["protect"] = PRESET_PROTECT[concept]
         else:
             table[concept] = anchors
     path = Path(folder) / ANCHOR_FILE
