@@ -486,3 +486,18 @@ def test_cli_checks_quality_paths_before_any_generation(tmp_path, monkeypatch, c
     out = re.sub(r"[\s│╭╮╰╯─]+", " ", res.output)
     assert f"Invalid value for {option}:" in out and text in out, out
     assert not (tmp_path / "o").exists()
+
+
+def test_grid_row_labels_are_wrapped_whole_not_cut():
+    from PIL import Image
+
+    from eiup.toy.quality import image_grid, wrap_label
+
+    label = "eiup-single+concept_context=prompt+anchors=auto+prompt_gate@preset"
+    lines = wrap_label(label, 24)
+    assert "".join(lines) == label and max(map(len, lines)) <= 24 and lines[0] == "eiup-single+"
+    assert wrap_label("x" * 50, 24) == ["x" * 24, "x" * 24, "xx"] and wrap_label("plain", 24) == ["plain"]
+    tile = Image.new("RGB", (32, 32), "red")
+    short, long = (image_grid([[tile, tile]], [text]) for text in ("plain", label))
+    ink = lambda im: sum(px != (255, 255, 255) for px in im.crop((0, 0, 150, 64)).getdata())  # noqa: E731
+    assert ink(long) > 3 * ink(short)  # every line drawn, not the first 24 characters

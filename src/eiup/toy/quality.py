@@ -4,6 +4,7 @@ cross-attention localise concepts the way Stable Diffusion's does?"""
 from __future__ import annotations
 
 import json
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -162,8 +163,26 @@ def image_grid(rows: list[list[Image.Image]], labels: list[str] | None = None, s
         for x, im in enumerate(row):
             grid.paste(im.resize((w * scale, h * scale), Image.NEAREST), (pad + x * w * scale, y * h * scale))
         if labels:
-            draw.text((4, y * h * scale + h * scale // 2 - 6), labels[y][:24], fill="black")
+            lines = wrap_label(labels[y], 24)[: max(1, h * scale // 12)]
+            top = y * h * scale + max(0, (h * scale - 12 * len(lines)) // 2)
+            draw.multiline_text((4, top), "\n".join(lines), fill="black", spacing=2)
     return grid
+
+
+def wrap_label(label: str, width: int) -> list[str]:
+    """Lines of at most ``width`` characters, broken after '+', '@', ',' or a space where possible."""
+    lines, line = [], ""
+    for part in re.split(r"(?<=[+@, ])", label):
+        while len(part) > width:  # a part too long for any line: hard breaks
+            room = width - len(line)
+            line, part = line + part[:room], part[room:]
+            lines.append(line)
+            line = ""
+        if len(line) + len(part) > width:
+            lines.append(line)
+            line = ""
+        line += part
+    return [*lines, line] if line else lines
 
 
 def quality_report(pipe, detector: ConceptDetector, seeds: list[int], steps: int = 25, guidance: float = 7.5,
