@@ -1011,18 +1011,19 @@ class EIUPMixin:
         if needed:  # one batched text-encoder pass for everything below
             encoded = dict(zip(needed, self._encode_concepts(needed, device, lora_scale, clip_skip).float()))
 
+        def aligned(concept: str, words: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+            """The concept's and the words' encodings with their padding aligned position by position."""
+            lengths = torch.tensor([len(ids) for ids in tok(list(words)).input_ids], device=device)
+            return aligned_concept_and_anchors(encoded[concept], len(tok(concept).input_ids),
+                                               torch.stack([encoded[w] for w in words]), lengths)
+
         for k, (concept, plan) in enumerate(zip(config.concepts, plans)):
             if not plan.anchors:
                 continue
-            lengths = torch.tensor([len(ids) for ids in tok(list(plan.anchors)).input_ids], device=device)
-            c, anchors = aligned_concept_and_anchors(encoded[concept], len(tok(concept).input_ids),
-                                                     torch.stack([encoded[a] for a in plan.anchors]), lengths)
+            c, anchors = aligned(concept, plan.anchors)
             mean, direction = concept_directions(c, anchors)
             if plan.protect:
-                protect_lengths = torch.tensor([len(ids) for ids in tok(list(plan.protect)).input_ids], device=device)
-                _, protected = aligned_concept_and_anchors(encoded[concept], len(tok(concept).input_ids),
-                                                           torch.stack([encoded[a] for a in plan.protect]), protect_lengths)
-                direction = protect_directions(direction, mean, c, protected)
+                direction = protect_directions(direction, mean, c, aligned(concept, plan.protect)[1])
             projected = project_tokens(edited, mean, direction, plan.strength)
             for r in range(edited.shape[0]):  # rows naming the concept: e -= s (e0 - mean of counterfactuals)
                 if (k, r) in counterfactuals:
