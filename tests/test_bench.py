@@ -175,6 +175,9 @@ def test_run_resumes_and_writes_the_report(tmp_path, monkeypatch):
     assert set(metrics["summary"]) == {m.name for m in methods}
     plain = metrics["per_suite"]["toy-red"]["plain"]
     assert plain["specificity"] == 1.0 and plain["specificity_psnr"] == 100.0  # plain vs itself
+    assert plain["fidelity_unharmed"] == 1.0 and "fidelity_unharmed" in metrics["summary"]["eiup-single@-2"]
+    report = (tmp_path / "report.md").read_text()
+    assert "as plain or as prompted" in report and "Residual: share of images" in report  # columns explained
     # a rerun after an interruption redoes only what has no record
     record = next((tmp_path / "records").rglob("*.json"))
     record.unlink()

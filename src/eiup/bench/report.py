@@ -38,6 +38,13 @@ COCO_COLUMNS = [
     ("seconds_per_image", "s / image", "{:.3f}"),
     ("n", "images", "{}"),
 ]
+TOY_NOTE = ("Residual: share of images where the detector still finds the erased concept (implicit prompts imply "
+            "it, explicit ones name it). Fidelity, on those images: the other attributes as the prompt asks "
+            "(the plain model itself does not reach 100%); vs plain: as in the plain image of the same seed "
+            "(colour, shape, object count, background; the erasure's own changes); as plain or as prompted: "
+            "either of the two (an erasure that corrects the model's mistake is not charged). Specificity: "
+            "unrelated prompts, and the other object of two-object prompts, unchanged against the plain image; "
+            "PSNR/SSIM of the unrelated prompts' images against the plain ones (100 dB: identical).")
 COCO_NOTE = ("CLIP score: mean of 100 * max(cos, 0) between each image and its prompt (higher is better; "
              "n/a without --clip-model). FID against the reference images (lower is better; n/a without "
              "--fid-reference). PSNR/SSIM: against the plain image of the same prompt and seed.")
@@ -166,7 +173,7 @@ def write_report(out: Path, metrics: dict, units: list[Unit], settings: dict, gr
     quality_only = bool(metrics) and all(is_quality(m) for m in metrics.values())  # COCO only: no toy summary
     md = ["# eiup benchmark", "", f"Settings: `{json.dumps(settings)}`", ""]
     if not quality_only:
-        md += ["Mean over concepts (worst concept's implicit residual in its own column).", "",
+        md += ["Mean over concepts (worst concept's implicit residual in its own column).", "", TOY_NOTE, "",
                markdown_table(summary, ("worst_residual_implicit", "worst concept residual", "{:.1%}")), "",
                "![trade-off](tradeoff.png)", ""]
     for suite, by_method in metrics.items():
@@ -176,7 +183,7 @@ def write_report(out: Path, metrics: dict, units: list[Unit], settings: dict, gr
     atomic_write_text(out / "report.md", "\n".join(md))
     body = ["<h1>eiup benchmark</h1>", f"<p><code>{html.escape(json.dumps(settings))}</code></p>"]
     if not quality_only:
-        body += ['<img src="tradeoff.png" style="max-width:100%">', _html_table(summary)]
+        body += ['<img src="tradeoff.png" style="max-width:100%">', f"<p>{html.escape(TOY_NOTE)}</p>", _html_table(summary)]
     for suite, by_method in metrics.items():
         body += [f"<h2>{html.escape(suite)}</h2>", _html_table(by_method)]
         body += [f"<p>{html.escape(COCO_NOTE)}</p>"] if is_quality(by_method) else []
