@@ -79,6 +79,10 @@ BAD = [
     (dict(anchors=["blue"], anchor_strength=9.0), "anchor_strength"),
     (dict(anchors=["blue"], anchor_gate="yes"), "anchor_gate"),
     (dict(anchors=[" ".join(["blue"] * 80)]), r"anchors\[0\]"),
+    (dict(anchors=["blue"], anchor_protect="red"), "anchor_protect"),
+    (dict(anchors=["blue"], anchor_protect=["red"]), "anchor_protect"),
+    (dict(anchors=["blue"], anchor_protect=["red", " "]), r"anchor_protect\[1\]"),
+    (dict(anchors=["blue"], anchor_protect=["red", " ".join(["blue"] * 80)]), r"anchor_protect\[1\]"),
 ]
 
 
@@ -384,3 +388,9 @@ def test_preset_protect_projects_along_the_direction_kept_clear_of_the_protected
     (model_folder / "eiup_anchors.json").write_text(preset % "")
     assert not np.allclose(sd1("a tree in the fog", generator=gen(), **kw).images, out, atol=1e-4)
     assert np.allclose(sd1("a red star", generator=gen(), **kw).images, named, atol=1e-6)
+    assert np.array_equal(sd1("a tree in the fog", anchor_protect=protect, generator=gen(), **kw).images, out)  # the call's
+    (model_folder / "eiup_anchors.json").write_text(preset % (', "protect": %s' % str(protect).replace("'", '"')))
+    unprotected = sd1("a tree in the fog", anchor_protect=[], generator=gen(), **kw).images  # [] switches the preset's off
+    assert not np.allclose(unprotected, out, atol=1e-4)
+    explicit = dict(kw, anchors=["blue", "green"], anchor_strength=2.0)  # explicit anchors take the call's words too
+    assert np.array_equal(sd1("a tree in the fog", anchor_protect=protect, generator=gen(), **explicit).images, out)

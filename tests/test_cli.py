@@ -361,9 +361,18 @@ def test_anchors_reach_the_pipeline_and_are_recorded(tmp_path, model_dir):
     for changed in (["--anchor-strength", "3"], ["--no-anchor-gate"], ["--no-prompt-gate"]):
         res = invoke(*args[:-1], *changed, "--no-progress")
         assert res.exit_code == 1 and "other settings" in res.output  # part of what the images depend on
-    for bad in (["--anchor", " "], ["--anchor", "blue", "--anchor-strength", "nan"], ["--anchor", "blue", "--anchor-strength", "0"]):
+    for bad in (["--anchor", " "], ["--anchor", "blue", "--anchor-strength", "nan"], ["--anchor", "blue", "--anchor-strength", "0"],
+                ["--anchor", "blue", "--protect", "circle"], ["--anchor", "blue", "--protect", "circle", "--protect", "none"]):
         res = invoke("generate", "-p", "x", "--model", model_dir, "--erase", "red", *bad, "--out", tmp_path / "bad")
         assert res.exit_code != 0 and bad[-2] in flat(res.output)
+    protected = tmp_path / "protected"  # "a tree" does not name red: projected along the protected direction
+    base = ["generate", "-p", "a tree in the fog", "--model", model_dir, "--steps", STEPS, "--erase", "red", "--anchor",
+            "blue", "--anchor", "green", "--no-anchor-gate", "--no-progress"]
+    assert invoke(*base, "--protect", "circle", "--protect", "square", "--out", protected).exit_code == 0
+    assert json.loads((protected / "run.json").read_text())["settings"]["anchor_protect"] == ["circle", "square"]
+    assert invoke(*base, "--out", tmp_path / "unprotected").exit_code == 0
+    (a,), (b,) = sorted(protected.glob("*.png")), sorted((tmp_path / "unprotected").glob("*.png"))
+    assert a.read_bytes() != b.read_bytes()
 
 
 def test_anchor_auto_reads_the_model_folder_and_none_switches_off(tmp_path, model_dir):

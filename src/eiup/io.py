@@ -427,6 +427,7 @@ class GenerationSettings:
     concept_context: str = "separate"  # "prompt": concepts encoded after the prompt (EraseConfig.concept_context)
     anchors: tuple[str, ...] = ()  # EraseConfig.anchors (anchored token projection); () = off
     anchor_strength: float | None = None  # None: the model's preset, else the library default
+    anchor_protect: tuple[str, ...] | None = None  # EraseConfig.anchor_protect; None: the model's preset
     anchor_gate: bool = True
     prompt_gate: bool = True  # EraseConfig.prompt_gate: the concept term only where the model's probe says so
     negative_prompt: str | None = None
@@ -477,6 +478,8 @@ class ImageJob:
                if erasing and settings.concept_context != "separate" else {}),
             **({"anchors": list(settings.anchors), "anchor_strength": settings.anchor_strength,
                 "anchor_gate": settings.anchor_gate} if erasing and settings.anchors else {}),
+            **({"anchor_protect": list(settings.anchor_protect)}
+               if erasing and settings.anchors and settings.anchor_protect is not None else {}),
             **({"prompt_gate": settings.prompt_gate} if erasing else {}),
             "original": bool(settings.save_original and erasing),
         }
@@ -879,6 +882,8 @@ def generate_to_dir(
                             kwargs["anchor_gate"] = settings.anchor_gate
                             if settings.anchor_strength is not None:
                                 kwargs["anchor_strength"] = settings.anchor_strength
+                            if settings.anchor_protect is not None:
+                                kwargs["anchor_protect"] = list(settings.anchor_protect)
                         if settings.allow_amplify:
                             kwargs["allow_amplify"] = True
                         if want_original:

@@ -193,6 +193,10 @@ class EraseConfig:
             values push past the anchors), in (0, 8]. ``None``: with ``anchors="auto"`` the model's
             preset for the concept when its ``eiup_anchors.json`` gives one, else
             :data:`DEFAULT_ANCHOR_STRENGTH`.
+        anchor_protect: Words of another attribute (for "star": the colours) whose differences the
+            projection must not move a prompt along (:func:`eiup.anchors.protect_directions`): two or
+            more, for every erased concept, in place of the preset's ``"protect"``; ``()``: none.
+            ``None``: the model's preset with ``anchors="auto"``, else none.
         anchor_gate: Project only prompts that name the concept (whole words) or imply it: by the
             model's prompt probe where its folder has one (``eiup_prompt_probes/``, fitted by
             ``eiup fit-gate`` on what the model draws; :mod:`eiup.probe`), else when their tokens
@@ -220,6 +224,7 @@ class EraseConfig:
     concept_context: str | None = None
     anchors: str | Sequence[str] | None = None
     anchor_strength: float | None = None
+    anchor_protect: Sequence[str] | None = None
     anchor_gate: bool = True
     prompt_gate: bool = True
 
@@ -230,6 +235,15 @@ class EraseConfig:
             set_(self, "anchors", self._anchor_spec(self.anchors))
         if self.anchor_strength is not None:  # None: the model's preset for the concept, else the default
             set_(self, "anchor_strength", _anchor_strength(self.anchor_strength, "anchor_strength"))
+        if self.anchor_protect is not None:  # None: the model's preset, else none
+            if isinstance(self.anchor_protect, str):
+                raise EraseConfigError(f"anchor_protect={self.anchor_protect!r} must be a list of words, "
+                                       "e.g. anchor_protect=['red', 'orange', 'yellow']")
+            protect = self._concepts(self.anchor_protect, "anchor_protect")
+            if len(protect) == 1:
+                raise EraseConfigError(f"anchor_protect={list(protect)!r}: give two or more values of the attribute to "
+                                       "keep (their differences span what is protected), or [] for none")
+            set_(self, "anchor_protect", protect)
         for name in ("anchor_gate", "prompt_gate"):
             if not isinstance(getattr(self, name), bool):
                 raise EraseConfigError(f"{name}={getattr(self, name)!r} must be True or False")
@@ -464,6 +478,7 @@ class EIUPMixin:
         concept_context: str | None = None,
         anchors: str | Sequence[str] | None = None,
         anchor_strength: float | None = None,
+        anchor_protect: Sequence[str] | None = None,
         anchor_gate: bool | None = None,
         prompt_gate: bool | None = None,
         scale_predictors: Any = None,
@@ -502,6 +517,7 @@ class EIUPMixin:
             anchors: Concepts of the erased one's kind (e.g. the other colours for "red"): also
                 project the concept out of the prompt's tokens (:mod:`eiup.anchors`).
             anchor_strength: Strength of that projection (default :data:`DEFAULT_ANCHOR_STRENGTH`).
+            anchor_protect: Words of another attribute the projection must keep (:class:`EraseConfig`).
             anchor_gate: Project only prompts that name or imply the concept (default True).
             scale_predictors: With ``erase_scale="auto"``: a folder of calibrated predictors
                 (``CONCEPT.safetensors``), one predictor file, or a list of
@@ -531,6 +547,7 @@ class EIUPMixin:
             concept_context=concept_context,
             anchors=anchors,
             anchor_strength=anchor_strength,
+            anchor_protect=anchor_protect,
             anchor_gate=anchor_gate,
             prompt_gate=prompt_gate,
         )
@@ -873,12 +890,16 @@ class EIUPMixin:
             plans = self._model_anchor_plans(config.concepts, strength, quiet_without_file=config.anchors is None)
         else:
             plans = [AnchorPlan(tuple(spec), DEFAULT_ANCHOR_STRENGTH if strength is None else strength)] * len(config.concepts)
+        if config.anchor_protect is not None:  # the call's words replace the presets'
+            plans = [dataclasses.replace(plan, protect=tuple(config.anchor_protect)) for plan in plans]
         limit = self.tokenizer.model_max_length
-        for i, anchor in enumerate(dict.fromkeys(a for plan in plans for a in plan.anchors)):
-            n = len(self.tokenizer(anchor).input_ids)
-            if n > limit:
-                raise EraseConfigError(f"anchors[{i}]={anchor[:30]!r}... is {n - 2} tokens long, more than the "
-                                       f"{limit - 2} the text encoder holds; shorten it")
+        for name, words in (("anchors", (a for plan in plans for a in plan.anchors)),
+                            ("anchor_protect", (a for plan in plans for a in plan.protect))):
+            for i, word in enumerate(dict.fromkeys(words)):
+                n = len(self.tokenizer(word).input_ids)
+                if n > limit:
+                    raise EraseConfigError(f"{name}[{i}]={word[:30]!r}... is {n - 2} tokens long, more than the "
+                                           f"{limit - 2} the text encoder holds; shorten it")
         return plans
 
     def _prompt_probes(self, config: EraseConfig, projecting: bool) -> list:

@@ -63,6 +63,9 @@ def generate(
     anchor_strength: Optional[float] = typer.Option(
         None, "--anchor-strength", help="Strength of the anchored token projection, in (0, 8]. Default: the "
         "model's preset for the concept (eiup_anchors.json), else the library's DEFAULT_ANCHOR_STRENGTH."),
+    protect: Optional[list[str]] = typer.Option(
+        None, "--protect", help="A value of another attribute the anchored projection must keep (repeat, two or more; "
+        "e.g. the colours when erasing star); 'none': nothing. Default: the model's preset (eiup_anchors.json)."),
     anchor_gate: bool = typer.Option(
         True, "--anchor-gate/--no-anchor-gate", help="Project only prompts that name or imply the concept (the "
         "model's prompt probe, else the nearest anchor)."),
@@ -137,6 +140,13 @@ def generate(
         raise _bad("'auto' and 'none' stand alone; give either them or a list of words", "--anchor")
     if any(not a for a in anchors):
         raise _bad("an empty anchor; give a concept of the erased one's kind, e.g. --anchor blue", "--anchor")
+    protected = tuple(p.strip() for p in protect) if protect else None  # none given: the model's preset
+    if protected is not None:
+        if [p.lower() for p in protected] == ["none"]:
+            protected = ()
+        elif len(protected) < 2 or not all(protected) or "none" in {p.lower() for p in protected}:
+            raise _bad("give two or more words of the attribute to keep (their differences are protected), "
+                       "e.g. --protect red --protect orange, or --protect none", "--protect")
     if anchor_strength is not None:
         from eiup.pipeline import MAX_ANCHOR_STRENGTH
 
@@ -204,7 +214,8 @@ def generate(
         scale=scale, mode=mode or default_mode,  # None: the library's default (a model preset, else DEFAULT_ERASE_SCALE)
         gate=default_gate if gate is None else ("presence" if gate else None),
         concept_context=concept_context or default_context,
-        anchors=anchors, anchor_strength=anchor_strength, anchor_gate=anchor_gate, prompt_gate=prompt_gate,
+        anchors=anchors, anchor_strength=anchor_strength, anchor_protect=protected, anchor_gate=anchor_gate,
+        prompt_gate=prompt_gate,
         negative_prompt=negative_prompt, images_per_prompt=images_per_prompt,
         save_original=save_original, use_row_erase=not ignore_erase_target, allow_amplify=allow_amplify,
     )
