@@ -41,16 +41,22 @@ def test_anchor_rows_pass_the_toy_worlds_siblings_or_the_given_list(sd1):
 
     class Spy(type(sd1)):
         def __call__(self, *a, **kw):
-            seen.append((kw.get("anchors"), kw.get("anchor_strength")))
+            seen.append((kw.get("anchors"), kw.get("anchor_strength"), kw.get("anchor_protect")))
             return sd1_call(self, *a, **kw)
 
     pipe = Spy(**sd1.components)
     runner = MethodRunner(pipe, steps=2, guidance=7.5)
     runner.generate(parse_method("eiup-single+anchors+anchor_strength=2@-4"), "a tomato", [0], "red")
     runner.generate(parse_method("eiup-single+anchors=clothed|dressed@-4"), "a tomato", [0], "nudity")
-    assert seen == [(["orange", "yellow", "green", "blue", "purple"], 2.0), (["clothed", "dressed"], None)]
+    runner.generate(parse_method("eiup-single+anchors+anchor_protect=none@-4"), "a tomato", [0], "red")
+    runner.generate(parse_method("eiup-single+anchors+anchor_protect=circle|square@-4"), "a tomato", [0], "red")
+    colours = ["orange", "yellow", "green", "blue", "purple"]
+    assert seen == [(colours, 2.0, None), (["clothed", "dressed"], None, None), (colours, None, []),
+                    (colours, None, ["circle", "square"])]
     with pytest.raises(ValueError, match="anchors"):
         runner.generate(parse_method("eiup-single+anchors@-4"), "a tomato", [0], "nudity")
+    with pytest.raises(ValueError, match="anchor_protect"):
+        runner.generate(parse_method("eiup-single+anchors+anchor_protect@-4"), "a tomato", [0], "red")
 
 
 def test_rows_erase_every_prompt_unless_they_say_prompt_gate_and_preset_leaves_the_scale_to_the_model(sd1):

@@ -72,6 +72,14 @@ def _anchors(value, concept: str) -> list[str]:
     return [a.strip() for a in str(value).split("|") if a.strip()]
 
 
+def _protect(value) -> list[str]:
+    """'+anchor_protect=none': no protected words (whatever the model's preset says); '=a|b': those."""
+    if value is True:
+        raise ValueError("method option +anchor_protect needs a value: +anchor_protect=none or =WORD|WORD|...")
+    words = [a.strip() for a in str(value).split("|") if a.strip()]
+    return [] if words == ["none"] else words
+
+
 def _number(v: str):
     try:
         return float(v)
@@ -127,6 +135,8 @@ class MethodRunner:
             options = {"concept_context": "separate", "anchors": (), "prompt_gate": False, **dict(method.options)}
             if options["anchors"]:
                 options["anchors"] = _anchors(options["anchors"], concept)
+            if "anchor_protect" in options:  # '+anchor_protect=none' (the preset's words off) or '=a|b|c'
+                options["anchor_protect"] = _protect(options["anchor_protect"])
             for flag in ("anchor_gate", "prompt_gate"):
                 options[flag] = bool(options.get(flag, True))
             scale = None if method.scale == "preset" else method.scale
