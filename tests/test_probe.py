@@ -259,3 +259,21 @@ def test_prompt_gate_with_auto_scale_and_dual_mode_keeps_gated_out_images_plain(
     assert np.allclose(auto.images[0], ungated[0], atol=1e-5) and not np.allclose(auto.images[0], plain[0], atol=1e-4)
     assert np.allclose(auto.images[1], plain[1], atol=1e-5)
     assert np.allclose(auto.original_images, plain, atol=1e-5)
+
+
+def test_a_concept_its_probe_gates_out_everywhere_costs_no_anchor_encoding(sd1, model_folder):
+    """The words of a projection that no row gets (anchors, protected words) are not even encoded."""
+    dim = sd1.text_encoder.config.hidden_size
+    kw = dict(erase="red", erase_scale=-2.0, concept_context="separate", anchor_strength=2.0, **KW)
+    write_probe(model_folder, "red", -50.0, dim)  # "a tree in the fog" implies no red
+
+    def encoder_calls(**extra):
+        with ModelCalls(sd1) as model:
+            images = sd1("a tree in the fog", generator=gen(), **kw, **extra).images
+        return model.calls.count("text_encoder"), images
+
+    alone, without = encoder_calls(anchors=[])
+    gated, images = encoder_calls(anchors=["blue", "green"], anchor_protect=["circle", "square"])
+    assert gated == alone and np.array_equal(images, without)
+    ungated, _ = encoder_calls(anchors=["blue", "green"], anchor_protect=["circle", "square"], anchor_gate=False)
+    assert ungated > alone  # projected without the gate: its words are encoded

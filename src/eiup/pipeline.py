@@ -1019,13 +1019,17 @@ class EIUPMixin:
         def token_ids(text: str) -> list[int]:  # as the encoder reads it (truncated to its window)
             return tok(text, truncation=True, max_length=tok.model_max_length).input_ids
 
+        # concepts to project: with anchors, and (gated by a probe) implied or named by at least one row;
+        # the others would leave every row as it is, so their words are not even encoded
+        active = [bool(plan.anchors) and not (config.anchor_gate and gate is not None and not bool(gate.any()))
+                  for plan, gate in zip(plans, implied)]
         counterfactuals: dict[tuple[int, int], list[str]] = {}  # (concept, row) -> the concept replaced by each anchor
         for k, (concept, plan) in enumerate(zip(config.concepts, plans)):
-            for r in range(edited.shape[0]) if plan.anchors and named is not None and row_prompts is not None else ():
+            for r in range(edited.shape[0]) if active[k] and named is not None and row_prompts is not None else ():
                 if named[k][r]:
                     counterfactuals[k, r] = [_word_pattern(concept, *plan.aliases).sub(a, row_prompts[r]) for a in plan.anchors]
-        needed = [c for c, plan in zip(config.concepts, plans) if plan.anchors]
-        needed += [a for plan in plans for a in (*plan.anchors, *plan.protect)]
+        needed = [c for c, on in zip(config.concepts, active) if on]
+        needed += [a for plan, on in zip(plans, active) if on for a in (*plan.anchors, *plan.protect)]
         needed += [t for ts in counterfactuals.values() for t in ts]
         needed = list(dict.fromkeys(needed))
         encoded: dict[str, torch.Tensor] = {}
@@ -1039,7 +1043,7 @@ class EIUPMixin:
                                                torch.stack([encoded[w] for w in words]), lengths)
 
         for k, (concept, plan) in enumerate(zip(config.concepts, plans)):
-            if not plan.anchors:
+            if not active[k]:
                 continue
             c, anchors = aligned(concept, plan.anchors)
             mean, direction = concept_directions(c, anchors)
