@@ -116,6 +116,17 @@ def _finite_number(value: Any, name: str) -> float:
     return value
 
 
+def _protect_words(value: Any, name: str) -> tuple[str, ...]:
+    """Words whose differences the anchored projection keeps: a list of two or more, or empty for none."""
+    if not isinstance(value, (list, tuple)) or len(value) == 1:
+        raise EraseConfigError(f"{name}={value!r}: give a list of two or more values of the attribute to keep (their "
+                               "differences span what is protected, e.g. ['red', 'orange', 'yellow']), or [] for none")
+    for i, word in enumerate(value):
+        if not isinstance(word, str) or not word.strip():
+            raise EraseConfigError(f"{name}[{i}]={word!r} is not a word; remove it or give a value of the attribute to keep")
+    return tuple(w.strip() for w in value)
+
+
 def _anchor_strength(value: Any, name: str) -> float:
     strength = _finite_number(value, name)
     if not 0.0 < strength <= MAX_ANCHOR_STRENGTH:
@@ -236,14 +247,7 @@ class EraseConfig:
         if self.anchor_strength is not None:  # None: the model's preset for the concept, else the default
             set_(self, "anchor_strength", _anchor_strength(self.anchor_strength, "anchor_strength"))
         if self.anchor_protect is not None:  # None: the model's preset, else none
-            if isinstance(self.anchor_protect, str):
-                raise EraseConfigError(f"anchor_protect={self.anchor_protect!r} must be a list of words, "
-                                       "e.g. anchor_protect=['red', 'orange', 'yellow']")
-            protect = self._concepts(self.anchor_protect, "anchor_protect")
-            if len(protect) == 1:
-                raise EraseConfigError(f"anchor_protect={list(protect)!r}: give two or more values of the attribute to "
-                                       "keep (their differences span what is protected), or [] for none")
-            set_(self, "anchor_protect", protect)
+            set_(self, "anchor_protect", _protect_words(self.anchor_protect, "anchor_protect"))
         for name in ("anchor_gate", "prompt_gate"):
             if not isinstance(getattr(self, name), bool):
                 raise EraseConfigError(f"{name}={getattr(self, name)!r} must be True or False")
@@ -962,11 +966,7 @@ class EIUPMixin:
                 if not isinstance(aliases, list) or not all(isinstance(a, str) and a.strip() for a in aliases):
                     raise EraseConfigError(f"{path}: {concept!r} aliases={aliases!r}: give a list of words that name "
                                            "the concept")
-                protect = preset.get("protect", [])
-                if (not isinstance(protect, list) or len(protect) == 1
-                        or not all(isinstance(a, str) and a.strip() for a in protect)):
-                    raise EraseConfigError(f"{path}: {concept!r} protect={protect!r}: give a list of two or more "
-                                           "values of another attribute (e.g. colours), or leave it out")
+                protect = _protect_words(preset.get("protect", []), f"{path}: {concept!r} protect")
             except EraseConfigError as e:
                 raise EraseConfigError(f"anchors='auto': {e}") from e
             if scale is not None and not -MAX_ABS_SCALE <= scale < 0:
@@ -975,7 +975,7 @@ class EIUPMixin:
             chosen = strength if strength is not None else (own if own is not None else DEFAULT_ANCHOR_STRENGTH)
             named = None if strength is not None else named  # the call's strength is for every prompt
             plans.append(AnchorPlan(tuple(a.strip() for a in anchors), chosen, scale, named,
-                                    tuple(a.strip() for a in aliases), tuple(a.strip() for a in protect)))
+                                    tuple(a.strip() for a in aliases), protect))
         missing = [c for c, plan in zip(concepts, plans) if not plan.anchors]
         if missing and not (quiet_without_file and not table):
             where = path if path is not None else "(no model folder known)"

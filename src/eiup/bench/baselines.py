@@ -69,15 +69,20 @@ def _anchors(value, concept: str) -> list[str]:
         if concept not in CONCEPTS:
             raise ValueError(f"method option +anchors needs a list for concept {concept!r}: +anchors=WORD|WORD|...")
         return anchor_concepts(concept)
-    return [a.strip() for a in str(value).split("|") if a.strip()]
+    return _words(value)
 
 
 def _protect(value) -> list[str]:
     """'+anchor_protect=none': no protected words (whatever the model's preset says); '=a|b': those."""
     if value is True:
         raise ValueError("method option +anchor_protect needs a value: +anchor_protect=none or =WORD|WORD|...")
-    words = [a.strip() for a in str(value).split("|") if a.strip()]
+    words = _words(value)
     return [] if words == ["none"] else words
+
+
+def _words(value) -> list[str]:
+    """'a|b|c' -> ['a', 'b', 'c']."""
+    return [a.strip() for a in str(value).split("|") if a.strip()]
 
 
 def _number(v: str):
