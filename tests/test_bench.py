@@ -10,9 +10,11 @@ import torch
 
 from eiup.bench.baselines import Method, MethodRunner, default_methods, parse_method
 from eiup.bench.metrics import aggregate, judge_toy
-from eiup.bench.suites import ROLES, calibration_negatives, calibration_prompts, toy_suite
+from eiup.bench.heldout import above_curve, dominated
+from eiup.bench.suites import (ROLES, calibration_negatives, calibration_prompts, heldout_negatives, heldout_prompts,
+                               toy_suite)
 from eiup.toy.detect import DetectedObject, Detection
-from eiup.toy.world import CONCEPTS
+from eiup.toy.world import CONCEPTS, parse_caption
 
 
 def det(*objects, background="white"):
@@ -26,6 +28,33 @@ def test_suites_have_every_role_and_calibration_prompts_are_held_out(concept):
     assert {"implicit", "explicit", "specificity"} <= roles <= set(ROLES)
     held_out = set(calibration_prompts(concept)) | set(calibration_negatives(concept))
     assert not held_out & {p.text for p in suite.prompts}
+
+
+@pytest.mark.parametrize("concept", sorted(CONCEPTS))
+def test_heldout_prompts_are_in_no_suite_or_calibration_set_and_carry_the_concept_or_not(concept):
+    attribute, value = CONCEPTS[concept]
+    positives, negatives = heldout_prompts(concept), heldout_negatives(concept)
+    seen = {p.text for p in toy_suite(concept, [0]).prompts} | set(calibration_prompts(concept)) | set(calibration_negatives(concept))
+    assert positives and negatives and not (set(positives) | set(negatives)) & seen
+    assert len(set(positives + negatives)) == len(positives + negatives)
+
+    def carries(prompt):
+        scene = parse_caption(prompt)
+        if attribute == "background":
+            return scene.background == value
+        return any(getattr(o, attribute) == value for o in scene.objects)
+
+    assert all(carries(p) for p in positives), [p for p in positives if not carries(p)]
+    assert not any(carries(p) for p in negatives), [p for p in negatives if carries(p)]
+
+
+def test_a_point_above_the_fixed_scale_curve_and_domination():
+    curve = [(0.5, 0.8), (0.2, 0.6), (0.0, 0.3)]
+    assert above_curve((0.35, 0.75), curve) == pytest.approx(0.75 - 0.7)
+    assert above_curve((0.1, 0.40), curve) == pytest.approx(0.40 - 0.45)
+    assert above_curve((0.9, 0.85), curve) == pytest.approx(0.05)  # past the end: the end's y
+    assert dominated((0.2, 0.6), by=(0.1, 0.6)) and not dominated((0.2, 0.6), by=(0.2, 0.6))
+    assert not dominated((0.2, 0.6), by=(0.1, 0.5))
 
 
 def test_method_names_round_trip():

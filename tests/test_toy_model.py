@@ -185,3 +185,17 @@ def test_readme_main_command_erases(tmp_path, detector):
     assert (out / "run.json").is_file()
     assert detector.detect([original])[0].has("shape", "heart")
     assert not detector.detect([erased])[0].has("shape", "heart")
+
+
+def test_heldout_judgement_of_a_no_op_setting_and_of_the_defaults(pipe, detector):
+    from eiup.bench.heldout import PlainImages, judge_setting
+
+    plain = PlainImages(pipe, detector, seeds=[900, 901], steps=STEPS)
+    positives, negatives = ["a drawing of a tomato"], ["a drawing of a lemon"]
+    nothing = judge_setting(plain, "red", positives, negatives, {"erase_scale": 0.0, "anchors": [], "prompt_gate": False})
+    assert nothing.n_shown >= 1 and nothing.n_negative == 2
+    assert nothing.residual == 1.0 and nothing.fidelity_vs_plain == 1.0 and nothing.specificity == 1.0
+    assert nothing.psnr_median == 100.0 and nothing.mean_scale is None
+    defaults = judge_setting(plain, "red", positives, negatives, {})
+    assert defaults.n_shown == nothing.n_shown and defaults.residual == 0.0
+    assert defaults.specificity == 1.0 and defaults.psnr_median == 100.0  # the prompt gate leaves the lemon alone

@@ -161,6 +161,44 @@ def calibration_negatives(concept: str) -> list[str]:
     return nouns + [p for p in explicit if p not in test]
 
 
+_HELDOUT_EXPLICIT = {
+    "color": ["a drawing of a {v} star", "an image of a {v} triangle", "a {v} heart on a black background",
+              "a photo of a {v} cross on a gray background"],
+    "shape": ["a drawing of a yellow {v}", "an image of a red {v} on a gray background", "a green {v} on a black background",
+              "a photo of a blue {v}"],
+    "pattern": ["a drawing of a {v} red circle", "an image of a {v} blue square", "a {v} green heart on a black background",
+                "a photo of a {v} yellow cross"],
+    "background": ["a drawing of a red star on a {v} background", "an image of a green circle on a {v} background",
+                   "a yellow triangle on a {v} background", "a photo of a blue heart on a {v} background"],
+}
+_HELDOUT_NEGATIVE_EXPLICIT = {
+    "color": ["a drawing of a blue star", "an image of a green heart on a black background"],
+    "shape": ["a drawing of a red circle", "an image of a green square on a black background"],
+    "pattern": ["a drawing of a red heart", "an image of a blue cross on a black background"],
+    "background": ["a drawing of a red star on a gray background", "an image of a green circle"],
+}
+_HELDOUT_NIGHT_NOUNS = ("valentine", "pine tree", "tiger", "first aid kit", "sheriff badge", "strawberry")
+
+
+def heldout_prompts(concept: str) -> list[str]:
+    """Prompts with the concept for judging calibrated settings (auto scale vs fixed scales): other
+    templates than the test suite's and the calibration prompts', so none of them is in either."""
+    attribute, value = CONCEPTS[concept]
+    if attribute == "background":
+        implicit = [f"{t} {_a(n)} at night" for n in _HELDOUT_NIGHT_NOUNS for t in ("a drawing of", "an image of")]
+    else:
+        implicit = [p for t in _implicit_for(concept) for p in (f"a drawing of {t}", f"an image of {t} in the fog")]
+    return implicit + [t.format(v=value) for t in _HELDOUT_EXPLICIT[attribute]]
+
+
+def heldout_negatives(concept: str) -> list[str]:
+    """Prompts without the concept for the same judgement (the erasure must leave them alone)."""
+    attribute, _ = CONCEPTS[concept]
+    unrelated = _not_involving(concept)
+    nouns = [f"a drawing of {unrelated[i]}" for i in range(0, len(unrelated), max(1, len(unrelated) // 4))][:4]
+    return nouns + _HELDOUT_NEGATIVE_EXPLICIT[attribute]
+
+
 def gate_prompts(n: int = 600, seed: int = 0, long_share: float = 0.2) -> list[str]:
     """Random toy-world captions for fitting prompt probes (``eiup fit-gate``), none of them a
     benchmark, calibration or held-out prompt of any concept, so the benchmark stays unseen;

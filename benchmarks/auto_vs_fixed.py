@@ -1,0 +1,169 @@
+"""Automatic scale against fixed scales, on held-out prompts and seeds (toy model).
+
+Per concept, the held-out prompts of :func:`eiup.bench.suites.heldout_prompts` (other templates
+than the benchmark's and the calibration prompts', so the scale predictors never saw them) and
+:func:`~eiup.bench.suites.heldout_negatives`, seeds 5000.. (benchmark 0..19, calibration 0..2).
+Each family of settings is run at fixed scales and at its own choice ("auto": the shipped
+calibrated predictors; "preset": the model's per-concept presets); the measures are those of
+:mod:`eiup.bench.heldout`. Writes ``results.json``, ``report.md`` and ``tradeoff.png`` (residual
+against specificity and against fidelity, mean over concepts) to ``--out``; every (setting,
+concept) is cached under ``--out/units`` so an interrupted run resumes and several processes can
+share the work (``--concepts``), e.g.:
+
+    python benchmarks/auto_vs_fixed.py --concepts red star & python benchmarks/auto_vs_fixed.py --concepts heart night; wait
+    python benchmarks/auto_vs_fixed.py      # all units cached: only writes the report
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+CONCEPTS = ["red", "star", "heart", "night"]
+# name -> (description, base erasure kwargs, fixed scales, the family's own choice of scale)
+FAMILIES = {
+    "concept term": ("EIUP's concept term alone (the paper's dual mode, concepts encoded after the prompt; "
+                     "no anchors, every prompt erased)",
+                     {"erase_mode": "dual", "concept_context": "prompt", "anchors": [], "prompt_gate": False},
+                     [-2.0, -4.0, -8.0, -16.0], "auto"),
+    "defaults": ("the library defaults: anchored projection with the model's presets, prompt gate, concept term "
+                 "in single mode", {}, [0.0, -0.25, -0.5, -1.0, -4.0], "preset"),
+}
+
+
+def unit_path(out: Path, family: str, label: str, concept: str) -> Path:
+    return out / "units" / f"{family.replace(' ', '_')}@{label}@{concept}.json"
+
+
+def write_json_atomic(path: Path, data) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def run_units(out: Path, concepts: list[str], seeds: list[int]) -> None:
+    from eiup.bench.heldout import PlainImages, judge_setting
+    from eiup.bench.suites import heldout_negatives, heldout_prompts
+    from eiup.models import load_pipeline
+    from eiup.toy.detect import ConceptDetector
+
+    todo = [(f, label, c) for c in concepts for f, (_, _, fixed, own) in FAMILIES.items()
+            for label in [f"{s:g}" for s in fixed] + [own] if not unit_path(out, f, label, c).exists()]
+    if not todo:
+        return
+    pipe = load_pipeline(None)
+    pipe.set_progress_bar_config(disable=True)
+    plain = PlainImages(pipe, ConceptDetector.load(), seeds)
+    for family, label, concept in todo:
+        base = FAMILIES[family][1]
+        kwargs = dict(base, **({} if label == "preset" else {"erase_scale": label if label == "auto" else float(label)}))
+        r = judge_setting(plain, concept, heldout_prompts(concept), heldout_negatives(concept), kwargs,
+                          desc=f"{concept} {family} @{label}")
+        write_json_atomic(unit_path(out, family, label, concept), dict(r.to_dict(), family=family, label=label,
+                                                                         kwargs=kwargs, seeds=seeds))
+
+
+def report(out: Path, concepts: list[str], seeds: list[int]) -> dict:
+    from eiup.bench.heldout import above_curve, dominated
+
+    rows = {}
+    for family, (_, _, fixed, own) in FAMILIES.items():
+        for label in [f"{s:g}" for s in fixed] + [own]:
+            units = [json.loads(unit_path(out, family, label, c).read_text()) for c in concepts]
+            mean = {k: float(np.mean([u[k] for u in units])) for k in
+                    ("residual", "fidelity_vs_plain", "as_plain_or_prompted", "specificity", "psnr_median")}
+            rows[(family, label)] = dict(mean, per_concept={u["concept"]: u for u in units})
+    verdicts = {}
+    for family, (_, _, fixed, own) in FAMILIES.items():
+        curve = [rows[(family, f"{s:g}")] for s in fixed]
+        me = rows[(family, own)]
+        verdicts[family] = {
+            measure: {"above_fixed_curve": above_curve((me["residual"], me[measure]),
+                                                       [(c["residual"], c[measure]) for c in curve]),
+                      "dominates": [f"{s:g}" for s, c in zip(fixed, curve)
+                                    if dominated((c["residual"], c[measure]), (me["residual"], me[measure]))]}
+            for measure in ("specificity", "as_plain_or_prompted")}
+    result = {"seeds": seeds, "concepts": concepts,
+              "rows": [dict(family=f, label=lab, **v) for (f, lab), v in rows.items()], "verdicts": verdicts}
+    write_json_atomic(out / "results.json", result)
+    plot(out / "tradeoff.png", rows)
+    lines = ["# Automatic scale vs fixed scales (held-out prompts and seeds)", "",
+             f"Seeds {seeds[0]}..{seeds[-1]} per prompt; prompts: `eiup.bench.suites.heldout_prompts` / "
+             "`heldout_negatives` (in no benchmark suite and no calibration set). Mean over "
+             f"{', '.join(concepts)}. Reproduce: `python benchmarks/auto_vs_fixed.py`.", ""]
+    for family, (desc, base, _, own) in FAMILIES.items():
+        lines += [f"## {family}", "", f"{desc}; kwargs `{json.dumps(base)}`.", "",
+                  "| scale | residual | fidelity vs plain | as plain or as prompted | specificity | median PSNR (dB) | "
+                  + " | ".join(f"residual {c}" for c in concepts) + " |",
+                  "|---" * (6 + len(concepts)) + "|"]
+        for (f, label), r in rows.items():
+            if f != family:
+                continue
+            per = r["per_concept"]
+            extra = [f"{per[c]['residual']:.0%}" + (f" (w={per[c]['mean_scale']:.1f})" if per[c]["mean_scale"] is not None else "")
+                     for c in concepts]
+            lines.append(f"| {label} | {r['residual']:.1%} | {r['fidelity_vs_plain']:.1%} | {r['as_plain_or_prompted']:.1%} | "
+                         f"{r['specificity']:.1%} | {r['psnr_median']:.1f} | " + " | ".join(extra) + " |")
+        v = verdicts[family]
+        lines += ["", f"`{own}` against the fixed-scale curve at its residual: specificity "
+                  f"{v['specificity']['above_fixed_curve']:+.1%}, fidelity (as plain or as prompted) "
+                  f"{v['as_plain_or_prompted']['above_fixed_curve']:+.1%}; it dominates (lower or equal residual and "
+                  f"higher or equal specificity) the fixed scales {v['specificity']['dominates'] or 'none'}.", ""]
+    lines += ["![trade-off](tradeoff.png)", ""]
+    (out / "report.md").write_text("\n".join(lines), encoding="utf-8")
+    return result
+
+
+def plot(path: Path, rows: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    for ax, measure, name in ((axes[0], "specificity", "specificity (negatives unchanged)"),
+                              (axes[1], "as_plain_or_prompted", "fidelity (as plain or as prompted)")):
+        for i, (family, (_, _, fixed, own)) in enumerate(FAMILIES.items()):
+            colour = f"C{i}"
+            pts = [rows[(family, f"{s:g}")] for s in fixed]
+            ax.plot([100 * p["residual"] for p in pts], [100 * p[measure] for p in pts], "o-", color=colour,
+                    label=f"{family}: fixed scales")
+            for s, p in zip(fixed, pts):
+                ax.annotate(f"{s:g}", (100 * p["residual"], 100 * p[measure]), textcoords="offset points",
+                            xytext=(4, 4), fontsize=8, color=colour)
+            me = rows[(family, own)]
+            ax.plot([100 * me["residual"]], [100 * me[measure]], "*", ms=15, color=colour, label=f"{family}: {own}")
+        ax.set_xlabel("residual concept (% of images, lower is better)")
+        ax.set_ylabel(f"{name} (%)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("Held-out prompts: the family's own scale (star) against its fixed scales")
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, path)
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--concepts", nargs="+", default=CONCEPTS, help="run only these concepts' units (report needs all)")
+    ap.add_argument("--seeds", type=int, default=6)
+    ap.add_argument("--first-seed", type=int, default=5000)
+    ap.add_argument("--out", type=Path, default=Path("bench-out/auto-vs-fixed"))
+    args = ap.parse_args()
+    seeds = list(range(args.first_seed, args.first_seed + args.seeds))
+    run_units(args.out, args.concepts, seeds)
+    if all(unit_path(args.out, f, lab, c).exists() for c in CONCEPTS for f, (_, _, fixed, own) in FAMILIES.items()
+           for lab in [f"{s:g}" for s in fixed] + [own]):
+        report(args.out, CONCEPTS, seeds)
+        print((args.out / "report.md").read_text())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,105 @@
+"""Judging erasure settings on held-out prompts and seeds (toy world).
+
+For one concept, positives (prompts that imply or name it) and negatives (prompts without it) are
+generated plain once and then under each setting, from the same seeds. Residual: share of erased
+images that still show the concept, among those whose plain image shows it. Fidelity vs plain: share
+of those whose other attributes (background included, unless it is the concept) are as in the plain
+image; as plain or as prompted: ... or as the prompt asks. Specificity: share of negative images
+whose detected attributes the setting leaves unchanged, and their median PSNR against the plain image.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..toy.world import CONCEPTS, parse_caption
+from .metrics import as_prompted, kept_from_plain, psnr_ssim
+
+
+@dataclass
+class HeldoutResult:
+    """One setting's figures on one concept's held-out prompts (shares in [0, 1])."""
+
+    concept: str
+    residual: float
+    fidelity_vs_plain: float
+    as_plain_or_prompted: float
+    specificity: float
+    psnr_median: float
+    n_shown: int
+    n_negative: int
+    mean_scale: float | None = None  # the mean predicted scale over positives (erase_scale="auto"), else None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _attributes(detection) -> list:
+    return sorted(tuple(sorted(o.attributes().items())) for o in detection.objects)
+
+
+class PlainImages:
+    """Plain images (no erasure) and their detections per prompt, generated once for every setting."""
+
+    def __init__(self, pipe, detector, seeds: Sequence[int], steps: int = 25):
+        self.pipe, self.detector, self.seeds, self.steps = pipe, detector, list(seeds), steps
+        self._cache: dict[str, tuple[list, list]] = {}
+
+    def generators(self) -> list[torch.Generator]:
+        return [torch.Generator().manual_seed(int(s)) for s in self.seeds]
+
+    def get(self, prompt: str) -> tuple[list, list]:
+        if prompt not in self._cache:
+            images = self.pipe([prompt] * len(self.seeds), num_inference_steps=self.steps,
+                               generator=self.generators()).images
+            self._cache[prompt] = (images, self.detector.detect(images))
+        return self._cache[prompt]
+
+
+def judge_setting(plain: PlainImages, concept: str, positives: Sequence[str], negatives: Sequence[str],
+                  kwargs: dict[str, Any], desc: str | None = None) -> HeldoutResult:
+    """Generate every prompt under the erasure ``kwargs`` and judge it against its plain images."""
+    attribute, value = CONCEPTS[concept]
+    skip = attribute if attribute != "background" else None
+    residual, kept, unharmed, same, psnr, scales = [], [], [], [], [], []
+    for prompt in tqdm(list(positives) + list(negatives), desc=desc or concept, leave=False):
+        plain_images, plain_found = plain.get(prompt)
+        out = plain.pipe([prompt] * len(plain.seeds), num_inference_steps=plain.steps, erase=[concept],
+                         generator=plain.generators(), **kwargs)
+        found = plain.detector.detect(out.images)
+        if prompt in positives:
+            scene = parse_caption(prompt)
+            for e, p in zip(found, plain_found):
+                if not p.has(attribute, value):
+                    continue
+                residual.append(e.has(attribute, value))
+                kept.append(kept_from_plain(e, p, skip, skip is None))
+                unharmed.append(kept[-1] or as_prompted(e, scene, concept))
+            if out.erase_scales:
+                scales += [float(s) for s in out.erase_scales[concept]]
+        else:
+            same += [_attributes(p) == _attributes(e) for p, e in zip(plain_found, found)]
+            psnr += psnr_ssim(out.images, plain_images)[0]
+    mean = lambda xs: float(np.mean(xs)) if xs else float("nan")  # noqa: E731
+    return HeldoutResult(concept, mean(residual), mean(kept), mean(unharmed), mean(same),
+                         float(np.median(psnr)) if psnr else float("nan"), len(residual), len(same),
+                         float(np.mean(scales)) if scales else None)
+
+
+def above_curve(point: tuple[float, float], curve: Sequence[tuple[float, float]]) -> float:
+    """How far ``point`` = (residual, y) lies above a fixed-scale curve of (residual, y) points,
+    piecewise linear in the residual (positive: a better y at the same residual); past the curve's
+    ends, the nearer end's y counts."""
+    xs, ys = zip(*sorted(curve))
+    return point[1] - float(np.interp(point[0], xs, ys))
+
+
+def dominated(point: tuple[float, float], by: tuple[float, float]) -> bool:
+    """``by`` = (residual, y) is at least as good as ``point`` on both (lower residual, higher y) and differs."""
+    return by[0] <= point[0] and by[1] >= point[1] and by != point
