@@ -201,8 +201,9 @@ def heldout_negatives(concept: str) -> list[str]:
 
 def gate_prompts(n: int = 600, seed: int = 0, long_share: float = 0.2) -> list[str]:
     """Random toy-world captions for fitting prompt probes (``eiup fit-gate``), none of them a
-    benchmark, calibration or held-out prompt of any concept, so the benchmark stays unseen;
-    ``long_share`` of them end in style phrases, past 77 tokens for some (as users write them)."""
+    benchmark or calibration prompt of any concept, so the benchmark stays unseen (the world has few
+    short captions: some :func:`heldout_prompts` are among them, which is why that set judges scale
+    predictors, not probes); ``long_share`` of them end in style phrases, past 77 tokens for some."""
     import random
 
     from ..toy.world import caption, filler_tail, random_scene
