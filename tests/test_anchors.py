@@ -8,7 +8,7 @@ import torch
 
 from eiup import EraseConfigError
 from eiup.anchors import (aligned_concept_and_anchors, aligned_padding, concept_directions, counterfactual_positions,
-                          nearest_to_concept, project_tokens, protect_directions)
+                          implying_word, nearest_to_concept, project_tokens, protect_directions, word_substitutions)
 from eiup.testing import ModelCalls
 
 KW = dict(num_inference_steps=3, output_type="np")
@@ -83,6 +83,7 @@ BAD = [
     (dict(anchors=["blue"], anchor_protect=["red"]), "anchor_protect"),
     (dict(anchors=["blue"], anchor_protect=["red", " "]), r"anchor_protect\[1\]"),
     (dict(anchors=["blue"], anchor_protect=["red", " ".join(["blue"] * 80)]), r"anchor_protect\[1\]"),
+    (dict(anchors=["blue"], anchor_in_context="yes"), "anchor_in_context"),
 ]
 
 
@@ -289,7 +290,8 @@ def test_model_presets_may_give_prompts_naming_the_concept_their_own_strength(sd
 @pytest.mark.parametrize("entry", ['{"anchors": ["blue"], "named_strength": -1}', '{"anchors": ["blue"], "strength": 0}', '{"anchors": ["blue"], "scale": 0.5}',
                                    '{"anchors": ["blue"], "scale": "strong"}', '{"strength": 1.0, "anchors": "blue"}',
                                    '{"anchors": ["blue"], "aliases": "crimson"}', '{"anchors": ["blue"], "aliases": [""]}',
-                                   '{"anchors": ["blue"], "protect": ["star"]}', '{"anchors": ["blue"], "protect": "star"}'])
+                                   '{"anchors": ["blue"], "protect": ["star"]}', '{"anchors": ["blue"], "protect": "star"}',
+                                   '{"anchors": ["blue"], "in_context": "yes"}'])
 def test_malformed_presets_are_refused_before_model_work(sd1, model_folder, entry):
     (model_folder / "eiup_anchors.json").write_text('{"red": %s}' % entry)
     with ModelCalls(sd1) as model, pytest.raises(EraseConfigError, match="eiup_anchors.json"):
@@ -394,3 +396,59 @@ def test_preset_protect_projects_along_the_direction_kept_clear_of_the_protected
     assert not np.allclose(unprotected, out, atol=1e-4)
     explicit = dict(kw, anchors=["blue", "green"], anchor_strength=2.0)  # explicit anchors take the call's words too
     assert np.array_equal(sd1("a tree in the fog", anchor_protect=protect, generator=gen(), **explicit).images, out)
+
+
+def test_word_substitutions_replace_each_word_by_each_given_word():
+    assert word_substitutions("a tomato  on ice", ["red", "blue"]) == [
+        "red tomato on ice", "blue tomato on ice", "a red on ice", "a blue on ice",
+        "a tomato red ice", "a tomato blue ice", "a tomato on red", "a tomato on blue"]
+    assert word_substitutions("   ", ["red"]) == []
+
+
+def test_the_implying_word_is_where_the_concept_fits_and_the_anchors_do_not():
+    torch.manual_seed(0)
+    e = torch.randn(6, 4)
+    near, far = e + 0.01, e + 1.0
+    substituted = torch.stack([torch.stack([far, far, far]),     # the concept changes word 0's prompt as much as anchors
+                               torch.stack([near, far, far]),    # word 1: the concept barely changes it, anchors do
+                               torch.stack([near, near, near])])  # word 2: nothing changes it
+    assert implying_word(e, substituted) == 1
+
+
+def test_in_context_anchors_project_an_implying_prompt_along_its_substituted_variants(sd1, model_folder):
+    """{"in_context": true}: a prompt that the probe says implies the concept, after the projection along the
+    bare words' direction, is projected along the direction its variants give (the implying word replaced
+    by the concept and by each anchor) with named_strength: a hand-built reference; the call's
+    anchor_in_context=False and a probe that says no leave that step out."""
+    from eiup.probe import PROBE_DIR, PromptProbe, probe_path
+
+    dim = sd1.text_encoder.config.hidden_size
+    preset = '{"red": {"anchors": ["blue", "green"], "strength": 1.0, "named_strength": 2.0, "in_context": true}}'
+    (model_folder / "eiup_anchors.json").write_text(preset)
+    PromptProbe("red", torch.zeros(2 * dim), 50.0).save(probe_path(model_folder / PROBE_DIR, "red"))
+    kw = dict(erase="red", erase_scale=-1.0, concept_context="separate", prompt_gate=False, **KW)
+    prompt, tok = "a tree in the fog", sd1.tokenizer
+    enc = lambda t: sd1.encode_prompt(t, "cpu", 1, False)[0]  # noqa: E731
+    plain_kw = {k: v for k, v in kw.items() if not k.startswith("anchor")}
+
+    def ref(pe):
+        return sd1(prompt_embeds=pe, negative_prompt_embeds=enc(""), generator=gen(), **plain_kw).images
+
+    e = enc(prompt)
+    c, a = aligned_concept_and_anchors(enc("red")[0], len(tok("red").input_ids), torch.cat([enc(w) for w in ["blue", "green"]]),
+                                       torch.tensor([len(ids) for ids in tok(["blue", "green"]).input_ids]))
+    first = project_tokens(e, *concept_directions(c, a), 1.0)
+    texts = word_substitutions(prompt, ["red", "blue", "green"])
+    ids = tok(prompt).input_ids
+    variants = torch.stack([enc(t)[0][counterfactual_positions(ids, tok(t).input_ids, e.shape[1])] for t in texts])
+    variants = variants.view(-1, 3, *e.shape[1:])
+    j = implying_word(e[0], variants)
+    second = project_tokens(first, *concept_directions(variants[j, 0], variants[j, 1:]), 2.0)
+
+    out = sd1(prompt, generator=gen(), **kw).images
+    assert np.allclose(out, ref(second), atol=1e-5)
+    off = sd1(prompt, anchor_in_context=False, generator=gen(), **kw).images
+    assert np.allclose(off, ref(first), atol=1e-5) and not np.allclose(off, out, atol=1e-4)
+    PromptProbe("red", torch.zeros(2 * dim), -50.0).save(probe_path(model_folder / PROBE_DIR, "red"))
+    gated_out = sd1(prompt, anchor_gate=False, generator=gen(), **kw).images  # projected, but the probe says no
+    assert np.allclose(gated_out, ref(first), atol=1e-5)

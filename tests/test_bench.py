@@ -70,7 +70,7 @@ def test_anchor_rows_pass_the_toy_worlds_siblings_or_the_given_list(sd1):
 
     class Spy(type(sd1)):
         def __call__(self, *a, **kw):
-            seen.append((kw.get("anchors"), kw.get("anchor_strength"), kw.get("anchor_protect")))
+            seen.append((kw.get("anchors"), kw.get("anchor_strength"), kw.get("anchor_protect"), kw.get("anchor_in_context")))
             return sd1_call(self, *a, **kw)
 
     pipe = Spy(**sd1.components)
@@ -79,9 +79,11 @@ def test_anchor_rows_pass_the_toy_worlds_siblings_or_the_given_list(sd1):
     runner.generate(parse_method("eiup-single+anchors=clothed|dressed@-4"), "a tomato", [0], "nudity")
     runner.generate(parse_method("eiup-single+anchors+anchor_protect=none@-4"), "a tomato", [0], "red")
     runner.generate(parse_method("eiup-single+anchors+anchor_protect=circle|square@-4"), "a tomato", [0], "red")
+    runner.generate(parse_method("eiup-single+anchors+anchor_in_context=0@-4"), "a tomato", [0], "red")
+    runner.generate(parse_method("eiup-single+anchors+anchor_in_context@-4"), "a tomato", [0], "red")
     colours = ["orange", "yellow", "green", "blue", "purple"]
-    assert seen == [(colours, 2.0, None), (["clothed", "dressed"], None, None), (colours, None, []),
-                    (colours, None, ["circle", "square"])]
+    assert seen == [(colours, 2.0, None, None), (["clothed", "dressed"], None, None, None), (colours, None, [], None),
+                    (colours, None, ["circle", "square"], None), (colours, None, None, False), (colours, None, None, True)]
     with pytest.raises(ValueError, match="anchors"):
         runner.generate(parse_method("eiup-single+anchors@-4"), "a tomato", [0], "nudity")
     with pytest.raises(ValueError, match="anchor_protect"):

@@ -373,6 +373,11 @@ def test_anchors_reach_the_pipeline_and_are_recorded(tmp_path, model_dir):
     assert invoke(*base, "--out", tmp_path / "unprotected").exit_code == 0
     (a,), (b,) = sorted(protected.glob("*.png")), sorted((tmp_path / "unprotected").glob("*.png"))
     assert a.read_bytes() != b.read_bytes()
+    in_context = tmp_path / "in-context"  # no probe in this folder: in-context anchors have no implying prompt to act on
+    assert invoke(*base, "--in-context", "--out", in_context).exit_code == 0
+    assert json.loads((in_context / "run.json").read_text())["settings"]["anchor_in_context"] is True
+    ((c,),) = [sorted(in_context.glob("*.png"))]
+    assert np.array_equal(np.asarray(Image.open(c)), np.asarray(Image.open(b)))  # pixels; the PNG text records settings
 
 
 def test_anchor_auto_reads_the_model_folder_and_none_switches_off(tmp_path, model_dir):

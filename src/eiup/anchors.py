@@ -21,6 +21,12 @@ counterfactual whose anchor has another token count than the concept word (``"ni
 ``"white background"``) is read position by position through a token alignment of the two texts
 (:func:`counterfactual_positions`): shared tokens with shared tokens, the concept's tokens with the
 anchor's last ones, the padding with the padding.
+A prompt that only implies the concept can get the same in-context anchors (``in_context``, a preset
+of the toy model's heart): the word that implies it is located (:func:`implying_word`: the word where
+the concept fits and the anchors do not), the concept and each anchor are put in its place, and the
+prompt is projected once more along the direction those variants give at each position; in
+"an image of a strawberry in the fog" the bare words' padding direction misses the heart the padding
+carries, the variants "an image of a heart / circle / ... in the fog" find it.
 Which prompts are edited at all is the gate's decision (``EraseConfig.anchor_gate``): those that
 name the concept or that the model's prompt probe (:mod:`eiup.probe`) says imply it, or, for a model
 without probes, those whose tokens are on average closer (cosine) to the concept's than to every
@@ -95,6 +101,20 @@ def away_from_counterfactuals(embeds: torch.Tensor, original: torch.Tensor, coun
                               strength: float) -> torch.Tensor:
     """e - s * (e0 - mean_a e0[concept -> a]) for a prompt that names the concept (module docstring)."""
     return embeds - strength * (original - counterfactual_mean)
+
+
+def word_substitutions(prompt: str, words: Sequence[str]) -> list[str]:
+    """The prompt with each whitespace-separated word in turn replaced by each of ``words``: word-major, (J * K,)."""
+    split = prompt.split()
+    return [" ".join(split[:j] + [w] + split[j + 1:]) for j in range(len(split)) for w in words]
+
+
+def implying_word(prompt_embeds: torch.Tensor, substituted: torch.Tensor) -> int:
+    """The word j maximising mean_a |e - e[j -> a]| - |e - e[j -> concept]| (distances averaged over positions):
+    where putting the concept changes the prompt least and the anchors most. ``prompt_embeds`` (L, D),
+    ``substituted`` (J, 1 + K, L, D): per word, the concept's then the anchors' substitutions."""
+    dist = (substituted - prompt_embeds).norm(dim=-1).mean(-1)
+    return int((dist[:, 1:].mean(1) - dist[:, 0]).argmax())
 
 
 def counterfactual_positions(prompt_ids: Sequence[int], variant_ids: Sequence[int], seq_len: int) -> torch.Tensor:

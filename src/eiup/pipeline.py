@@ -139,8 +139,9 @@ def _anchor_strength(value: Any, name: str) -> float:
 class AnchorPlan:
     """How one concept is projected: its anchors, the strength (for prompts that name the concept:
     ``named_strength``, default the same), the model's preset scale (or None), and other words that
-    name the concept (``aliases``: a prompt saying one names the concept), and words of other attributes
-    whose differences the projection must not move prompts along (``protect``)."""
+    name the concept (``aliases``: a prompt saying one names the concept), words of other attributes
+    whose differences the projection must not move prompts along (``protect``), and whether prompts that
+    imply the concept are also projected along in-context anchors (``in_context``, :mod:`eiup.anchors`)."""
 
     anchors: tuple[str, ...]
     strength: float
@@ -148,6 +149,7 @@ class AnchorPlan:
     named_strength: float | None = None
     aliases: tuple[str, ...] = ()
     protect: tuple[str, ...] = ()
+    in_context: bool = False
 
     @property
     def strength_when_named(self) -> float:
@@ -208,6 +210,12 @@ class EraseConfig:
             projection must not move a prompt along (:func:`eiup.anchors.protect_directions`): two or
             more, for every erased concept, in place of the preset's ``"protect"``; ``()``: none.
             ``None``: the model's preset with ``anchors="auto"``, else none.
+        anchor_in_context: Also project each prompt that the probe says implies the concept along
+            in-context anchors: the implying word located and replaced by the concept and by each
+            anchor (:func:`eiup.anchors.implying_word`). Costs one text-encoder pass over
+            (1 + anchors + protected words) x words variants per such prompt. Needs the prompt text
+            and a prompt probe (a call with ``prompt_embeds`` or a model without probes gets the first
+            projection only). ``None``: the model's preset with ``anchors="auto"``, else off.
         anchor_gate: Project only prompts that name the concept (whole words) or imply it: by the
             model's prompt probe where its folder has one (``eiup_prompt_probes/``, fitted by
             ``eiup fit-gate`` on what the model draws; :mod:`eiup.probe`), else when their tokens
@@ -236,6 +244,7 @@ class EraseConfig:
     anchors: str | Sequence[str] | None = None
     anchor_strength: float | None = None
     anchor_protect: Sequence[str] | None = None
+    anchor_in_context: bool | None = None
     anchor_gate: bool = True
     prompt_gate: bool = True
 
@@ -251,6 +260,9 @@ class EraseConfig:
         for name in ("anchor_gate", "prompt_gate"):
             if not isinstance(getattr(self, name), bool):
                 raise EraseConfigError(f"{name}={getattr(self, name)!r} must be True or False")
+        if self.anchor_in_context is not None and not isinstance(self.anchor_in_context, bool):
+            raise EraseConfigError(f"anchor_in_context={self.anchor_in_context!r} must be True, False or None "
+                                   "(the model's preset)")
         set_(self, "allow_amplify", bool(self.allow_amplify))
         if isinstance(self.erase_scale, list):
             set_(self, "erase_scale", tuple(self.erase_scale))
@@ -483,6 +495,7 @@ class EIUPMixin:
         anchors: str | Sequence[str] | None = None,
         anchor_strength: float | None = None,
         anchor_protect: Sequence[str] | None = None,
+        anchor_in_context: bool | None = None,
         anchor_gate: bool | None = None,
         prompt_gate: bool | None = None,
         scale_predictors: Any = None,
@@ -522,6 +535,7 @@ class EIUPMixin:
                 project the concept out of the prompt's tokens (:mod:`eiup.anchors`).
             anchor_strength: Strength of that projection (default :data:`DEFAULT_ANCHOR_STRENGTH`).
             anchor_protect: Words of another attribute the projection must keep (:class:`EraseConfig`).
+            anchor_in_context: Also project implying prompts along in-context anchors (:class:`EraseConfig`).
             anchor_gate: Project only prompts that name or imply the concept (default True).
             scale_predictors: With ``erase_scale="auto"``: a folder of calibrated predictors
                 (``CONCEPT.safetensors``), one predictor file, or a list of
@@ -552,6 +566,7 @@ class EIUPMixin:
             anchors=anchors,
             anchor_strength=anchor_strength,
             anchor_protect=anchor_protect,
+            anchor_in_context=anchor_in_context,
             anchor_gate=anchor_gate,
             prompt_gate=prompt_gate,
         )
@@ -896,6 +911,8 @@ class EIUPMixin:
             plans = [AnchorPlan(tuple(spec), DEFAULT_ANCHOR_STRENGTH if strength is None else strength)] * len(config.concepts)
         if config.anchor_protect is not None:  # the call's words replace the presets'
             plans = [dataclasses.replace(plan, protect=tuple(config.anchor_protect)) for plan in plans]
+        if config.anchor_in_context is not None:
+            plans = [dataclasses.replace(plan, in_context=config.anchor_in_context) for plan in plans]
         limit = self.tokenizer.model_max_length
         for name, words in (("anchors", (a for plan in plans for a in plan.anchors)),
                             ("anchor_protect", (a for plan in plans for a in plan.protect))):
@@ -944,7 +961,8 @@ class EIUPMixin:
     def _model_anchor_plans(self, concepts: Sequence[str], strength: float | None,
                             quiet_without_file: bool = False) -> list[AnchorPlan]:
         """``anchors="auto"``: ``<model folder>/eiup_anchors.json``, per concept: ``[anchor, ...]`` or
-        ``{"anchors": [...], "strength": s, "named_strength": s2, "scale": w, "aliases": [...], "protect": [...]}``
+        ``{"anchors": [...], "strength": s, "named_strength": s2, "scale": w, "aliases": [...], "protect": [...],
+        "in_context": bool}``
         (presets measured for that model; ``named_strength`` for prompts that name the concept, default
         ``strength``; ``aliases``: other words that name it, replaced by the anchors like the concept;
         ``protect``: values of another attribute that the projection of implying prompts must keep)."""
@@ -967,6 +985,9 @@ class EIUPMixin:
                     raise EraseConfigError(f"{path}: {concept!r} aliases={aliases!r}: give a list of words that name "
                                            "the concept")
                 protect = _protect_words(preset.get("protect", []), f"{path}: {concept!r} protect")
+                in_context = preset.get("in_context", False)
+                if not isinstance(in_context, bool):
+                    raise EraseConfigError(f"{path}: {concept!r} in_context={in_context!r} must be true or false")
             except EraseConfigError as e:
                 raise EraseConfigError(f"anchors='auto': {e}") from e
             if scale is not None and not -MAX_ABS_SCALE <= scale < 0:
@@ -975,7 +996,7 @@ class EIUPMixin:
             chosen = strength if strength is not None else (own if own is not None else DEFAULT_ANCHOR_STRENGTH)
             named = None if strength is not None else named  # the call's strength is for every prompt
             plans.append(AnchorPlan(tuple(a.strip() for a in anchors), chosen, scale, named,
-                                    tuple(a.strip() for a in aliases), protect))
+                                    tuple(a.strip() for a in aliases), protect, in_context))
         missing = [c for c, plan in zip(concepts, plans) if not plan.anchors]
         if missing and not (quiet_without_file and not table):
             where = path if path is not None else "(no model folder known)"
@@ -1056,6 +1077,9 @@ class EIUPMixin:
                     cf = torch.stack([encoded[t][counterfactual_positions(prompt_ids, token_ids(t), edited.shape[1]).to(device)]
                                       for t in counterfactuals[k, r]]).mean(0)
                     projected[r] = away_from_counterfactuals(edited[r], original[r], cf, plan.strength_when_named)
+                elif plan.in_context and row_prompts is not None and implied[k] is not None and bool(implied[k][r]):
+                    projected[r] = self._project_in_context(projected[r], original[r], row_prompts[r], concept, plan,
+                                                            token_ids, device, lora_scale, clip_skip)
             if config.anchor_gate:  # projected: prompts that imply the concept (the model's probe) or name it
                 gate = implied[k]
                 if gate is None:
@@ -1067,6 +1091,29 @@ class EIUPMixin:
         pe[rows] = edited.to(pe.dtype)
         call["prompt_embeds"] = pe
         return implied
+
+    def _project_in_context(self, embeds: torch.Tensor, original: torch.Tensor, prompt: str, concept: str,
+                            plan: AnchorPlan, token_ids: Callable[[str], list[int]], device, lora_scale,
+                            clip_skip) -> torch.Tensor:
+        """One row that implies ``concept``, projected along its in-context anchors (:mod:`eiup.anchors`)."""
+        from .anchors import (concept_directions, counterfactual_positions, implying_word, project_tokens,
+                              protect_directions, word_substitutions)
+
+        words = [concept, *plan.anchors, *plan.protect]
+        texts = word_substitutions(prompt, words)
+        if not texts:
+            return embeds
+        variants = self._encode_concepts(texts, device, lora_scale, clip_skip).float()
+        prompt_ids, length = token_ids(prompt), original.shape[0]
+        aligned = torch.stack([v[counterfactual_positions(prompt_ids, token_ids(t), length).to(v.device)]
+                               for v, t in zip(variants, texts)]).view(-1, len(words), *original.shape)
+        k = 1 + len(plan.anchors)
+        j = implying_word(original, aligned[:, :k])
+        c, anchors, protected = aligned[j, 0], aligned[j, 1:k], aligned[j, k:]
+        mean, direction = concept_directions(c, anchors)
+        if plan.protect:
+            direction = protect_directions(direction, mean, c, protected)
+        return project_tokens(embeds[None], mean, direction, plan.strength_when_named)[0]
 
     def _check_call_inputs(self, call: dict[str, Any], height: int, width: int) -> None:
         """Run the parent's ``check_inputs`` on the user's arguments before any model work."""

@@ -66,6 +66,10 @@ def generate(
     protect: Optional[list[str]] = typer.Option(
         None, "--protect", help="A value of another attribute the anchored projection must keep (repeat, two or more; "
         "e.g. the colours when erasing star); 'none': nothing. Default: the model's preset (eiup_anchors.json)."),
+    in_context: Optional[bool] = typer.Option(
+        None, "--in-context/--no-in-context", help="Also project prompts that imply the concept along in-context "
+        "anchors (the implying word replaced by the concept and each anchor). Default: the model's preset "
+        "(eiup_anchors.json), else off."),
     anchor_gate: bool = typer.Option(
         True, "--anchor-gate/--no-anchor-gate", help="Project only prompts that name or imply the concept (the "
         "model's prompt probe, else the nearest anchor)."),
@@ -214,7 +218,8 @@ def generate(
         scale=scale, mode=mode or default_mode,  # None: the library's default (a model preset, else DEFAULT_ERASE_SCALE)
         gate=default_gate if gate is None else ("presence" if gate else None),
         concept_context=concept_context or default_context,
-        anchors=anchors, anchor_strength=anchor_strength, anchor_protect=protected, anchor_gate=anchor_gate,
+        anchors=anchors, anchor_strength=anchor_strength, anchor_protect=protected, anchor_in_context=in_context,
+        anchor_gate=anchor_gate,
         prompt_gate=prompt_gate,
         negative_prompt=negative_prompt, images_per_prompt=images_per_prompt,
         save_original=save_original, use_row_erase=not ignore_erase_target, allow_amplify=allow_amplify,

@@ -465,6 +465,12 @@ PRESET_ANCHORS = {"night": ["white background"]}  # instead of all the attribute
 PRESET_ALIASES = {"night": ["black background"]}  # other words of the world that name the concept
 # attributes the projection must not move (erasing star turned the orange starfish yellow without it)
 PRESET_PROTECT = {"star": ["red", "orange", "yellow", "green", "blue", "purple"]}
+# in-context anchors for implying prompts (the implying word replaced by the concept and each anchor,
+# named_strength), measured on the benchmark's prompts, seeds 0-5 (runs/auto/judge.py): red residual
+# 16.4% -> 0% (two-object prompts: "a tomato and a lime" kept its red), fidelity vs plain 91.8 -> 93.2%;
+# heart unchanged there (1.7%, 70.7%) and on the calibration prompts (seeds 4000-4005) 0%, 93 -> 97%;
+# star 3.3% both, 73.3 -> 70.0% (one image of 30). Night is named by its implying phrase ("at night").
+PRESET_IN_CONTEXT = ("red", "star", "heart")
 
 
 def write_anchor_file(folder: Path) -> Path:
@@ -485,6 +491,8 @@ def write_anchor_file(folder: Path) -> Path:
                 table[concept]["aliases"] = PRESET_ALIASES[concept]
             if concept in PRESET_PROTECT:
                 table[concept]["protect"] = PRESET_PROTECT[concept]
+            if concept in PRESET_IN_CONTEXT:
+                table[concept]["in_context"] = True
         else:
             table[concept] = anchors
     path = Path(folder) / ANCHOR_FILE
