@@ -445,8 +445,13 @@ def test_in_context_anchors_project_an_implying_prompt_along_its_substituted_var
     j = implying_word(e[0], variants)
     second = project_tokens(first, *concept_directions(variants[j, 0], variants[j, 1:]), 2.0)
 
-    out = sd1(prompt, generator=gen(), **kw).images
+    with ModelCalls(sd1) as model:
+        out = sd1(prompt, generator=gen(), **kw).images
     assert np.allclose(out, ref(second), atol=1e-5)
+    with ModelCalls(sd1) as batch:  # rows repeating the prompt share its variants' encoding
+        three = sd1([prompt] * 3, generator=[gen(), gen(), gen()], **kw).images
+    assert batch.calls.count("text_encoder") == model.calls.count("text_encoder")
+    assert all(np.allclose(im, out[0], atol=1e-5) for im in three)
     off = sd1(prompt, anchor_in_context=False, generator=gen(), **kw).images
     assert np.allclose(off, ref(first), atol=1e-5) and not np.allclose(off, out, atol=1e-4)
     PromptProbe("red", torch.zeros(2 * dim), -50.0).save(probe_path(model_folder / PROBE_DIR, "red"))

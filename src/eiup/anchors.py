@@ -21,12 +21,13 @@ counterfactual whose anchor has another token count than the concept word (``"ni
 ``"white background"``) is read position by position through a token alignment of the two texts
 (:func:`counterfactual_positions`): shared tokens with shared tokens, the concept's tokens with the
 anchor's last ones, the padding with the padding.
-A prompt that only implies the concept can get the same in-context anchors (``in_context``, a preset
-of the toy model's heart): the word that implies it is located (:func:`implying_word`: the word where
-the concept fits and the anchors do not), the concept and each anchor are put in its place, and the
-prompt is projected once more along the direction those variants give at each position; in
-"an image of a strawberry in the fog" the bare words' padding direction misses the heart the padding
-carries, the variants "an image of a heart / circle / ... in the fog" find it.
+A prompt that only implies the concept can get the same in-context anchors (``in_context``, a
+preset of the toy model's red, star and heart): the word that implies it is located
+(:func:`implying_word`: the word where the concept fits and the anchors do not), the concept and
+each anchor are put in its place, and the prompt is projected once more along the direction those
+variants give at each position; in "an image of a strawberry in the fog" the bare words' padding
+direction misses the heart the padding carries, the variants "an image of a heart / circle / ...
+in the fog" find it.
 Which prompts are edited at all is the gate's decision (``EraseConfig.anchor_gate``): those that
 name the concept or that the model's prompt probe (:mod:`eiup.probe`) says imply it, or, for a model
 without probes, those whose tokens are on average closer (cosine) to the concept's than to every

@@ -1071,6 +1071,7 @@ class EIUPMixin:
             if plan.protect:
                 direction = protect_directions(direction, mean, c, aligned(concept, plan.protect)[1])
             projected = project_tokens(edited, mean, direction, plan.strength)
+            in_context: dict[str, tuple[torch.Tensor, torch.Tensor] | None] = {}
             for r in range(edited.shape[0]):  # rows naming the concept: e -= s (e0 - mean of counterfactuals)
                 if (k, r) in counterfactuals:
                     prompt_ids = token_ids(row_prompts[r])
@@ -1078,8 +1079,12 @@ class EIUPMixin:
                                       for t in counterfactuals[k, r]]).mean(0)
                     projected[r] = away_from_counterfactuals(edited[r], original[r], cf, plan.strength_when_named)
                 elif plan.in_context and row_prompts is not None and implied[k] is not None and bool(implied[k][r]):
-                    projected[r] = self._project_in_context(projected[r], original[r], row_prompts[r], concept, plan,
-                                                            token_ids, device, lora_scale, clip_skip)
+                    if row_prompts[r] not in in_context:  # rows repeating a prompt share its variants' encoding
+                        in_context[row_prompts[r]] = self._in_context_direction(
+                            original[r], row_prompts[r], concept, plan, token_ids, device, lora_scale, clip_skip)
+                    if in_context[row_prompts[r]] is not None:
+                        projected[r] = project_tokens(projected[r][None], *in_context[row_prompts[r]],
+                                                      plan.strength_when_named)[0]
             if config.anchor_gate:  # projected: prompts that imply the concept (the model's probe) or name it
                 gate = implied[k]
                 if gate is None:
@@ -1092,17 +1097,17 @@ class EIUPMixin:
         call["prompt_embeds"] = pe
         return implied
 
-    def _project_in_context(self, embeds: torch.Tensor, original: torch.Tensor, prompt: str, concept: str,
-                            plan: AnchorPlan, token_ids: Callable[[str], list[int]], device, lora_scale,
-                            clip_skip) -> torch.Tensor:
-        """One row that implies ``concept``, projected along its in-context anchors (:mod:`eiup.anchors`)."""
-        from .anchors import (concept_directions, counterfactual_positions, implying_word, project_tokens,
-                              protect_directions, word_substitutions)
+    def _in_context_direction(self, original: torch.Tensor, prompt: str, concept: str, plan: AnchorPlan,
+                              token_ids: Callable[[str], list[int]], device, lora_scale,
+                              clip_skip) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The anchors' mean and the concept's direction (L, D) from the prompt's own variants, its implying
+        word replaced by the concept and by each anchor (:mod:`eiup.anchors`); None for an empty prompt."""
+        from .anchors import concept_directions, counterfactual_positions, implying_word, protect_directions, word_substitutions
 
         words = [concept, *plan.anchors, *plan.protect]
         texts = word_substitutions(prompt, words)
         if not texts:
-            return embeds
+            return None
         variants = self._encode_concepts(texts, device, lora_scale, clip_skip).float()
         prompt_ids, length = token_ids(prompt), original.shape[0]
         aligned = torch.stack([v[counterfactual_positions(prompt_ids, token_ids(t), length).to(v.device)]
@@ -1113,7 +1118,7 @@ class EIUPMixin:
         mean, direction = concept_directions(c, anchors)
         if plan.protect:
             direction = protect_directions(direction, mean, c, protected)
-        return project_tokens(embeds[None], mean, direction, plan.strength_when_named)[0]
+        return mean, direction
 
     def _check_call_inputs(self, call: dict[str, Any], height: int, width: int) -> None:
         """Run the parent's ``check_inputs`` on the user's arguments before any model work."""
