@@ -215,7 +215,7 @@ def build_sd15(device, dtype, tmpdir):
 class Variants:
     """The four pipelines on one set of components, plus a UNet timer shared by all of them."""
 
-    def __init__(self, eiup_pipe, steps: int, decode: bool):
+    def __init__(self, eiup_pipe, steps: int, decode: bool, prompt: str = PROMPT, concept: str = CONCEPT):
         from diffusers import StableDiffusionPipeline
         from diffusers.pipelines.deprecated.stable_diffusion_safe import SafetyConfig, StableDiffusionPipelineSafe
 
@@ -226,7 +226,8 @@ class Variants:
             vae=c["vae"], text_encoder=c["text_encoder"], tokenizer=c["tokenizer"], unet=c["unet"],
             scheduler=c["scheduler"], safety_checker=None, feature_extractor=None, requires_safety_checker=False,
         )
-        self.sld.safety_concept = CONCEPT
+        self.prompt, self.concept = prompt, concept
+        self.sld.safety_concept = concept
         self.sld_medium = dict(SafetyConfig.MEDIUM)
         for p in (self.eiup, self.plain, self.sld):
             p.set_progress_bar_config(disable=True)
@@ -257,12 +258,12 @@ class Variants:
         steps = steps or self.steps
         gens = [torch.Generator("cpu").manual_seed(i) for i in range(batch)]
         common = dict(num_inference_steps=steps, guidance_scale=7.5, generator=gens, height=height, width=height)
-        prompts = [PROMPT] * batch
+        prompts = [self.prompt] * batch
         out_type = "np" if self.decode else "latent"
         if variant == "plain":
             return self.plain(prompts, output_type=out_type, **common)
         if variant in ("eiup-single", "eiup-dual"):
-            return self.eiup(prompts, erase=[CONCEPT], erase_scale=-1.0, erase_mode=variant.split("-")[1],
+            return self.eiup(prompts, erase=[self.concept], erase_scale=-1.0, erase_mode=variant.split("-")[1],
                              output_type=out_type, **common)
         if variant == "sld-medium":
             sld = dict(self.sld_medium)
@@ -403,6 +404,9 @@ def parse_args(argv=None):
                         "there and is identical work in plain, single and SLD)")
     p.add_argument("--quick", action="store_true", help="fewer repetitions (toy 3, sd15 2) and sd15 1 step on CPU")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads on CPU (default 1: shared machine)")
+    p.add_argument("--prompt", default=PROMPT, help=f"the prompt of every call (default {PROMPT!r}, which names the "
+                   "concept; e.g. 'an image of a strawberry in the fog' --concept heart for a prompt that implies it)")
+    p.add_argument("--concept", default=CONCEPT, help=f"the concept erased (default {CONCEPT!r})")
     p.add_argument("--out", default="bench-out/overhead", help="folder for overhead.md / overhead.json")
     return p.parse_args(argv)
 
@@ -449,7 +453,7 @@ def main(argv=None) -> int:
             bar.set_postfix_str(f"loading {model}")
             pipe = load_toy(toy_path, device, dtype) if model == "toy" else build_sd15(device, dtype, tmp)
             res = res or pipe.unet.config.sample_size * pipe.vae_scale_factor
-            v = Variants(pipe, steps, decode)
+            v = Variants(pipe, steps, decode, args.prompt, args.concept)
             for b in batches:
                 cases.append(run_case(v, model, b, res, reps[b], variants, bar))
                 cases[-1]["model_path"] = str(toy_path) if model == "toy" else "sd15-architecture, random weights"
@@ -465,7 +469,7 @@ def main(argv=None) -> int:
     meta = dict(
         device=str(device) + (f" ({torch.cuda.get_device_name(device)})" if cuda else f" ({platform.processor() or platform.machine()}, {torch.get_num_threads()} thread)"),
         dtype=str(dtype).replace("torch.", ""), torch=torch.__version__, diffusers=diffusers.__version__,
-        memory_method=memory_method, prompt=PROMPT, concept=CONCEPT, argv=sys.argv[1:],
+        memory_method=memory_method, prompt=args.prompt, concept=args.concept, argv=sys.argv[1:],
         wall_seconds=time.perf_counter() - started,
     )
     md = markdown(cases, meta)
