@@ -30,9 +30,19 @@ FAMILIES = {
                      "no anchors, every prompt erased)",
                      {"erase_mode": "dual", "concept_context": "prompt", "anchors": [], "prompt_gate": False},
                      [-2.0, -4.0, -8.0, -16.0], "auto"),
+    "concept term + presence gate": ("the same with the per-pixel presence gate (gate=\"presence\")",
+                                     {"erase_mode": "dual", "concept_context": "prompt", "anchors": [],
+                                      "prompt_gate": False, "gate": "presence"}, [-4.0, -8.0, -16.0], "auto"),
     "defaults": ("the library defaults: anchored projection with the model's presets, prompt gate, concept term "
                  "in single mode", {}, [0.0, -0.25, -0.5, -1.0, -4.0], "preset"),
+    "defaults, no gates": ("the defaults with both prompt-level gates off (anchor_gate=False: every prompt leaning "
+                           "towards the concept is projected; prompt_gate=False: the concept term acts on every prompt)",
+                           {"anchor_gate": False, "prompt_gate": False}, [0.0, -1.0], "preset"),
 }
+
+
+def labels(fixed: list[float], own: str) -> list[str]:
+    return [f"{s:g}" for s in fixed] + [own]
 
 
 def unit_path(out: Path, family: str, label: str, concept: str) -> Path:
@@ -53,7 +63,7 @@ def run_units(out: Path, concepts: list[str], seeds: list[int]) -> None:
     from eiup.toy.detect import ConceptDetector
 
     todo = [(f, label, c) for c in concepts for f, (_, _, fixed, own) in FAMILIES.items()
-            for label in [f"{s:g}" for s in fixed] + [own] if not unit_path(out, f, label, c).exists()]
+            for label in labels(fixed, own) if not unit_path(out, f, label, c).exists()]
     if not todo:
         return
     pipe = load_pipeline(None)
@@ -73,7 +83,7 @@ def report(out: Path, concepts: list[str], seeds: list[int]) -> dict:
 
     rows = {}
     for family, (_, _, fixed, own) in FAMILIES.items():
-        for label in [f"{s:g}" for s in fixed] + [own]:
+        for label in labels(fixed, own):
             units = [json.loads(unit_path(out, family, label, c).read_text()) for c in concepts]
             mean = {k: float(np.mean([u[k] for u in units])) for k in
                     ("residual", "fidelity_vs_plain", "as_plain_or_prompted", "specificity", "psnr_median")}
@@ -160,7 +170,7 @@ def main() -> None:
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))
     run_units(args.out, args.concepts, seeds)
     if all(unit_path(args.out, f, lab, c).exists() for c in CONCEPTS for f, (_, _, fixed, own) in FAMILIES.items()
-           for lab in [f"{s:g}" for s in fixed] + [own]):
+           for lab in labels(fixed, own)):
         report(args.out, CONCEPTS, seeds)
         print((args.out / "report.md").read_text())
 
