@@ -457,3 +457,32 @@ def test_in_context_anchors_project_an_implying_prompt_along_its_substituted_var
     PromptProbe("red", torch.zeros(2 * dim), -50.0).save(probe_path(model_folder / PROBE_DIR, "red"))
     gated_out = sd1(prompt, anchor_gate=False, generator=gen(), **kw).images  # projected, but the probe says no
     assert np.allclose(gated_out, ref(first), atol=1e-5)
+
+
+def test_in_context_anchors_of_a_long_prompt_read_its_window_and_warn_once(sd1, model_folder, caplog):
+    """A prompt past the encoder's window: only the words the encoder reads are tried, and the
+    variants (as long as the prompt) do not repeat the truncation warning the prompt itself gave."""
+    import logging
+
+    from eiup.probe import PROBE_DIR, PromptProbe, probe_path
+
+    dim = sd1.text_encoder.config.hidden_size
+    (model_folder / "eiup_anchors.json").write_text('{"red": {"anchors": ["blue", "green"], "strength": 1.0}}')
+    PromptProbe("red", torch.zeros(2 * dim), 50.0).save(probe_path(model_folder / PROBE_DIR, "red"))
+    prompt = "a tree in the fog, " + ", ".join(["highly detailed", "sharp focus"] * 30)
+    assert len(sd1.tokenizer(prompt).input_ids) > sd1.tokenizer.model_max_length
+    kw = dict(erase="red", erase_scale=-1.0, concept_context="separate", prompt_gate=False, **KW)
+    diffusers_log = logging.getLogger("diffusers")  # diffusers does not propagate to the root logger
+    diffusers_log.addHandler(caplog.handler)
+    try:
+        without = sd1(prompt, anchor_in_context=False, generator=gen(), **kw).images
+        warned_without = sum("truncated" in r.getMessage() for r in caplog.records)
+        caplog.clear()
+        with ModelCalls(sd1) as model:
+            with_ = sd1(prompt, anchor_in_context=True, generator=gen(), **kw).images
+        warned_with = sum("truncated" in r.getMessage() for r in caplog.records)
+    finally:
+        diffusers_log.removeHandler(caplog.handler)
+    assert warned_with == warned_without >= 1
+    assert not np.allclose(with_, without, atol=1e-4)
+    assert model.calls.count("text_encoder") >= 2

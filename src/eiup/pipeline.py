@@ -36,6 +36,7 @@ Modes:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import inspect
@@ -389,6 +390,27 @@ class EIUPPipelineOutput(BaseOutput):
     original_images: Any = None
     heatmaps: dict[str, np.ndarray] | None = None
     erase_scales: dict[str, np.ndarray] | None = None
+
+
+@contextlib.contextmanager
+def _quiet_truncation(pipe: Any):
+    """Hold back the text encoder's "input was truncated" warning (for texts eiup derives from a prompt
+    whose own encoding has already warned the user)."""
+    import logging
+
+    class _Filter(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return "truncated" not in record.getMessage()
+
+    loggers = [logging.getLogger(cls.__module__) for cls in type(pipe).__mro__ if cls.__module__.startswith("diffusers.")]
+    quiet = _Filter()
+    for log in loggers:
+        log.addFilter(quiet)
+    try:
+        yield
+    finally:
+        for log in loggers:
+            log.removeFilter(quiet)
 
 
 def _row_prompts(call: dict[str, Any]) -> list[str] | None:
@@ -1105,10 +1127,14 @@ class EIUPMixin:
         from .anchors import concept_directions, counterfactual_positions, implying_word, protect_directions, word_substitutions
 
         words = [concept, *plan.anchors, *plan.protect]
-        texts = word_substitutions(prompt, words)
+        split = prompt.split()
+        lengths = [len(ids) for ids in self.tokenizer(split, add_special_tokens=False).input_ids] if split else []
+        in_window = int(np.searchsorted(np.cumsum(lengths), self.tokenizer.model_max_length - 2, side="right"))
+        texts = word_substitutions(prompt, words)[:in_window * len(words)]  # words the encoder reads
         if not texts:
             return None
-        variants = self._encode_concepts(texts, device, lora_scale, clip_skip).float()
+        with _quiet_truncation(self):  # the variants of a long prompt are as long; the user was told once
+            variants = self._encode_concepts(texts, device, lora_scale, clip_skip).float()
         prompt_ids, length = token_ids(prompt), original.shape[0]
         aligned = torch.stack([v[counterfactual_positions(prompt_ids, token_ids(t), length).to(v.device)]
                                for v, t in zip(variants, texts)]).view(-1, len(words), *original.shape)
