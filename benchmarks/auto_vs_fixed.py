@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -49,15 +48,9 @@ def unit_path(out: Path, family: str, label: str, concept: str) -> Path:
     return out / "units" / f"{family.replace(' ', '_')}@{label}@{concept}.json"
 
 
-def write_json_atomic(path: Path, data) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1), encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def run_units(out: Path, concepts: list[str], seeds: list[int]) -> None:
     from eiup.bench.heldout import PlainImages, judge_setting
+    from eiup.io import write_json_atomic
     from eiup.bench.suites import heldout_negatives, heldout_prompts
     from eiup.models import load_pipeline
     from eiup.toy.detect import ConceptDetector
@@ -80,6 +73,7 @@ def run_units(out: Path, concepts: list[str], seeds: list[int]) -> None:
 
 def report(out: Path, concepts: list[str], seeds: list[int]) -> dict:
     from eiup.bench.heldout import above_curve, dominated
+    from eiup.io import atomic_write_text, write_json_atomic
 
     rows = {}
     for family, (_, _, fixed, own) in FAMILIES.items():
@@ -125,7 +119,7 @@ def report(out: Path, concepts: list[str], seeds: list[int]) -> dict:
                   f"{v['as_plain_or_prompted']['above_fixed_curve']:+.1%}; it dominates (lower or equal residual and "
                   f"higher or equal specificity) the fixed scales {v['specificity']['dominates'] or 'none'}.", ""]
     lines += ["![trade-off](tradeoff.png)", ""]
-    (out / "report.md").write_text("\n".join(lines), encoding="utf-8")
+    atomic_write_text(out / "report.md", "\n".join(lines))
     return result
 
 
@@ -154,9 +148,13 @@ def plot(path: Path, rows: dict) -> None:
     axes[0].legend(fontsize=8)
     fig.suptitle("Held-out prompts: the family's own scale (star) against its fixed scales")
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
+    import io
+
+    from eiup.io import atomic_write_bytes
+
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=110)
+    atomic_write_bytes(path, png.getvalue())
     plt.close(fig)
 
 

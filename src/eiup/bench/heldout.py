@@ -5,7 +5,8 @@ generated plain once and then under each setting, from the same seeds. Residual:
 images that still show the concept, among those whose plain image shows it. Fidelity vs plain: share
 of those whose other attributes (background included, unless it is the concept) are as in the plain
 image; as plain or as prompted: ... or as the prompt asks. Specificity: share of negative images
-whose detected attributes the setting leaves unchanged, and their median PSNR against the plain image.
+whose background, object count and objects' attributes the setting leaves unchanged, and their median
+PSNR against the plain image. Every image is judged as the benchmark judges it (:func:`judge_toy`).
 """
 
 from __future__ import annotations
@@ -18,8 +19,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..toy.world import CONCEPTS, parse_caption
-from .metrics import as_prompted, kept_from_plain, psnr_ssim
+from .metrics import concept_present, judge_toy, psnr_ssim
 
 
 @dataclass
@@ -38,10 +38,6 @@ class HeldoutResult:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def _attributes(detection) -> list:
-    return sorted(tuple(sorted(o.attributes().items())) for o in detection.objects)
 
 
 class PlainImages:
@@ -64,28 +60,26 @@ class PlainImages:
 
 def judge_setting(plain: PlainImages, concept: str, positives: Sequence[str], negatives: Sequence[str],
                   kwargs: dict[str, Any], desc: str | None = None) -> HeldoutResult:
-    """Generate every prompt under the erasure ``kwargs`` and judge it against its plain images."""
-    attribute, value = CONCEPTS[concept]
-    skip = attribute if attribute != "background" else None
+    """Generate every prompt under the erasure ``kwargs`` and judge it against its plain images
+    (:func:`eiup.bench.metrics.judge_toy`: positives as implicit prompts, negatives as specificity ones)."""
     residual, kept, unharmed, same, psnr, scales = [], [], [], [], [], []
     for prompt in tqdm(list(positives) + list(negatives), desc=desc or concept, leave=False):
         plain_images, plain_found = plain.get(prompt)
         out = plain.pipe([prompt] * len(plain.seeds), num_inference_steps=plain.steps, erase=[concept],
                          generator=plain.generators(), **kwargs)
-        found = plain.detector.detect(out.images)
-        if prompt in positives:
-            scene = parse_caption(prompt)
-            for e, p in zip(found, plain_found):
-                if not p.has(attribute, value):
-                    continue
-                residual.append(e.has(attribute, value))
-                kept.append(kept_from_plain(e, p, skip, skip is None))
-                unharmed.append(kept[-1] or as_prompted(e, scene, concept))
+        role = "implicit" if prompt in positives else "specificity"
+        judged = [judge_toy(prompt, role, seed, concept, e, p, db, sim) for seed, e, p, db, sim in
+                  zip(plain.seeds, plain.detector.detect(out.images), plain_found, *psnr_ssim(out.images, plain_images))]
+        if role == "implicit":
+            shown = [j for j, p in zip(judged, plain_found) if concept_present(p, concept)]
+            residual += [j.residual for j in shown]
+            kept += [j.kept for j in shown]
+            unharmed += [j.unharmed for j in shown]
             if out.erase_scales:
                 scales += [float(s) for s in out.erase_scales[concept]]
         else:
-            same += [_attributes(p) == _attributes(e) for p, e in zip(plain_found, found)]
-            psnr += psnr_ssim(out.images, plain_images)[0]
+            same += [j.specific for j in judged]
+            psnr += [j.psnr for j in judged]
     mean = lambda xs: float(np.mean(xs)) if xs else float("nan")  # noqa: E731
     return HeldoutResult(concept, mean(residual), mean(kept), mean(unharmed), mean(same),
                          float(np.median(psnr)) if psnr else float("nan"), len(residual), len(same),
