@@ -400,3 +400,32 @@ def test_anchor_auto_reads_the_model_folder_and_none_switches_off(tmp_path, mode
     assert runs["auto"][0] == runs["explicit"][0] != runs["none"][0]
     res = invoke(*base, "--anchor", "auto", "--anchor", "blue", "--out", tmp_path / "bad")
     assert res.exit_code != 0 and "--anchor" in flat(res.output)
+
+
+def test_finetune_decoder_refuses_a_folder_without_a_vae(tmp_path):
+    res = invoke("toy", "finetune-decoder", "--model", tmp_path, "--work", tmp_path / "w")
+    assert res.exit_code == 2 and "Invalid value for --model: no VAE" in flat(res.output)
+    assert not (tmp_path / "w").exists()
+
+
+def test_finetune_decoder_rewrites_only_the_decoder_and_resumes(tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    model = tmp_path / "pipe"
+    shutil.copytree(models.default_model_path() / "vae", model / "vae")
+    before = load_file(str(model / "vae" / "diffusion_pytorch_model.safetensors"))
+    args = ("toy", "finetune-decoder", "--model", model, "--work", tmp_path / "w", "--scenes", "1000",
+            "--minutes", "0.05")
+    res = invoke(*args)
+    assert res.exit_code == 0, res.output
+    after = load_file(str(model / "vae" / "diffusion_pytorch_model.safetensors"))
+    assert {v.dtype for v in after.values()} == {torch.float16}  # the folder's own precision
+    assert all(torch.equal(before[k], v) for k, v in after.items() if not k.startswith(("decoder.", "post_quant_conv.")))
+    assert any(not torch.equal(before[k], v) for k, v in after.items() if k.startswith("decoder."))
+    assert "_name_or_path" not in json.loads((model / "vae" / "config.json").read_text())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pipe", "w"]  # no temporary folders left
+    steps = int(re.search(r"(\d+) steps", res.output).group(1))
+    again = invoke(*args)  # the budget is spent: the checkpoint is reused, nothing is rendered or trained again
+    assert again.exit_code == 0 and f"{steps} steps" in again.output

@@ -367,3 +367,29 @@ def test_png_validity_check_catches_truncation(tmp_path, monkeypatch):
     for cut in (len(data) - 5, len(data) // 2, 20):
         (tmp_path / "t.png").write_bytes(data[:cut])
         assert not eio.png_is_valid(tmp_path / "t.png"), cut
+
+
+def test_replace_dir_swaps_whole_folders_and_keeps_the_old_one_on_failure(tmp_path):
+    dest = tmp_path / "vae"
+    dest.mkdir()
+    (dest / "weights").write_text("old")
+
+    def broken(tmp: Path) -> None:
+        tmp.mkdir()
+        (tmp / "weights").write_text("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        eio.replace_dir(dest, broken)
+    assert (dest / "weights").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["vae"]
+
+    def good(tmp: Path) -> None:
+        tmp.mkdir()
+        (tmp / "weights").write_text("new")
+
+    eio.replace_dir(dest, good)
+    assert [p.name for p in dest.iterdir()] == ["weights"] and (dest / "weights").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["vae"]
+    eio.replace_dir(tmp_path / "fresh", good)
+    assert (tmp_path / "fresh" / "weights").read_text() == "new"

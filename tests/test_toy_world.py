@@ -85,9 +85,18 @@ def test_training_stages_build_a_standard_pipeline_and_resume(tmp_path):
     from eiup.toy.train import ToyTrainConfig, train_toy_model
 
     cfg = ToyTrainConfig(n_scenes=96, vae_minutes=0.02, unet_minutes=0.03, vae_batch=8, unet_batch=8,
-                         checkpoint_minutes=0.001, threads=1)
+                         decoder_minutes=0.01, checkpoint_minutes=0.001, threads=1)
     dest = train_toy_model(tmp_path / "run", cfg)
     assert (tmp_path / "run" / "unet_final.safetensors").exists()
+    # the exported VAE: the first VAE's encoder (the UNet's latent space) with the fine-tuned decoder
+    from safetensors.torch import load_file
+
+    first = load_file(str(tmp_path / "run" / "vae_final.safetensors"))
+    tuned = load_file(str(tmp_path / "run" / "vae_decoder_final.safetensors"))
+    shipped = load_file(str(dest / "vae" / "diffusion_pytorch_model.safetensors"))
+    for k, v in shipped.items():
+        assert torch.equal(v, (tuned if k.startswith(("decoder.", "post_quant_conv.")) else first)[k].half())
+    assert any(not torch.equal(first[k], tuned[k]) for k in first if k.startswith("decoder."))
     assert not list(dest.rglob("*.bin")) and list(dest.rglob("*.safetensors"))
     pipe = StableDiffusionPipeline.from_pretrained(dest, torch_dtype=torch.float32, use_safetensors=True)
     assert pipe.unet.dtype == torch.float32

@@ -122,6 +122,32 @@ def write_json_atomic(path: str | Path, obj: Any, indent: int | None = 2) -> Non
     atomic_write_text(path, text)
 
 
+def replace_dir(dest: str | Path, write: Callable[[Path], Any]) -> Path:
+    """Replace folder `dest` with what `write(tmp)` puts in a sibling temporary folder.
+
+    If `write` fails, `dest` is untouched and the temporary folder removed; the swap itself is two
+    renames, so `dest` is either the old or the new folder (the old one is deleted afterwards).
+    """
+    import shutil
+
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f"{TMP_PREFIX}{dest.name}.new")
+    old = dest.with_name(f"{TMP_PREFIX}{dest.name}.old")
+    for leftover in (tmp, old):
+        shutil.rmtree(leftover, ignore_errors=True)
+    try:
+        write(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if dest.exists():
+        dest.replace(old)
+    tmp.replace(dest)
+    shutil.rmtree(old, ignore_errors=True)
+    return dest
+
+
 def save_png_atomic(path: str | Path, image, text: dict[str, str] | None = None) -> None:
     """Save a PIL image as PNG atomically, with optional tEXt chunks (e.g. the generation record)."""
     from PIL.PngImagePlugin import PngInfo

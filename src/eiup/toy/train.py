@@ -1,7 +1,8 @@
 """Train the toy-world Stable Diffusion pipeline from scratch on this CPU, in resumable stages.
 
 Stages (each skipped when its output exists; training stages resume from checkpoints):
-  data -> vae -> latents -> unet (UNet + text encoder, with a token-localisation loss) -> export.
+  data -> vae -> latents -> decoder (the VAE's decoder fine-tuned on its own latents, encoder frozen)
+  -> unet (UNet + text encoder, with a token-localisation loss) -> export.
 
 The localisation loss (as in TokenCompose, arXiv 2312.03626) asks each object word's
 cross-attention to fall inside its object's region, so that the toy model localises concepts in
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from ..io import replace_dir
 from .render import render
 from .tokenizer import build_clip_tokenizer
 from .world import Scene, caption_words, filler_tail, random_scene, words
@@ -37,6 +39,7 @@ class ToyTrainConfig:
     vae_minutes: float = 8.0
     vae_batch: int = 32
     vae_crop: int = 32  # train the (fully convolutional) VAE on random crops: 4x cheaper per image
+    decoder_minutes: float = 20.0  # then fine-tune the decoder alone on whole images (latents unchanged)
     unet_minutes: float = 80.0
     unet_batch: int = 64
     lr: float = 3e-4
@@ -212,6 +215,14 @@ def gradient_loss(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return F.l1_loss(dx(a), dx(b)) + F.l1_loss(dy(a), dy(b))
 
 
+def reconstruction_loss(rec: torch.Tensor, x: torch.Tensor, colour_weight: float = 0.0) -> torch.Tensor:
+    """MSE + L1 + image-gradient L1; `colour_weight` adds L1 between 4x4-pooled images (the object's colour)."""
+    loss = F.mse_loss(rec, x) + 0.5 * F.l1_loss(rec, x) + gradient_loss(rec, x)
+    if colour_weight:
+        loss = loss + colour_weight * F.l1_loss(F.avg_pool2d(rec, 4), F.avg_pool2d(x, 4))
+    return loss
+
+
 def stage_vae(out: Path, cfg: ToyTrainConfig) -> None:
     final = out / "vae_final.safetensors"
     if final.exists():
@@ -240,7 +251,7 @@ def stage_vae(out: Path, cfg: ToyTrainConfig) -> None:
             g["lr"] = lr
         post = vae.encode(x).latent_dist
         rec = vae.decode(post.sample()).sample
-        loss = F.mse_loss(rec, x) + 0.5 * F.l1_loss(rec, x) + gradient_loss(rec, x) + 1e-6 * post.kl().mean()
+        loss = reconstruction_loss(rec, x) + 1e-6 * post.kl().mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -262,30 +273,136 @@ def stage_vae(out: Path, cfg: ToyTrainConfig) -> None:
               metadata={"scaling_factor": str(1.0 / std), "meta": json.dumps(meta)})
 
 
-def load_vae(out: Path):
+def load_vae(out: Path, finetuned_decoder: bool = True):
+    """The run's VAE; with the fine-tuned decoder once the decoder stage has written it."""
     from safetensors import safe_open
 
     vae = build_vae()
     path = out / "vae_final.safetensors"
+    if finetuned_decoder and (out / "vae_decoder_final.safetensors").exists():
+        path = out / "vae_decoder_final.safetensors"
     vae.load_state_dict(load_file(str(path)))
     with safe_open(str(path), "pt") as f:
         vae.register_to_config(scaling_factor=float(f.metadata()["scaling_factor"]))
     return vae.eval()
 
 
+@torch.no_grad()
+def encode_latent_stats(vae, images: np.ndarray, batch: int = 256) -> np.ndarray:
+    """Posterior mean and std of each uint8 image, concatenated on channels: (N, 2 * 4, h, w) float16."""
+    chunks = []
+    for i in tqdm(range(0, len(images), batch), desc="encode"):
+        x = torch.from_numpy(np.asarray(images[i:i + batch])).permute(0, 3, 1, 2).float() / 127.5 - 1
+        dist = vae.encode(x).latent_dist
+        chunks.append(torch.cat([dist.mean, dist.std], 1).numpy().astype(np.float16))
+    return np.concatenate(chunks)
+
+
 def stage_latents(out: Path, cfg: ToyTrainConfig) -> None:
     path = out / "data" / "latents.npy"
     if path.exists():
         return
-    vae = load_vae(out)
     images = np.load(out / "data" / "images.npy", mmap_mode="r")
-    chunks = []
-    with torch.no_grad():
-        for i in tqdm(range(0, len(images), 256), desc="encode"):
-            x = torch.from_numpy(np.asarray(images[i:i + 256])).permute(0, 3, 1, 2).float() / 127.5 - 1
-            dist = vae.encode(x).latent_dist
-            chunks.append(torch.cat([dist.mean, dist.std], 1).numpy().astype(np.float16))
-    np.save(path, np.concatenate(chunks))
+    np.save(path, encode_latent_stats(load_vae(out, finetuned_decoder=False), images))
+
+
+@dataclass
+class DecoderFinetune:
+    """What `finetune_decoder` did: steps, seconds of steps, and held-out PSNR (dB) before and after."""
+
+    steps: int
+    seconds: float
+    psnr_before: float
+    psnr_after: float
+
+
+def _batch(images: np.ndarray, stats: np.ndarray, idx: np.ndarray, g: torch.Generator):
+    x = torch.from_numpy(np.asarray(images[idx])).permute(0, 3, 1, 2).float() / 127.5 - 1
+    st = torch.from_numpy(np.asarray(stats[idx])).float()
+    mean, std = st.chunk(2, dim=1)
+    return x, mean + std * torch.randn(mean.shape, generator=g)
+
+
+@torch.no_grad()
+def decoder_psnr(vae, images: np.ndarray, stats: np.ndarray, seed: int = 0, batch: int = 250) -> float:
+    """PSNR (dB, 8-bit) of images decoded from sampled latents, as a generated latent is decoded."""
+    g = torch.Generator().manual_seed(seed)
+    se = 0.0
+    for i in range(0, len(images), batch):
+        x, z = _batch(images, stats, np.arange(i, min(i + batch, len(images))), g)
+        se += ((vae.decode(z).sample.clamp(-1, 1) - x) * 127.5).pow(2).sum().item()
+    return 10 * math.log10(255**2 / (se / (len(images) * x[0].numel())))
+
+
+def finetune_decoder(vae, images: np.ndarray, stats: np.ndarray, minutes: float, checkpoint: Path | None = None,
+                     seed: int = 0, batch: int = 32, lr: float = 3e-4, colour_weight: float = 2.0,
+                     n_eval: int | None = None, checkpoint_minutes: float = 5.0,
+                     max_steps: int | None = None) -> DecoderFinetune:
+    """Fine-tune the VAE's decoder alone, in place, on whole images decoded from sampled latents.
+
+    The encoder stays fixed, so the latent space (and a UNet trained in it) is unchanged, as with
+    Stable Diffusion's ft-MSE VAE. The last `n_eval` images (default a tenth, at most 500) are held
+    out to measure PSNR. `stats` are `encode_latent_stats(vae, images)`. Stops after `minutes` of
+    steps or `max_steps` steps; resumes from `checkpoint` when it exists.
+    """
+    if n_eval is None:
+        n_eval = min(500, len(images) // 10)
+    if not len(images) > n_eval + batch:
+        raise ValueError(f"finetune_decoder needs more than {n_eval + batch} images, got {len(images)}")
+    n_train = len(images) - n_eval
+    held = (images[n_train:], stats[n_train:])
+    vae.requires_grad_(False)
+    params = [*vae.decoder.parameters(), *vae.post_quant_conv.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    meta = {"step": 0, "seconds": 0.0}
+    if checkpoint is not None and checkpoint.exists():
+        meta = load_checkpoint(checkpoint, {"vae": vae}, opt)
+    meta.setdefault("psnr_before", decoder_psnr(vae.eval(), *held))
+    vae.train()
+    rng = np.random.default_rng(seed + meta["step"])
+    g = torch.Generator().manual_seed(seed + meta["step"])
+    budget, last_ckpt = minutes * 60, time.time()
+    bar = tqdm(total=int(budget), desc="decoder (s)", initial=int(min(meta["seconds"], budget)))
+    while meta["seconds"] < budget and (max_steps is None or meta["step"] < max_steps):
+        t0 = time.time()
+        x, z = _batch(images, stats, np.sort(rng.choice(n_train, batch, replace=False)), g)
+        for group in opt.param_groups:
+            group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * min(1.0, meta["seconds"] / budget))) + 1e-6
+        loss = reconstruction_loss(vae.decode(z).sample, x, colour_weight)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        meta["step"] += 1
+        meta["seconds"] += time.time() - t0
+        bar.update(int(min(meta["seconds"], budget)) - bar.n)
+        bar.set_postfix(loss=f"{loss.item():.4f}", step=meta["step"])
+        if checkpoint is not None and time.time() - last_ckpt > checkpoint_minutes * 60:
+            save_checkpoint(checkpoint, {"vae": vae}, opt, meta)
+            last_ckpt = time.time()
+    bar.close()
+    vae.requires_grad_(False)
+    if checkpoint is not None:
+        save_checkpoint(checkpoint, {"vae": vae}, opt, meta)
+    return DecoderFinetune(meta["step"], meta["seconds"], meta["psnr_before"], decoder_psnr(vae.eval(), *held))
+
+
+def stage_decoder(out: Path, cfg: ToyTrainConfig) -> None:
+    final = out / "vae_decoder_final.safetensors"
+    if cfg.decoder_minutes <= 0 or final.exists():
+        return
+    vae = load_vae(out, finetuned_decoder=False)
+    scaling = vae.config.scaling_factor
+    images = np.load(out / "data" / "images.npy", mmap_mode="r")
+    stats = np.load(out / "data" / "latents.npy", mmap_mode="r")
+    result = finetune_decoder(vae, images, stats, cfg.decoder_minutes, checkpoint=out / "vae_decoder_ckpt.safetensors",
+                              seed=cfg.seed)
+    print(f"decoder: {result.steps} steps, held-out PSNR {result.psnr_before:.2f} -> {result.psnr_after:.2f} dB")
+    tmp = final.with_suffix(".tmp")
+    save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, str(tmp),
+              metadata={"scaling_factor": str(scaling), "decoder": json.dumps(asdict(result))})
+    tmp.replace(final)
 
 
 # ---------------------------------------------------------------- UNet + text encoder
@@ -439,14 +556,12 @@ def export_pipeline(out: Path, dest: Path, checkpoint: Path | None = None, ema: 
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
     pipe.to(torch.float16)
-    tmp = dest.with_name(dest.name + ".tmp")
-    pipe.save_pretrained(tmp, safe_serialization=True)
-    write_anchor_file(tmp)
-    if dest.exists():
-        import shutil
 
-        shutil.rmtree(dest)
-    tmp.replace(dest)
+    def write(tmp: Path) -> None:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        write_anchor_file(tmp)
+
+    replace_dir(dest, write)
     return dest
 
 
@@ -510,7 +625,7 @@ def train_toy_model(out: str | Path, cfg: ToyTrainConfig | None = None, export_t
     if not (out / "tokenizer" / "vocab.json").exists():
         build_clip_tokenizer(words(), out / "tokenizer")
     t0 = time.time()
-    for stage in (stage_data, stage_vae, stage_latents, stage_unet):
+    for stage in (stage_data, stage_vae, stage_latents, stage_decoder, stage_unet):
         stage(out, cfg)
     dest = Path(export_to) if export_to else out / "pipeline"
     export_pipeline(out, dest)
