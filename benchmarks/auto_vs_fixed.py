@@ -7,8 +7,9 @@ Each family of settings is run at fixed scales and at its own choice ("auto": th
 calibrated predictors; "preset": the model's per-concept presets); the measures are those of
 :mod:`eiup.bench.heldout`. Writes ``results.json``, ``report.md`` and ``tradeoff.png`` (residual
 against specificity and against fidelity, mean over concepts) to ``--out``; every (setting,
-concept) is cached under ``--out/units`` so an interrupted run resumes and several processes can
-share the work (``--concepts``), e.g.:
+concept) is cached under ``--out/units`` (with the seeds, model and detector it was made with: a unit
+made with others is redone) so an interrupted run resumes and several processes can share the work
+(``--concepts``), e.g.:
 
     python benchmarks/auto_vs_fixed.py --concepts red star & python benchmarks/auto_vs_fixed.py --concepts heart night; wait
     python benchmarks/auto_vs_fixed.py      # all units cached: only writes the report
@@ -48,19 +49,36 @@ def unit_path(out: Path, family: str, label: str, concept: str) -> Path:
     return out / "units" / f"{family.replace(' ', '_')}@{label}@{concept}.json"
 
 
-def run_units(out: Path, concepts: list[str], seeds: list[int]) -> None:
+def made_with(pipe, seeds: list[int]) -> dict:
+    """What a unit's figures depend on: seeds, the model's weights and erasure files, the detector."""
+    import hashlib
+
+    from eiup.bench.runner import erasure_fingerprint, weights_fingerprint
+    from eiup.toy.detect import default_detector_path
+
+    return {"seeds": seeds, "weights": weights_fingerprint(pipe), "erasure_files": erasure_fingerprint(pipe),
+            "detector": hashlib.sha1(default_detector_path().read_bytes()).hexdigest()}
+
+
+def is_current(path: Path, spec: dict) -> bool:
+    return path.exists() and json.loads(path.read_text()).get("made_with") == spec
+
+
+def run_units(out: Path, concepts: list[str], seeds: list[int]) -> dict:
+    """Judge every (family, scale, concept) unit without a current cached result; returns the spec."""
     from eiup.bench.heldout import PlainImages, judge_setting
     from eiup.io import write_json_atomic
     from eiup.bench.suites import heldout_negatives, heldout_prompts
     from eiup.models import load_pipeline
     from eiup.toy.detect import ConceptDetector
 
-    todo = [(f, label, c) for c in concepts for f, (_, _, fixed, own) in FAMILIES.items()
-            for label in labels(fixed, own) if not unit_path(out, f, label, c).exists()]
-    if not todo:
-        return
     pipe = load_pipeline(None)
     pipe.set_progress_bar_config(disable=True)
+    spec = made_with(pipe, seeds)
+    todo = [(f, label, c) for c in concepts for f, (_, _, fixed, own) in FAMILIES.items()
+            for label in labels(fixed, own) if not is_current(unit_path(out, f, label, c), spec)]
+    if not todo:
+        return spec
     plain = PlainImages(pipe, ConceptDetector.load(), seeds)
     for family, label, concept in todo:
         base = FAMILIES[family][1]
@@ -68,7 +86,8 @@ def run_units(out: Path, concepts: list[str], seeds: list[int]) -> None:
         r = judge_setting(plain, concept, heldout_prompts(concept), heldout_negatives(concept), kwargs,
                           desc=f"{concept} {family} @{label}")
         write_json_atomic(unit_path(out, family, label, concept), dict(r.to_dict(), family=family, label=label,
-                                                                         kwargs=kwargs, seeds=seeds))
+                                                                         kwargs=kwargs, seeds=seeds, made_with=spec))
+    return spec
 
 
 def report(out: Path, concepts: list[str], seeds: list[int]) -> dict:
@@ -166,8 +185,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("bench-out/auto-vs-fixed"))
     args = ap.parse_args()
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))
-    run_units(args.out, args.concepts, seeds)
-    if all(unit_path(args.out, f, lab, c).exists() for c in CONCEPTS for f, (_, _, fixed, own) in FAMILIES.items()
+    spec = run_units(args.out, args.concepts, seeds)
+    if all(is_current(unit_path(args.out, f, lab, c), spec) for c in CONCEPTS for f, (_, _, fixed, own) in FAMILIES.items()
            for lab in labels(fixed, own)):
         report(args.out, CONCEPTS, seeds)
         print((args.out / "report.md").read_text())

@@ -235,6 +235,18 @@ def test_run_resumes_and_writes_the_report(tmp_path, monkeypatch):
     assert len(calls) == n_units + 1 + len(suite.prompts)  # nothing left to do
     run_benchmark(pipe, ColourDetector(), [suite], methods[:1], tmp_path, steps=3, guidance=5.0)
     assert calls[-len(suite.prompts):] == ["plain"] * len(suite.prompts)
+    # weights replaced in the model folder (say a fine-tuned decoder): every unit is redone, once
+    (model / "vae").mkdir()
+    (model / "vae" / "diffusion_pytorch_model.safetensors").write_bytes(b"\0" * (3 << 20))
+    del calls[:]
+    run_benchmark(pipe, ColourDetector(), [suite], methods, tmp_path, steps=2, guidance=5.0)
+    assert len(calls) == n_units
+    weights = model / "vae" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(b"\0" * ((3 << 20) - 5) + b"tuned")  # same size, new bytes at the end
+    run_benchmark(pipe, ColourDetector(), [suite], methods, tmp_path, steps=2, guidance=5.0)
+    assert len(calls) == 2 * n_units
+    run_benchmark(pipe, ColourDetector(), [suite], methods, tmp_path, steps=2, guidance=5.0)
+    assert len(calls) == 2 * n_units
 
 
 # ---------------------------------------------------------------- coco suite: CLIP score, FID, PSNR/SSIM

@@ -85,9 +85,39 @@ def erasure_fingerprint(pipe) -> str:
     return digest.hexdigest()
 
 
-def unit_spec(unit: Unit, steps: int, guidance: float, fingerprint: str) -> dict:
+def weights_fingerprint(pipe, sample: int = 1 << 20) -> str:
+    """SHA-1 over the model folder's component files (path, size, first and last MiB of each), the erasure
+    presets aside; '' when the pipeline was not loaded from a folder or the folder holds no files.
+
+    Weights replaced in place (a fine-tuned VAE decoder, another checkpoint) change it without hashing
+    gigabytes.
+    """
+    folder = getattr(pipe.config, "_name_or_path", None)
+    if not folder or not Path(folder).is_dir():
+        return ""
+    folder = Path(folder)
+    files = [f for f in sorted(folder.rglob("*")) if f.is_file() and f.relative_to(folder).parts[0] not in ERASURE_FILES]
+    if not files:
+        return ""
+    digest = hashlib.sha1()
+    for f in files:
+        size = f.stat().st_size
+        digest.update(f"{f.relative_to(folder).as_posix()}\0{size}\0".encode())
+        with open(f, "rb") as fh:
+            digest.update(fh.read(sample))
+            if size > 2 * sample:
+                fh.seek(size - sample)
+                digest.update(fh.read(sample))
+            elif size > sample:
+                digest.update(fh.read())
+    return digest.hexdigest()
+
+
+def unit_spec(unit: Unit, steps: int, guidance: float, fingerprint: str, weights: str = "") -> dict:
     """What a unit's images depend on besides its method, prompt and seeds (compared on resume)."""
     spec = {"steps": steps, "guidance": guidance}
+    if weights:
+        spec["weights"] = weights
     if unit.method.family == "eiup":
         spec["erasure_files"] = fingerprint
     return spec
@@ -104,20 +134,20 @@ def _is_done(record: Path, spec: dict) -> bool:
 def run_units(pipe, detector, units: list[Unit], out: Path, steps: int, guidance: float,
               process_index: int = 0, num_processes: int = 1) -> None:
     """Generate and detect every unit of this process that has no record yet, or one made with other
-    settings (steps, guidance, or the model folder's erasure presets: those units are redone)."""
+    settings (steps, guidance, the model folder's weights or its erasure presets: those units are redone)."""
     runner = MethodRunner(pipe, steps, guidance)
-    fingerprint = erasure_fingerprint(pipe)
+    fingerprint, weights = erasure_fingerprint(pipe), weights_fingerprint(pipe)
     mine = [u for k, u in enumerate(units) if k % num_processes == process_index]
-    todo = [u for u in mine if not _is_done(unit_paths(out, u)[1], unit_spec(u, steps, guidance, fingerprint))]
+    todo = [u for u in mine if not _is_done(unit_paths(out, u)[1], unit_spec(u, steps, guidance, fingerprint, weights))]
     stale = sum(unit_paths(out, u)[1].exists() for u in todo)
     if stale:
-        print(f"bench (process {process_index}): redoing {stale} unit(s) made with other steps, guidance or "
-              "erasure presets", flush=True)
+        print(f"bench (process {process_index}): redoing {stale} unit(s) made with other steps, guidance, "
+              "weights or erasure presets", flush=True)
     bar = tqdm(todo, desc=f"bench (process {process_index})", disable=process_index != 0 and num_processes > 1)
     for unit in bar:
         bar.set_postfix_str(unit.method.name)
         folder, record = unit_paths(out, unit)
-        spec = unit_spec(unit, steps, guidance, fingerprint)
+        spec = unit_spec(unit, steps, guidance, fingerprint, weights)
         if record.exists() and json.loads(record.read_text()).get("spec") == spec:
             continue  # finished meanwhile by another run sharing the folder
         seeds = unit.seeds()
