@@ -429,3 +429,11 @@ def test_finetune_decoder_rewrites_only_the_decoder_and_resumes(tmp_path):
     steps = int(re.search(r"(\d+) steps", res.output).group(1))
     again = invoke(*args)  # the budget is spent: the checkpoint is reused, nothing is rendered or trained again
     assert again.exit_code == 0 and f"{steps} steps" in again.output
+
+
+def test_train_detector_checks_init_before_any_work(tmp_path):
+    res = invoke("toy", "train-detector", "--init", tmp_path / "missing.safetensors", "--out", tmp_path / "d.safetensors")
+    assert res.exit_code == 2 and "Invalid value for --init: no detector weights" in flat(res.output)
+    res = invoke("toy", "train-detector", "--lr", "0", "--out", tmp_path / "d.safetensors")
+    assert res.exit_code == 2 and "--lr must be > 0" in flat(res.output)
+    assert not (tmp_path / "d.safetensors").exists()

@@ -116,16 +116,23 @@ def train_detector_cmd(
     out: Annotated[Path, typer.Option(help="Where to write the detector weights.")] = WEIGHTS / "detector.safetensors",
     scenes: int = 30_000,
     minutes: float = 8.0,
-    seed: int = 1,
+    seed: Annotated[int, typer.Option(help="Seed of the rendered scenes and of training.")] = 1,
+    init: Annotated[Path | None, typer.Option(
+        help="Continue from these detector weights (a second round on new scenes: another --seed).")] = None,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (cosine decay over --minutes).")] = 2e-3,
 ) -> None:
     """Train the concept detector on renders passed through the toy VAE; prints its accuracy."""
+    if init is not None and not init.is_file():
+        raise typer.BadParameter(f"no detector weights at {init}", param_hint="--init")
+    if not (minutes > 0 and lr > 0 and scenes >= 64):
+        raise typer.BadParameter("--minutes and --lr must be > 0 and --scenes >= 64")
     import torch
     from diffusers import AutoencoderKL
 
     from ..toy.detect import ConceptDetector, evaluate_detector, train_detector
 
     vae = AutoencoderKL.from_pretrained(model / "vae", torch_dtype=torch.float32, use_safetensors=True).eval()
-    path = train_detector(vae, out, n_train=scenes, minutes=minutes, seed=seed)
+    path = train_detector(vae, out, n_train=scenes, minutes=minutes, seed=seed, init=init, lr=lr)
     report = evaluate_detector(ConceptDetector.load(path), vae)
     typer.echo(json.dumps(report, indent=2))
 
