@@ -3,15 +3,14 @@
 #   the pipeline (src/eiup/toy/weights/pipeline), the detector (src/eiup/toy/weights/detector.safetensors),
 #   the prompt probes and calibrated auto-scale predictors (inside the pipeline folder), and the committed reports (docs/).
 # Each step resumes where an interrupted run stopped. Run from the repository root with .venv set up.
-# On this 2-core machine: data + VAE about 40 min, decoder fine-tuning 20 min (encoder frozen), UNet 220 min of
-# training steps (2 threads, nothing else running; 10% of captions padded with style words past 77 tokens),
-# detector 17 min, gate ~15 min, calibration ~5 min: ~5.3 h.
+# On this 2-core machine: data + VAE about 40 min, UNet 220 min of training steps (2 threads, nothing else
+# running; 10% of captions padded with style words past 77 tokens), detector 17 min, gate ~4 min, calibration ~5 min: ~4.7 h.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 W=src/eiup/toy/weights
 THREADS=${THREADS:-2}
 export OMP_NUM_THREADS=$THREADS
-.venv/bin/eiup toy train --out runs/toy --vae-minutes 30 --decoder-minutes 20 --minutes 220 --threads "$THREADS" \
+.venv/bin/eiup toy train --out runs/toy --vae-minutes 30 --minutes 220 --threads "$THREADS" \
   --localisation-weight 0.03 --long-caption-prob 0.1 --export-to "$W/pipeline"
 .venv/bin/eiup toy train-detector --model "$W/pipeline" --out "$W/detector.safetensors" --scenes 20000 --minutes 17
 # the anchored projection's gate: one prompt probe per concept, fitted on 1,200 world captions x 4 seeds the model draws (~15 min)
