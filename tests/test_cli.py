@@ -405,6 +405,11 @@ def test_anchor_auto_reads_the_model_folder_and_none_switches_off(tmp_path, mode
 def test_finetune_decoder_refuses_a_folder_without_a_vae(tmp_path):
     res = invoke("toy", "finetune-decoder", "--model", tmp_path, "--work", tmp_path / "w")
     assert res.exit_code == 2 and "Invalid value for --model: no VAE" in flat(res.output)
+    (tmp_path / "vae").mkdir()
+    (tmp_path / "vae" / "config.json").write_text("{}")
+    for bad in ("-1", "nan", "inf"):
+        res = invoke("toy", "finetune-decoder", "--model", tmp_path, "--work", tmp_path / "w", "--latent-noise", bad)
+        assert res.exit_code == 2 and "Invalid value for --latent-noise: must be a finite number" in flat(res.output)
     assert not (tmp_path / "w").exists()
 
 

@@ -59,3 +59,21 @@ def test_too_few_images_is_refused(images):
     vae = build_vae()
     with pytest.raises(ValueError, match="needs more than"):
         finetune_decoder(vae, images[:10], encode_latent_stats(vae, images[:10]), minutes=1, n_eval=8, batch=8)
+
+
+def test_latent_noise_reaches_training_and_bad_values_are_refused(images):
+    def tuned(noise: float) -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)
+        vae = build_vae().eval()
+        stats = encode_latent_stats(vae, images)
+        finetune_decoder(vae, images, stats, minutes=10, max_steps=2, batch=8, n_eval=8, latent_noise=noise)
+        return _state(vae.decoder)
+
+    clean, again, noisy = tuned(0.0), tuned(0.0), tuned(0.5)
+    assert all(torch.equal(v, again[k]) for k, v in clean.items())  # same seed, same steps: same weights
+    assert any(not torch.equal(v, noisy[k]) for k, v in clean.items())
+    vae = build_vae()
+    stats = encode_latent_stats(vae, images)
+    for bad in (-0.1, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="latent_noise"):
+            finetune_decoder(vae, images, stats, minutes=1, n_eval=8, batch=8, latent_noise=bad)

@@ -65,6 +65,8 @@ def finetune_decoder_cmd(
     scenes: Annotated[int, typer.Option(help="Rendered scenes to train on (the last 500 measure PSNR).")] = 24_000,
     seed: int = 91,
     work: Annotated[Path, typer.Option(help="Folder for the rendered data and the checkpoint; rerun to resume.")] = Path("runs/decoder"),
+    latent_noise: Annotated[float, typer.Option(
+        help="Noise added to the training latents (amplitude uniform below it): a decoder robust to a UNet's latents.")] = 0.0,
 ) -> None:
     """Fine-tune the toy VAE's decoder alone (its latents, hence the UNet, unchanged): truer colours on
     renders, but generated images show the UNet's latent noise as blotches (docs/experiments/decoder.md)."""
@@ -79,6 +81,8 @@ def finetune_decoder_cmd(
         raise typer.BadParameter(f"no VAE at {model / 'vae'}; --model takes a toy pipeline folder", param_hint="--model")
     if minutes <= 0 or scenes < 1000:
         raise typer.BadParameter("--minutes must be > 0 and --scenes >= 1000")
+    if not latent_noise >= 0 or latent_noise == float("inf"):
+        raise typer.BadParameter("must be a finite number >= 0", param_hint="--latent-noise")
     from safetensors import safe_open
 
     weights = model / "vae" / "diffusion_pytorch_model.safetensors"
@@ -99,7 +103,8 @@ def finetune_decoder_cmd(
         tmp = data.with_name(data.name + ".tmp.npz")
         np.savez(tmp, images=images, stats=stats)
         tmp.replace(data)
-    result = finetune_decoder(vae, images, stats, minutes, checkpoint=work / "decoder_ckpt.safetensors", seed=seed)
+    result = finetune_decoder(vae, images, stats, minutes, checkpoint=work / "decoder_ckpt.safetensors", seed=seed,
+                              latent_noise=latent_noise)
 
     def write(tmp: Path) -> None:
         vae.to(dtype).save_pretrained(tmp, safe_serialization=True)

@@ -316,11 +316,14 @@ class DecoderFinetune:
     psnr_after: float
 
 
-def _batch(images: np.ndarray, stats: np.ndarray, idx: np.ndarray, g: torch.Generator):
+def _batch(images: np.ndarray, stats: np.ndarray, idx: np.ndarray, g: torch.Generator, latent_noise: float = 0.0):
     x = torch.from_numpy(np.asarray(images[idx])).permute(0, 3, 1, 2).float() / 127.5 - 1
     st = torch.from_numpy(np.asarray(stats[idx])).float()
     mean, std = st.chunk(2, dim=1)
-    return x, mean + std * torch.randn(mean.shape, generator=g)
+    z = mean + std * torch.randn(mean.shape, generator=g)
+    if latent_noise:  # an amplitude per image, uniform in [0, latent_noise)
+        z = z + latent_noise * torch.rand(len(z), 1, 1, 1, generator=g) * torch.randn(z.shape, generator=g)
+    return x, z
 
 
 @torch.no_grad()
@@ -337,14 +340,18 @@ def decoder_psnr(vae, images: np.ndarray, stats: np.ndarray, seed: int = 0, batc
 def finetune_decoder(vae, images: np.ndarray, stats: np.ndarray, minutes: float, checkpoint: Path | None = None,
                      seed: int = 0, batch: int = 32, lr: float = 3e-4, colour_weight: float = 2.0,
                      n_eval: int | None = None, checkpoint_minutes: float = 5.0,
-                     max_steps: int | None = None) -> DecoderFinetune:
+                     max_steps: int | None = None, latent_noise: float = 0.0) -> DecoderFinetune:
     """Fine-tune the VAE's decoder alone, in place, on whole images decoded from sampled latents.
 
     The encoder stays fixed, so the latent space (and a UNet trained in it) is unchanged, as with
     Stable Diffusion's ft-MSE VAE. The last `n_eval` images (default a tenth, at most 500) are held
     out to measure PSNR. `stats` are `encode_latent_stats(vae, images)`. Stops after `minutes` of
-    steps or `max_steps` steps; resumes from `checkpoint` when it exists.
+    steps or `max_steps` steps; resumes from `checkpoint` when it exists. `latent_noise` adds
+    Gaussian noise of a random amplitude below it to the training latents, so that the decoder
+    learns to draw off-manifold latents (a UNet's) smoothly; PSNR is measured without it.
     """
+    if not (math.isfinite(latent_noise) and latent_noise >= 0):
+        raise ValueError(f"latent_noise must be a finite number >= 0, got {latent_noise}")
     if n_eval is None:
         n_eval = min(500, len(images) // 10)
     if not len(images) > n_eval + batch:
@@ -367,7 +374,7 @@ def finetune_decoder(vae, images: np.ndarray, stats: np.ndarray, minutes: float,
     bar = tqdm(total=int(budget), desc="decoder (s)", initial=int(min(meta["seconds"], budget)))
     while meta["seconds"] < budget and (max_steps is None or meta["step"] < max_steps):
         t0 = time.time()
-        x, z = _batch(images, stats, np.sort(rng.choice(n_train, batch, replace=False)), g)
+        x, z = _batch(images, stats, np.sort(rng.choice(n_train, batch, replace=False)), g, latent_noise)
         for group in opt.param_groups:
             group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * min(1.0, meta["seconds"] / budget))) + 1e-6
         loss = reconstruction_loss(vae.decode(z).sample, x, colour_weight)
