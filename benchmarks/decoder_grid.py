@@ -1,8 +1,9 @@
 """Toy VAE round trips through two decoders: fresh renders (top row), then each VAE's reconstruction
-from the same latent means, with PSNR. Made for `eiup toy finetune-decoder` (docs/toy-quality/decoder.png):
+from the same latent means, with PSNR. Made for `eiup toy finetune-decoder` (docs/experiments/decoder.md):
 
-    git show REV:src/eiup/toy/weights/pipeline/vae/config.json > old/config.json   # and the weights
-    python benchmarks/decoder_grid.py --before old --out docs/toy-quality/decoder.png
+    cp -r src/eiup/toy/weights/pipeline /tmp/ft && eiup toy finetune-decoder --model /tmp/ft
+    python benchmarks/decoder_grid.py --before src/eiup/toy/weights/pipeline/vae --after /tmp/ft/vae \
+        --out docs/experiments/decoder-renders.png
 """
 
 from __future__ import annotations

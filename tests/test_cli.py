@@ -434,6 +434,11 @@ def test_finetune_decoder_rewrites_only_the_decoder_and_resumes(tmp_path):
     steps = int(re.search(r"(\d+) steps", res.output).group(1))
     again = invoke(*args)  # the budget is spent: the checkpoint is reused, nothing is rendered or trained again
     assert again.exit_code == 0 and f"{steps} steps" in again.output
+    assert len(list((tmp_path / "w").glob("decoder-*.safetensors"))) == 1
+    noisy = invoke(*args, "--latent-noise", "0.3")  # other settings: the same data, a checkpoint of their own
+    assert noisy.exit_code == 0, noisy.output
+    assert len(list((tmp_path / "w").glob("decoder-*.safetensors"))) == 2
+    assert len(list((tmp_path / "w").glob("data-*.npz"))) == 1
 
 
 def test_train_detector_checks_init_before_any_work(tmp_path):

@@ -70,30 +70,39 @@ def finetune_decoder_cmd(
 ) -> None:
     """Fine-tune the toy VAE's decoder alone (its latents, hence the UNet, unchanged): truer colours on
     renders, but generated images show the UNet's latent noise as blotches (docs/experiments/decoder.md)."""
-    import numpy as np
-    import torch
-    from diffusers import AutoencoderKL
+    import math
 
-    from ..io import replace_dir
-    from ..toy.train import encode_latent_stats, finetune_decoder, render_dataset
-
+    weights = model / "vae" / "diffusion_pytorch_model.safetensors"
     if not (model / "vae" / "config.json").exists():
         raise typer.BadParameter(f"no VAE at {model / 'vae'}; --model takes a toy pipeline folder", param_hint="--model")
     if minutes <= 0 or scenes < 1000:
         raise typer.BadParameter("--minutes must be > 0 and --scenes >= 1000")
-    if not latent_noise >= 0 or latent_noise == float("inf"):
+    if not (math.isfinite(latent_noise) and latent_noise >= 0):
         raise typer.BadParameter("must be a finite number >= 0", param_hint="--latent-noise")
-    from safetensors import safe_open
-
-    weights = model / "vae" / "diffusion_pytorch_model.safetensors"
     if not weights.exists():
         raise typer.BadParameter(f"no safetensors weights at {weights}", param_hint="--model")
+    import hashlib
+
+    import numpy as np
+    import torch
+    from diffusers import AutoencoderKL
+    from safetensors import safe_open
+
+    from ..io import replace_dir
+    from ..toy.train import encode_latent_stats, finetune_decoder, render_dataset
+
     with safe_open(str(weights), "pt") as f:
         dtype = f.get_slice(next(iter(f.keys()))).get_dtype()
     dtype = {"F16": torch.float16, "BF16": torch.bfloat16}.get(dtype, torch.float32)  # written back as stored
     vae = AutoencoderKL.from_pretrained(model / "vae", torch_dtype=torch.float32, use_safetensors=True)
+    # data and checkpoint belong to this encoder (the latent space; fine-tuning leaves it alone, so a rerun on
+    # the written-back folder resumes) and these settings; another model or --latent-noise starts afresh
+    encoder = hashlib.sha1()
+    for name, tensor in sorted({**vae.encoder.state_dict(), **vae.quant_conv.state_dict()}.items()):
+        encoder.update(name.encode() + tensor.numpy().tobytes())
+    key = f"{scenes}-{seed}-{encoder.hexdigest()[:12]}"
     work.mkdir(parents=True, exist_ok=True)
-    data = work / f"data-{scenes}-{seed}.npz"
+    data = work / f"data-{key}.npz"
     if data.exists():
         z = np.load(data)
         images, stats = z["images"], z["stats"]
@@ -103,8 +112,8 @@ def finetune_decoder_cmd(
         tmp = data.with_name(data.name + ".tmp.npz")
         np.savez(tmp, images=images, stats=stats)
         tmp.replace(data)
-    result = finetune_decoder(vae, images, stats, minutes, checkpoint=work / "decoder_ckpt.safetensors", seed=seed,
-                              latent_noise=latent_noise)
+    checkpoint = work / f"decoder-{key}-noise{latent_noise:g}.safetensors"
+    result = finetune_decoder(vae, images, stats, minutes, checkpoint=checkpoint, seed=seed, latent_noise=latent_noise)
 
     def write(tmp: Path) -> None:
         vae.to(dtype).save_pretrained(tmp, safe_serialization=True)
