@@ -39,6 +39,9 @@ FAMILIES = {
                            "towards the concept is projected; prompt_gate=False: the concept term acts on every prompt)",
                            {"anchor_gate": False, "prompt_gate": False}, [0.0, -1.0], "preset"),
 }
+# Not an erasure setting: each prompt with the concept rewritten without it (eiup.toy.world.rewrite_without)
+# and drawn plainly; what a perfect prompt-level erasure would draw, the most fidelity to expect on this model.
+REFERENCE = ("rewritten prompts", "rewrite")
 
 
 def labels(fixed: list[float], own: str) -> list[str]:
@@ -64,9 +67,14 @@ def is_current(path: Path, spec: dict) -> bool:
     return path.exists() and json.loads(path.read_text()).get("made_with") == spec
 
 
+def all_units() -> list[tuple[str, str]]:
+    """Every (family, label) of the report: each family's fixed scales and own choice, then the reference."""
+    return [(f, label) for f, (_, _, fixed, own) in FAMILIES.items() for label in labels(fixed, own)] + [REFERENCE]
+
+
 def run_units(out: Path, concepts: list[str], seeds: list[int]) -> dict:
     """Judge every (family, scale, concept) unit without a current cached result; returns the spec."""
-    from eiup.bench.heldout import PlainImages, judge_setting
+    from eiup.bench.heldout import PlainImages, judge_setting, rewrite_reference
     from eiup.io import write_json_atomic
     from eiup.bench.suites import heldout_negatives, heldout_prompts
     from eiup.models import load_pipeline
@@ -75,16 +83,19 @@ def run_units(out: Path, concepts: list[str], seeds: list[int]) -> dict:
     pipe = load_pipeline(None)
     pipe.set_progress_bar_config(disable=True)
     spec = made_with(pipe, seeds)
-    todo = [(f, label, c) for c in concepts for f, (_, _, fixed, own) in FAMILIES.items()
-            for label in labels(fixed, own) if not is_current(unit_path(out, f, label, c), spec)]
+    todo = [(f, label, c) for c in concepts for f, label in all_units()
+            if not is_current(unit_path(out, f, label, c), spec)]
     if not todo:
         return spec
     plain = PlainImages(pipe, ConceptDetector.load(), seeds)
     for family, label, concept in todo:
-        base = FAMILIES[family][1]
-        kwargs = dict(base, **({} if label == "preset" else {"erase_scale": label if label == "auto" else float(label)}))
+        if (family, label) == REFERENCE:
+            kwargs, rewrite = {}, rewrite_reference(concept)
+        else:
+            base, rewrite = FAMILIES[family][1], None
+            kwargs = dict(base, **({} if label == "preset" else {"erase_scale": label if label == "auto" else float(label)}))
         r = judge_setting(plain, concept, heldout_prompts(concept), heldout_negatives(concept), kwargs,
-                          desc=f"{concept} {family} @{label}")
+                          desc=f"{concept} {family} @{label}", rewrite=rewrite)
         write_json_atomic(unit_path(out, family, label, concept), dict(r.to_dict(), family=family, label=label,
                                                                          kwargs=kwargs, seeds=seeds, made_with=spec))
     return spec
@@ -95,12 +106,11 @@ def report(out: Path, concepts: list[str], seeds: list[int]) -> dict:
     from eiup.io import atomic_write_text, write_json_atomic
 
     rows = {}
-    for family, (_, _, fixed, own) in FAMILIES.items():
-        for label in labels(fixed, own):
-            units = [json.loads(unit_path(out, family, label, c).read_text()) for c in concepts]
-            mean = {k: float(np.mean([u[k] for u in units])) for k in
-                    ("residual", "fidelity_vs_plain", "as_plain_or_prompted", "specificity", "psnr_median")}
-            rows[(family, label)] = dict(mean, per_concept={u["concept"]: u for u in units})
+    for family, label in all_units():
+        units = [json.loads(unit_path(out, family, label, c).read_text()) for c in concepts]
+        mean = {k: float(np.mean([u[k] for u in units])) for k in
+                ("residual", "fidelity_vs_plain", "as_plain_or_prompted", "specificity", "psnr_median")}
+        rows[(family, label)] = dict(mean, per_concept={u["concept"]: u for u in units})
     verdicts = {}
     for family, (_, _, fixed, own) in FAMILIES.items():
         curve = [rows[(family, f"{s:g}")] for s in fixed]
@@ -119,8 +129,13 @@ def report(out: Path, concepts: list[str], seeds: list[int]) -> dict:
              f"Seeds {seeds[0]}..{seeds[-1]} per prompt; prompts: `eiup.bench.suites.heldout_prompts` / "
              "`heldout_negatives` (in no benchmark suite and no calibration set). Mean over "
              f"{', '.join(concepts)}. Reproduce: `python benchmarks/auto_vs_fixed.py`.", ""]
-    for family, (desc, base, _, own) in FAMILIES.items():
-        lines += [f"## {family}", "", f"{desc}; kwargs `{json.dumps(base)}`.", "",
+    sections = [(family, f"{desc}; kwargs `{json.dumps(base)}`.") for family, (desc, base, _, _) in FAMILIES.items()]
+    sections.append((REFERENCE[0], "Not an erasure setting: each prompt with the concept rewritten without it "
+                     "(`eiup.toy.world.rewrite_without`: the concept's attribute set to another value, round robin over the "
+                     "seeds, e.g. \"a drawing of a tomato\" -> \"a drawing of an orange circle\") and drawn without erasure. "
+                     "It is what a perfect prompt-level erasure would draw: the most fidelity to expect on this model."))
+    for family, desc in sections:
+        lines += [f"## {family}", "", desc, "",
                   "| scale | residual | fidelity vs plain | as plain or as prompted | specificity | median PSNR (dB) | "
                   + " | ".join(f"residual {c}" for c in concepts) + " |",
                   "|---" * (6 + len(concepts)) + "|"]
@@ -132,11 +147,21 @@ def report(out: Path, concepts: list[str], seeds: list[int]) -> dict:
                      for c in concepts]
             lines.append(f"| {label} | {r['residual']:.1%} | {r['fidelity_vs_plain']:.1%} | {r['as_plain_or_prompted']:.1%} | "
                          f"{r['specificity']:.1%} | {r['psnr_median']:.1f} | " + " | ".join(extra) + " |")
+        if family not in verdicts:
+            lines.append("")
+            continue
         v = verdicts[family]
         lines += ["", f"`{own}` against the fixed-scale curve at its residual: specificity "
                   f"{v['specificity']['above_fixed_curve']:+.1%}, fidelity (as plain or as prompted) "
                   f"{v['as_plain_or_prompted']['above_fixed_curve']:+.1%}; it dominates (lower or equal residual and "
                   f"higher or equal specificity) the fixed scales {v['specificity']['dominates'] or 'none'}.", ""]
+    defaults, ref = rows[("defaults", "preset")]["per_concept"], rows[REFERENCE]["per_concept"]
+    lines += ["## fidelity per concept: the defaults against the reference", "",
+              "As plain or as prompted, on the images whose plain image shows the concept.", "",
+              "| | " + " | ".join(concepts) + " |", "|---" * (1 + len(concepts)) + "|",
+              "| defaults (presets) | " + " | ".join(f"{defaults[c]['as_plain_or_prompted']:.1%}" for c in concepts) + " |",
+              "| prompts rewritten without it | " + " | ".join(f"{ref[c]['as_plain_or_prompted']:.1%}" for c in concepts) + " |",
+              ""]
     lines += ["![trade-off](tradeoff.png)", ""]
     atomic_write_text(out / "report.md", "\n".join(lines))
     return result
@@ -161,6 +186,8 @@ def plot(path: Path, rows: dict) -> None:
                             xytext=(4, 4), fontsize=8, color=colour)
             me = rows[(family, own)]
             ax.plot([100 * me["residual"]], [100 * me[measure]], "*", ms=15, color=colour, label=f"{family}: {own}")
+        ref = rows[REFERENCE]
+        ax.plot([100 * ref["residual"]], [100 * ref[measure]], "kX", ms=10, label="reference: prompts rewritten without it")
         ax.set_xlabel("residual concept (% of images, lower is better)")
         ax.set_ylabel(f"{name} (%)")
         ax.grid(alpha=0.3)
@@ -186,8 +213,7 @@ def main() -> None:
     args = ap.parse_args()
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))
     spec = run_units(args.out, args.concepts, seeds)
-    if all(is_current(unit_path(args.out, f, lab, c), spec) for c in CONCEPTS for f, (_, _, fixed, own) in FAMILIES.items()
-           for lab in labels(fixed, own)):
+    if all(is_current(unit_path(args.out, f, lab, c), spec) for c in CONCEPTS for f, lab in all_units()):
         report(args.out, CONCEPTS, seeds)
         print((args.out / "report.md").read_text())
 

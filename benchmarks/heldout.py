@@ -8,6 +8,14 @@ benchmark suites; seeds 3000.. (the benchmark uses 0..19). The measures are thos
 
     python benchmarks/heldout.py                                          # the library defaults
     python benchmarks/heldout.py --kwargs '{"anchors": [], "erase_scale": -4}'   # EIUP in context alone
+    python benchmarks/heldout.py --rewrite       # the reference: each prompt rewritten without the concept
+
+``--prompts heldout`` takes the auto-scale check's prompts instead (:func:`eiup.bench.suites.heldout_prompts`,
+other templates; ``benchmarks/auto_vs_fixed.py`` uses seeds 5000..). ``--rewrite`` judges no erasure
+setting: each prompt with the concept is rewritten by hand-made rules to comply (the concept's attribute
+set to another value, round robin over the seeds: "a photo of a tomato" -> "a photo of an orange circle",
+:func:`eiup.toy.world.rewrite_without`) and generated without erasure. It is what a perfect prompt-level
+erasure would draw, so its fidelity is the most any setting can expect on this model.
 """
 
 from __future__ import annotations
@@ -19,26 +27,35 @@ import json
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--kwargs", default="{}", help="erasure keyword arguments as JSON (default: the library defaults)")
+    ap.add_argument("--model", default=None, help="pipeline folder (default: the bundled toy model)")
     ap.add_argument("--concepts", nargs="+", default=["red", "star", "heart", "night"])
     ap.add_argument("--seeds", type=int, default=6)
     ap.add_argument("--first-seed", type=int, default=3000, help="seeds first..first+seeds-1 (benchmark: 0..19)")
+    ap.add_argument("--prompts", choices=["calibration", "heldout"], default="calibration",
+                    help="calibration prompts (default) or the auto-scale check's held-out templates")
+    ap.add_argument("--rewrite", action="store_true",
+                    help="judge the prompts rewritten without the concept (a reference) instead of an erasure setting")
     args = ap.parse_args()
 
-    from eiup.bench.heldout import PlainImages, judge_setting
-    from eiup.bench.suites import calibration_negatives, calibration_prompts
+    from eiup.bench.heldout import PlainImages, judge_setting, rewrite_reference
+    from eiup.bench import suites
     from eiup.models import load_pipeline
     from eiup.toy.detect import ConceptDetector
 
     kwargs = json.loads(args.kwargs)
-    pipe = load_pipeline(None)
+    if args.rewrite and kwargs:
+        ap.error("--rewrite judges rewritten prompts without erasure: leave out --kwargs")
+    pipe = load_pipeline(args.model)
     pipe.set_progress_bar_config(disable=True)
     plain = PlainImages(pipe, ConceptDetector.load(), range(args.first_seed, args.first_seed + args.seeds))
     print(f"| concept | held-out prompts (+ negatives) | residual | fidelity vs plain | as plain or as prompted |"
-          f" specificity | median PSNR |  settings: {json.dumps(kwargs)}")
+          f" specificity | median PSNR |  settings: {'rewritten prompts' if args.rewrite else json.dumps(kwargs)}")
     print("|---|---|---|---|---|---|---|")
     for concept in args.concepts:
-        positives, negatives = calibration_prompts(concept), calibration_negatives(concept)
-        r = judge_setting(plain, concept, positives, negatives, kwargs)
+        positives = getattr(suites, f"{args.prompts}_prompts")(concept)
+        negatives = getattr(suites, f"{args.prompts}_negatives")(concept)
+        r = judge_setting(plain, concept, positives, negatives, kwargs,
+                          rewrite=rewrite_reference(concept) if args.rewrite else None)
         print(f"| {concept} | {len(positives)} (+{len(negatives)}) | {r.residual:.0%} (n={r.n_shown}) | "
               f"{r.fidelity_vs_plain:.0%} | {r.as_plain_or_prompted:.0%} | {r.specificity:.0%} (n={r.n_negative}) | "
               f"{r.psnr_median:.1f} dB |", flush=True)

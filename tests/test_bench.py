@@ -58,10 +58,29 @@ def test_a_point_above_the_fixed_scale_curve_and_domination():
 
 
 def test_method_names_round_trip():
-    for m in default_methods([-1.0, -2.5]) + [Method("eiup", scale="auto", mode="single", options=(("gate", "presence"),))]:
+    for m in default_methods([-1.0, -2.5]) + [Method("eiup", scale="auto", mode="single", options=(("gate", "presence"),)),
+                                              Method("rewrite")]:
         assert parse_method(m.name) == m, m.name
     with pytest.raises(ValueError, match="method"):
         parse_method("eiup-triple")
+
+
+def test_the_rewrite_reference_draws_each_seed_from_a_prompt_without_the_concept(sd1):
+    seen = []
+    sd1_call = type(sd1).__call__
+
+    class Spy(type(sd1)):
+        def __call__(self, prompts, **kw):
+            seen.append((prompts, kw.get("erase")))
+            return sd1_call(self, prompts, **kw)
+
+    runner = MethodRunner(Spy(**sd1.components), steps=2, guidance=7.5)
+    images = runner.generate(parse_method("rewrite"), "a photo of a tomato and a lime", [0, 1, 2], "red")
+    assert len(images) == 3
+    assert seen == [(["a photo of an orange circle and a lime", "a photo of a yellow circle and a lime",
+                      "a photo of a green circle and a lime"], None)]
+    runner.generate(parse_method("rewrite"), "a drawing of a lemon", [0], "red")
+    assert seen[-1] == (["a drawing of a lemon"], None)  # nothing to rewrite: the plain prompt
 
 
 def test_anchor_rows_pass_the_toy_worlds_siblings_or_the_given_list(sd1):
@@ -504,6 +523,7 @@ def test_run_checks_quality_paths_before_generating(tmp_path, tiny_clip, monkeyp
     ("no-inception-weights", "--fid-weights", "download https://github.com/toshas/torch-fidelity"),
     ("weights-missing", "--fid-weights", "no such file"),
     ("weights-invalid", "--fid-weights", "not a readable PyTorch weights file"),
+    ("rewrite-on-coco", "--method", "use it with --suite toy"),
 ])
 def test_cli_checks_quality_paths_before_any_generation(tmp_path, monkeypatch, case, option, text):
     import sys
@@ -531,7 +551,8 @@ def test_cli_checks_quality_paths_before_any_generation(tmp_path, monkeypatch, c
     args += {"clip-missing": ["--clip-model", tmp_path / "no-clip"], "clip-on-toy": ["--clip-model", tmp_path],
              "reference-missing": ["--fid-reference", tmp_path / "no-refs"],
              "weights-missing": ["--fid-reference", refs, "--fid-weights", tmp_path / "nope.pth"],
-             "weights-invalid": ["--fid-reference", refs, "--fid-weights", csv_path]}.get(
+             "weights-invalid": ["--fid-reference", refs, "--fid-weights", csv_path],
+             "rewrite-on-coco": ["--method", "rewrite"]}.get(
         case, ["--fid-reference", refs])
     res = CliRunner().invoke(app, [str(a) for a in args], env={"TERMINAL_WIDTH": "400"})
     assert res.exit_code == 2, res.output

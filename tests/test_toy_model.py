@@ -199,3 +199,19 @@ def test_heldout_judgement_of_a_no_op_setting_and_of_the_defaults(pipe, detector
     defaults = judge_setting(plain, "red", positives, negatives, {})
     assert defaults.n_shown == nothing.n_shown and defaults.residual == 0.0
     assert defaults.specificity == 1.0 and defaults.psnr_median == 100.0  # the prompt gate leaves the lemon alone
+
+
+def test_heldout_rewrite_reference_draws_the_rewritten_prompts(pipe, detector):
+    from eiup.bench.heldout import PlainImages, judge_setting, rewrite_reference
+
+    plain = PlainImages(pipe, detector, seeds=[900, 901], steps=STEPS)
+    seen = []
+    rewrite = rewrite_reference("red")
+    spy = lambda prompt, k: seen.append(rewrite(prompt, k)) or seen[-1]  # noqa: E731
+    r = judge_setting(plain, "red", ["a drawing of a tomato"], ["a drawing of a lemon"], {}, rewrite=spy)
+    assert seen == ["a drawing of an orange circle", "a drawing of a yellow circle",
+                    "a drawing of a lemon", "a drawing of a lemon"]
+    assert r.specificity == 1.0 and r.psnr_median == 100.0  # the lemon is drawn from its own prompt
+    images = pipe(seen[:2], num_inference_steps=STEPS, generator=plain.generators()).images
+    assert r.residual == np.mean([d.has("color", "red") for d, p in zip(detector.detect(images), plain.get(
+        "a drawing of a tomato")[1]) if p.has("color", "red")])

@@ -9,7 +9,8 @@ import torch
 from eiup.toy.render import render
 from eiup.toy.tokenizer import build_clip_tokenizer
 from eiup.toy.world import (
-    BACKGROUND_RGB, BACKGROUNDS, COLORS, IMPLICIT_NOUNS, PATTERNS, SHAPES, caption, caption_words, parse_caption, random_scene, words,
+    BACKGROUND_RGB, BACKGROUNDS, COLORS, CONCEPTS, IMPLICIT_NOUNS, PATTERNS, SHAPES, caption, caption_words, parse_caption, random_scene,
+    rewrite_without, words,
 )
 
 
@@ -51,6 +52,32 @@ def test_caption_word_labels_point_at_their_object():
                 assert scene.objects[label].color == word
             if word in ("night", "fog"):
                 assert label == len(scene.objects)
+
+
+def test_rewrite_without_sets_the_concepts_attribute_to_another_value_and_keeps_the_rest():
+    assert rewrite_without("a photo of a tomato", "red", 0) == "a photo of an orange circle"
+    assert rewrite_without("an image of a first aid kit in the fog", "red", 2) == \
+        "an image of a green cross on a gray background"  # explicit objects never take "in the fog"
+    assert rewrite_without("a tomato and a lime in the fog", "red", 1) == "a yellow circle and a lime in the fog"
+    assert rewrite_without("a drawing of a lemon at night", "night", 0) == "a drawing of a lemon"  # white: unnamed
+    assert rewrite_without("a red star on a black background", "night", 1) == "a red star on a gray background"
+    assert rewrite_without("a strawberry", "heart", 0) == "a dotted red circle"
+    assert rewrite_without("a lemon on a white background", "red", 0) == "a lemon on a white background"  # no red
+    rng = random.Random(2)
+    for concept in ("red", "star", "heart", "night", "striped"):
+        for k in range(5):
+            text = caption(random_scene(rng), rng)
+            before, after = parse_caption(text), parse_caption(rewrite_without(text, concept, k))
+            attribute, value = CONCEPTS[concept]
+            if attribute == "background":
+                assert after.background != value and [o.attributes() for o in after.objects] == \
+                    [o.attributes() for o in before.objects], text
+                continue
+            assert after.background == before.background, text
+            for old, new in zip(before.objects, after.objects, strict=True):
+                assert getattr(new, attribute) != value, text
+                assert {a: v for a, v in new.attributes().items() if a != attribute} == \
+                    {a: v for a, v in old.attributes().items() if a != attribute}, text
 
 
 def test_implicit_nouns_match_the_spec_table():

@@ -1,7 +1,10 @@
 """Methods compared by the benchmark, all built on the same pipeline components.
 
 plain, negative prompt, SLD (diffusers' StableDiffusionPipelineSafe, presets WEAK..MAX) and EIUP
-(single- and dual-branch, a sweep of suppression scales, options such as gating or auto scale).
+(single- and dual-branch, a sweep of suppression scales, options such as gating or auto scale); and,
+on the toy world, a reference that is no method: ``rewrite``, each prompt rewritten without the
+concept (:func:`eiup.toy.world.rewrite_without`) and drawn plainly, what a perfect prompt-level
+erasure would draw.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ SLD_PRESETS = ("WEAK", "MEDIUM", "STRONG", "MAX")
 class Method:
     """One row of the benchmark: a family and its settings."""
 
-    family: str  # plain | negative | sld | eiup
+    family: str  # plain | negative | sld | eiup | rewrite
     preset: str = ""  # SLD preset
     scale: float | str | None = None  # EIUP scale (float, "auto", or "preset": the model's per-concept preset)
     mode: str = "single"  # EIUP mode
@@ -46,7 +49,7 @@ def default_methods(scales: list[float], modes: tuple[str, ...] = ("single", "du
 def parse_method(spec: str) -> Method:
     """'plain', 'negative', 'sld-strong', 'eiup-single@-1.5', 'eiup-single+gate@auto', 'eiup-single+anchors=auto@preset' -> Method."""
     spec = spec.strip().lower()
-    if spec in ("plain", "negative"):
+    if spec in ("plain", "negative", "rewrite"):
         return Method(spec)
     if spec.startswith("sld-") and spec[4:].upper() in SLD_PRESETS:
         return Method("sld", preset=spec[4:].upper())
@@ -58,7 +61,8 @@ def parse_method(spec: str) -> Method:
             k, _, v = o.partition("=")
             options.append((k, True if not v else _number(v)))
         return Method("eiup", scale=scale if scale in ("auto", "preset") else float(scale), mode=mode, options=tuple(options))
-    raise ValueError(f"method {spec!r}: use plain, negative, sld-weak|medium|strong|max, eiup-MODE[+OPTION]@SCALE")
+    raise ValueError(f"method {spec!r}: use plain, negative, sld-weak|medium|strong|max, eiup-MODE[+OPTION]@SCALE, "
+                     "or rewrite (toy world)")
 
 
 def _anchors(value, concept: str) -> list[str]:
@@ -129,6 +133,10 @@ class MethodRunner:
             return self.pipe(prompts, **common).images
         if method.family == "negative":
             return self.pipe(prompts, negative_prompt=[concept] * len(seeds), **common).images
+        if method.family == "rewrite":  # the k-th seed draws the k-th other value of the concept's attribute
+            from ..toy.world import rewrite_without
+
+            return self.pipe([rewrite_without(prompt, concept, k) for k in range(len(seeds))], **common).images
         if method.family == "sld":
             sld = self.sld_pipeline()
             sld.safety_concept = concept

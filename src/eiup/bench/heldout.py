@@ -11,7 +11,7 @@ PSNR against the plain image. Every image is judged as the benchmark judges it (
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -59,14 +59,23 @@ class PlainImages:
 
 
 def judge_setting(plain: PlainImages, concept: str, positives: Sequence[str], negatives: Sequence[str],
-                  kwargs: dict[str, Any], desc: str | None = None) -> HeldoutResult:
+                  kwargs: dict[str, Any], desc: str | None = None,
+                  rewrite: Callable[[str, int], str] | None = None) -> HeldoutResult:
     """Generate every prompt under the erasure ``kwargs`` and judge it against its plain images
-    (:func:`eiup.bench.metrics.judge_toy`: positives as implicit prompts, negatives as specificity ones)."""
+    (:func:`eiup.bench.metrics.judge_toy`: positives as implicit prompts, negatives as specificity ones).
+
+    With ``rewrite`` (prompt, k -> prompt) the k-th seed's image is instead generated without erasure
+    from the rewritten prompt (e.g. :func:`rewrite_reference`): a reference judged exactly like a setting.
+    """
     residual, kept, unharmed, same, psnr, scales = [], [], [], [], [], []
     for prompt in tqdm(list(positives) + list(negatives), desc=desc or concept, leave=False):
         plain_images, plain_found = plain.get(prompt)
-        out = plain.pipe([prompt] * len(plain.seeds), num_inference_steps=plain.steps, erase=[concept],
-                         generator=plain.generators(), **kwargs)
+        if rewrite is None:
+            out = plain.pipe([prompt] * len(plain.seeds), num_inference_steps=plain.steps, erase=[concept],
+                             generator=plain.generators(), **kwargs)
+        else:
+            out = plain.pipe([rewrite(prompt, k) for k in range(len(plain.seeds))], num_inference_steps=plain.steps,
+                             generator=plain.generators())
         role = "implicit" if prompt in positives else "specificity"
         judged = [judge_toy(prompt, role, seed, concept, e, p, db, sim) for seed, e, p, db, sim in
                   zip(plain.seeds, plain.detector.detect(out.images), plain_found, *psnr_ssim(out.images, plain_images))]
@@ -84,6 +93,14 @@ def judge_setting(plain: PlainImages, concept: str, positives: Sequence[str], ne
     return HeldoutResult(concept, mean(residual), mean(kept), mean(unharmed), mean(same),
                          float(np.median(psnr)) if psnr else float("nan"), len(residual), len(same),
                          float(np.mean(scales)) if scales else None)
+
+
+def rewrite_reference(concept: str) -> Callable[[str, int], str]:
+    """(prompt, k) -> the prompt rewritten without ``concept`` (:func:`eiup.toy.world.rewrite_without`, the
+    k-th other value; prompts without it unchanged): what a perfect prompt-level erasure would draw."""
+    from ..toy.world import rewrite_without
+
+    return lambda prompt, k: rewrite_without(prompt, concept, k)
 
 
 def above_curve(point: tuple[float, float], curve: Sequence[tuple[float, float]]) -> float:

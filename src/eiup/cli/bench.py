@@ -86,6 +86,9 @@ def bench(
     if only:
         methods = [m for m in methods if m.name in only or m.family == "plain"] + \
                   [parse_method(o) for o in only if o not in {m.name for m in methods}]
+    if suite != "toy" and any(m.family == "rewrite" for m in methods):
+        raise typer.BadParameter("the rewrite reference rewrites toy-world captions: use it with --suite toy",
+                                 param_hint="--method")
     seed_list = list(range(first_seed, first_seed + seeds))
     for option, value in (("--clip-model", clip_model), ("--fid-reference", fid_reference), ("--fid-weights", fid_weights)):
         if value is not None and suite != "coco":

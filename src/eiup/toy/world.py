@@ -214,3 +214,32 @@ def parse_caption(text: str) -> Scene:
             body, background = body[: -len(suffix)], bg
     objects = tuple(parse_object_phrase(p) for p in body.split(" and "))
     return Scene(objects, background)
+
+
+def rewrite_without(text: str, concept: str, k: int = 0) -> str:
+    """The caption as a person would rewrite it to comply: the concept's attribute set to another value.
+
+    Each object that carries the concept is named explicitly with the ``k``-th other value of the
+    attribute (round robin; "a tomato" -> "a orange circle" for red), other objects and the template are
+    kept; for a background concept the background becomes the ``k``-th other background (white is the
+    world's default and is not named). A background phrase ("in the fog") is kept while an object is
+    still named by its noun, as in training captions. A caption without the concept is returned as it is.
+    The reference for prompt-level erasure on the toy world: what a perfect rewrite of the prompt draws.
+    """
+    attribute, value = CONCEPTS[concept]
+    others = [v for v in {"color": COLORS, "shape": SHAPES, "pattern": PATTERNS, "background": BACKGROUNDS}[attribute]
+              if v != value]
+    new = others[k % len(others)]
+    scene = parse_caption(text)
+    template = next((t for t in TEMPLATES[1:] if text.startswith(t.format(""))), "{}")
+    objects = [replace(o, noun=None, **{attribute: new}) if attribute != "background" and getattr(o, attribute) == value
+               else o for o in scene.objects]
+    background = new if attribute == "background" and scene.background == value else scene.background
+    if tuple(objects) == scene.objects and background == scene.background:
+        return text
+    body = " and ".join(object_phrase(o, implicit=o.noun is not None) for o in objects)
+    if background != "white":
+        phrase = NOUN_BACKGROUND_PHRASES[background]
+        kept = any(o.noun for o in objects) and background == scene.background and text.endswith(" " + phrase)
+        body += f" {phrase}" if kept else f" on {article(background)} {background} background"
+    return template.format(body)
