@@ -40,7 +40,7 @@ FAMILIES = {
                            {"anchor_gate": False, "prompt_gate": False}, [0.0, -1.0], "preset"),
 }
 # Not an erasure setting: each prompt with the concept rewritten without it (eiup.toy.world.rewrite_without)
-# and drawn plainly; what a perfect prompt-level erasure would draw, the most fidelity to expect on this model.
+# and drawn plainly; what a perfect prompt-level erasure would draw, a reference for fidelity (not a bound).
 REFERENCE = ("rewritten prompts", "rewrite")
 
 
@@ -133,7 +133,8 @@ def report(out: Path, concepts: list[str], seeds: list[int]) -> dict:
     sections.append((REFERENCE[0], "Not an erasure setting: each prompt with the concept rewritten without it "
                      "(`eiup.toy.world.rewrite_without`: the concept's attribute set to another value, round robin over the "
                      "seeds, e.g. \"a drawing of a tomato\" -> \"a drawing of an orange circle\") and drawn without erasure. "
-                     "It is what a perfect prompt-level erasure would draw: the most fidelity to expect on this model."))
+                     "It is what a perfect prompt-level erasure would draw: how well the model draws the prompt without the "
+                     "concept, a reference for fidelity (not a bound: an erasure that keeps the plain image's layout can do better)."))
     for family, desc in sections:
         lines += [f"## {family}", "", desc, "",
                   "| scale | residual | fidelity vs plain | as plain or as prompted | specificity | median PSNR (dB) | "
@@ -150,7 +151,7 @@ def report(out: Path, concepts: list[str], seeds: list[int]) -> dict:
         if family not in verdicts:
             lines.append("")
             continue
-        v = verdicts[family]
+        v, own = verdicts[family], FAMILIES[family][3]
         lines += ["", f"`{own}` against the fixed-scale curve at its residual: specificity "
                   f"{v['specificity']['above_fixed_curve']:+.1%}, fidelity (as plain or as prompted) "
                   f"{v['as_plain_or_prompted']['above_fixed_curve']:+.1%}; it dominates (lower or equal residual and "

@@ -15,7 +15,8 @@ other templates; ``benchmarks/auto_vs_fixed.py`` uses seeds 5000..). ``--rewrite
 setting: each prompt with the concept is rewritten by hand-made rules to comply (the concept's attribute
 set to another value, round robin over the seeds: "a photo of a tomato" -> "a photo of an orange circle",
 :func:`eiup.toy.world.rewrite_without`) and generated without erasure. It is what a perfect prompt-level
-erasure would draw, so its fidelity is the most any setting can expect on this model.
+erasure would draw: how well the model draws the prompt without the concept, a reference for fidelity
+(not a bound: an erasure that keeps the plain image's layout can do better).
 """
 
 from __future__ import annotations
