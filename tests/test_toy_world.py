@@ -63,6 +63,8 @@ def test_rewrite_without_sets_the_concepts_attribute_to_another_value_and_keeps_
     assert rewrite_without("a red star on a black background", "night", 1) == "a red star on a gray background"
     assert rewrite_without("a strawberry", "heart", 0) == "a dotted red circle"
     assert rewrite_without("a lemon on a white background", "red", 0) == "a lemon on a white background"  # no red
+    with pytest.raises(ValueError, match="concept='nudity' is not a toy-world concept"):
+        rewrite_without("a tomato", "nudity")
     rng = random.Random(2)
     for concept in ("red", "star", "heart", "night", "striped"):
         for k in range(5):

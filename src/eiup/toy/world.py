@@ -220,12 +220,14 @@ def rewrite_without(text: str, concept: str, k: int = 0) -> str:
     """The caption as a person would rewrite it to comply: the concept's attribute set to another value.
 
     Each object that carries the concept is named explicitly with the ``k``-th other value of the
-    attribute (round robin; "a tomato" -> "a orange circle" for red), other objects and the template are
+    attribute (round robin; "a tomato" -> "an orange circle", "a yellow circle", ... for red), other objects and the template are
     kept; for a background concept the background becomes the ``k``-th other background (white is the
     world's default and is not named). A background phrase ("in the fog") is kept while an object is
     still named by its noun, as in training captions. A caption without the concept is returned as it is.
     The reference for prompt-level erasure on the toy world: what a perfect rewrite of the prompt draws.
     """
+    if concept not in CONCEPTS:
+        raise ValueError(f"concept={concept!r} is not a toy-world concept: use one of {sorted(CONCEPTS)}")
     attribute, value = CONCEPTS[concept]
     others = [v for v in {"color": COLORS, "shape": SHAPES, "pattern": PATTERNS, "background": BACKGROUNDS}[attribute]
               if v != value]
