@@ -126,6 +126,9 @@ def tradeoff_plot(summary: dict, path: Path) -> None:
                 ax.plot(np.array(xs)[order], np.array(ys)[order], "o-", label=fam, markersize=4, color=colors[fam])
                 for (method, m) in items:
                     ax.annotate(method.split("@")[1], (m["residual_implicit"], m[key]), fontsize=6)
+            elif fam == "rewrite":  # a reference, not a method
+                ax.plot(xs, ys, "X", label="rewrite (reference: prompts rewritten without the concept)",
+                        markersize=9, color="black")
             else:
                 ax.plot(xs, ys, "s", label=fam, markersize=7, color=colors[fam])
         ax.set_xlabel("residual concept rate on implicit prompts (lower is better)")
