@@ -70,8 +70,14 @@ def test_latent_noise_reaches_training_and_bad_values_are_refused(images):
         return _state(vae.decoder)
 
     clean, again, noisy = tuned(0.0), tuned(0.0), tuned(0.5)
-    assert all(torch.equal(v, again[k]) for k, v in clean.items())  # same seed, same steps: same weights
-    assert any(not torch.equal(v, noisy[k]) for k, v in clean.items())
+
+    def moved(other: dict[str, torch.Tensor]) -> float:
+        return max(float((v - other[k]).abs().max()) for k, v in clean.items())
+
+    # same seed, same steps: the same weights up to CPU kernels' summation order (threaded backward
+    # passes are not bit-reproducible); the noise moves them by orders of magnitude more
+    assert moved(again) < 1e-5
+    assert moved(noisy) > 100 * max(moved(again), 1e-7)
     vae = build_vae()
     stats = encode_latent_stats(vae, images)
     for bad in (-0.1, float("nan"), float("inf")):
