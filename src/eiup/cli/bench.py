@@ -38,7 +38,8 @@ def bench(
     modes: Annotated[str, typer.Option(help="EIUP modes to sweep.")] = "single,dual",
     method: Annotated[list[str] | None, typer.Option(help="Extra methods (repeatable), e.g. 'eiup-single+gate=presence@auto', "
                       "'eiup-single+concept_context=prompt+anchors=auto@-1' (anchors from the model), "
-                      "'+anchors' (toy world: the attribute's other values) or '+anchors=a|b', '+anchor_strength=3'.")] = None,
+                      "'+anchors' (toy world: the attribute's other values) or '+anchors=a|b', '+anchor_strength=3'; "
+                      "'rewrite' (toy world): a reference, each prompt rewritten without the concept and drawn plainly.")] = None,
     only: Annotated[list[str] | None, typer.Option(help="Run only these methods (names as in the report).")] = None,
     no_sld: Annotated[bool, typer.Option("--no-sld", help="Skip the SLD presets.")] = False,
     model: Annotated[str | None, typer.Option(help="Pipeline folder or hub id (default: the bundled toy model).")] = None,
