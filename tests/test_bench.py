@@ -217,7 +217,8 @@ def test_run_resumes_and_writes_the_report(tmp_path, monkeypatch):
     pipe.set_progress_bar_config(disable=True)
     suite = toy_suite("red", [0, 1])
     suite.prompts = [p for p in suite.prompts if p.role in ("implicit", "specificity")][:2] + suite.by_role("specificity")[:1]
-    methods = [Method("plain"), Method("negative"), Method("eiup", scale=-2.0), Method("sld", preset="MAX")]
+    methods = [Method("plain"), Method("negative"), Method("eiup", scale=-2.0), Method("sld", preset="MAX"),
+               Method("rewrite")]
     calls = []
     original = MethodRunner.generate
     monkeypatch.setattr(MethodRunner, "generate", lambda self, m, *a: calls.append(m.name) or original(self, m, *a))
@@ -234,6 +235,8 @@ def test_run_resumes_and_writes_the_report(tmp_path, monkeypatch):
     assert plain["fidelity_unharmed"] == 1.0 and "fidelity_unharmed" in metrics["summary"]["eiup-single@-2"]
     report = (tmp_path / "report.md").read_text()
     assert "as plain or as prompted" in report and "Residual: share of images" in report  # columns explained
+    assert "rewrite is no method but a reference" in report
+    assert metrics["per_suite"]["toy-red"]["rewrite"]["specificity_psnr"] == 100.0  # unrelated prompts: not rewritten
     # a rerun after an interruption redoes only what has no record
     record = next((tmp_path / "records").rglob("*.json"))
     record.unlink()

@@ -48,6 +48,9 @@ TOY_NOTE = ("Residual: share of images where the detector still finds the erased
 COCO_NOTE = ("CLIP score: mean of 100 * max(cos, 0) between each image and its prompt (higher is better; "
              "n/a without --clip-model). FID against the reference images (lower is better; n/a without "
              "--fid-reference). PSNR/SSIM: against the plain image of the same prompt and seed.")
+REWRITE_NOTE = ("rewrite is no method but a reference: each prompt rewritten without the concept by the toy world's "
+                "grammar (\"a tomato\" -> \"an orange circle\", \"a yellow circle\", ... over the seeds) and drawn "
+                "without erasure, what a person rewriting the prompt would get.")
 
 
 def _nan_stat(fn, values) -> float:
@@ -177,6 +180,7 @@ def write_report(out: Path, metrics: dict, units: list[Unit], settings: dict, gr
     md = ["# eiup benchmark", "", f"Settings: `{json.dumps(settings)}`", ""]
     if not quality_only:
         md += ["Mean over concepts (worst concept's implicit residual in its own column).", "", TOY_NOTE, "",
+               *([REWRITE_NOTE, ""] if "rewrite" in summary else []),
                markdown_table(summary, ("worst_residual_implicit", "worst concept residual", "{:.1%}")), "",
                "![trade-off](tradeoff.png)", ""]
     for suite, by_method in metrics.items():
@@ -186,7 +190,8 @@ def write_report(out: Path, metrics: dict, units: list[Unit], settings: dict, gr
     atomic_write_text(out / "report.md", "\n".join(md))
     body = ["<h1>eiup benchmark</h1>", f"<p><code>{html.escape(json.dumps(settings))}</code></p>"]
     if not quality_only:
-        body += ['<img src="tradeoff.png" style="max-width:100%">', f"<p>{html.escape(TOY_NOTE)}</p>", _html_table(summary)]
+        body += ['<img src="tradeoff.png" style="max-width:100%">', f"<p>{html.escape(TOY_NOTE)}</p>",
+                 *([f"<p>{html.escape(REWRITE_NOTE)}</p>"] if "rewrite" in summary else []), _html_table(summary)]
     for suite, by_method in metrics.items():
         body += [f"<h2>{html.escape(suite)}</h2>", _html_table(by_method)]
         body += [f"<p>{html.escape(COCO_NOTE)}</p>"] if is_quality(by_method) else []
