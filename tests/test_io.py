@@ -393,3 +393,24 @@ def test_replace_dir_swaps_whole_folders_and_keeps_the_old_one_on_failure(tmp_pa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["vae"]
     eio.replace_dir(tmp_path / "fresh", good)
     assert (tmp_path / "fresh" / "weights").read_text() == "new"
+
+
+def test_cached_npz_makes_once_and_never_leaves_a_partial_cache(tmp_path):
+    calls = []
+
+    def make():
+        calls.append(1)
+        return {"images": np.arange(6, dtype=np.uint8).reshape(2, 3), "text": "[1, 2]"}
+
+    path = tmp_path / "sub" / "data.npz"
+    first, again = eio.cached_npz(path, make), eio.cached_npz(path, make)
+    assert len(calls) == 1 and np.array_equal(first["images"], again["images"]) and str(again["text"]) == "[1, 2]"
+    assert sorted(p.name for p in path.parent.iterdir()) == ["data.npz"]
+
+    def broken():
+        raise RuntimeError("render failed")
+
+    with pytest.raises(RuntimeError):
+        eio.cached_npz(tmp_path / "other.npz", broken)
+    assert not (tmp_path / "other.npz").exists()
+    assert len(eio.cached_npz(None, make)) == 2 and len(calls) == 2  # no path: nothing cached

@@ -148,6 +148,27 @@ def replace_dir(dest: str | Path, write: Callable[[Path], Any]) -> Path:
     return dest
 
 
+def cached_npz(path: str | Path | None, make: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """The arrays of the .npz at `path`, or `make()`'s, then saved there atomically (a rerun loads them).
+
+    `path` None: nothing is cached.
+    """
+    import numpy as np
+
+    if path is not None and Path(path).exists():
+        with np.load(path) as z:
+            return {k: z[k] for k in z.files}
+    arrays = make()
+    if path is not None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{TMP_PREFIX}{path.name}")
+        with open(tmp, "wb") as fh:
+            np.savez(fh, **arrays)
+        tmp.replace(path)
+    return arrays
+
+
 def save_png_atomic(path: str | Path, image, text: dict[str, str] | None = None) -> None:
     """Save a PIL image as PNG atomically, with optional tEXt chunks (e.g. the generation record)."""
     from PIL.PngImagePlugin import PngInfo

@@ -81,47 +81,9 @@ def finetune_decoder_cmd(
         raise typer.BadParameter("must be a finite number >= 0", param_hint="--latent-noise")
     if not weights.exists():
         raise typer.BadParameter(f"no safetensors weights at {weights}", param_hint="--model")
-    import hashlib
+    from ..toy.train import finetune_pipeline_decoder
 
-    import numpy as np
-    import torch
-    from diffusers import AutoencoderKL
-    from safetensors import safe_open
-
-    from ..io import replace_dir
-    from ..toy.train import encode_latent_stats, finetune_decoder, render_dataset
-
-    with safe_open(str(weights), "pt") as f:
-        dtype = f.get_slice(next(iter(f.keys()))).get_dtype()
-    dtype = {"F16": torch.float16, "BF16": torch.bfloat16}.get(dtype, torch.float32)  # written back as stored
-    vae = AutoencoderKL.from_pretrained(model / "vae", torch_dtype=torch.float32, use_safetensors=True)
-    # data and checkpoint belong to this encoder (the latent space; fine-tuning leaves it alone, so a rerun on
-    # the written-back folder resumes) and these settings; another model or --latent-noise starts afresh
-    encoder = hashlib.sha1()
-    for name, tensor in sorted({**vae.encoder.state_dict(), **vae.quant_conv.state_dict()}.items()):
-        encoder.update(name.encode() + tensor.numpy().tobytes())
-    key = f"{scenes}-{seed}-{encoder.hexdigest()[:12]}"
-    work.mkdir(parents=True, exist_ok=True)
-    data = work / f"data-{key}.npz"
-    if data.exists():
-        z = np.load(data)
-        images, stats = z["images"], z["stats"]
-    else:
-        images, _, _ = render_dataset(scenes, seed, 64, desc="render (decoder)")
-        stats = encode_latent_stats(vae, images)
-        tmp = data.with_name(data.name + ".tmp.npz")
-        np.savez(tmp, images=images, stats=stats)
-        tmp.replace(data)
-    checkpoint = work / f"decoder-{key}-noise{latent_noise:g}.safetensors"
-    result = finetune_decoder(vae, images, stats, minutes, checkpoint=checkpoint, seed=seed, latent_noise=latent_noise)
-
-    def write(tmp: Path) -> None:
-        vae.to(dtype).save_pretrained(tmp, safe_serialization=True)
-        config = json.loads((tmp / "config.json").read_text())
-        config.pop("_name_or_path", None)  # where it was loaded from: a path of this machine
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-
-    replace_dir(model / "vae", write)
+    result = finetune_pipeline_decoder(model, minutes, scenes, seed, work, latent_noise)
     typer.echo(f"{result.steps} steps; held-out PSNR {result.psnr_before:.2f} -> {result.psnr_after:.2f} dB; "
                f"written to {model / 'vae'}")
 

@@ -266,16 +266,14 @@ def cached_detector_data(vae, n: int, seed: int, processes: int, cache: Path | N
     """`make_detector_data`, kept in `cache` (an .npz) so that a rerun skips rendering and the VAE."""
     from .train import scene_from_json, scene_to_json
 
-    if cache is not None and cache.exists():
-        z = np.load(cache)
-        return z["images"], z["covers"], [scene_from_json(d) for d in json.loads(str(z["scenes"]))]
-    images, covers, scenes = make_detector_data(vae, n, seed, processes)
-    if cache is not None:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_name(cache.name + ".tmp.npz")
-        np.savez(tmp, images=images, covers=covers, scenes=json.dumps([scene_to_json(s) for s in scenes]))
-        tmp.replace(cache)
-    return images, covers, scenes
+    from ..io import cached_npz
+
+    def make() -> dict:
+        images, covers, scenes = make_detector_data(vae, n, seed, processes)
+        return {"images": images, "covers": covers, "scenes": json.dumps([scene_to_json(s) for s in scenes])}
+
+    z = cached_npz(cache, make)
+    return z["images"], z["covers"], [scene_from_json(d) for d in json.loads(str(z["scenes"]))]
 
 
 def train_detector(vae, out: str | Path, n_train: int = 30_000, minutes: float = 8.0, seed: int = 1,

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from ..io import replace_dir
+from ..io import cached_npz, replace_dir
 from .render import render
 from .tokenizer import build_clip_tokenizer
 from .world import Scene, caption_words, filler_tail, random_scene, words
@@ -393,6 +393,48 @@ def finetune_decoder(vae, images: np.ndarray, stats: np.ndarray, minutes: float,
     if checkpoint is not None:
         save_checkpoint(checkpoint, {"vae": vae}, opt, meta)
     return DecoderFinetune(meta["step"], meta["seconds"], meta["psnr_before"], decoder_psnr(vae.eval(), *held))
+
+
+def finetune_pipeline_decoder(model: str | Path, minutes: float, scenes: int = 24_000, seed: int = 91,
+                              work: str | Path = "runs/decoder", latent_noise: float = 0.0) -> DecoderFinetune:
+    """`finetune_decoder` on a pipeline folder's VAE, written back in place in the folder's own precision.
+
+    Renders `scenes` scenes (the last ones measure PSNR) and keeps them, encoded, in `work` with the
+    checkpoint, so a rerun resumes. Both are keyed by the VAE's encoder (the latent space, which the
+    fine-tuning leaves alone: a rerun on the written-back folder resumes) and the settings; another
+    model or `latent_noise` starts afresh.
+    """
+    import hashlib
+
+    from diffusers import AutoencoderKL
+    from safetensors import safe_open
+
+    folder, work = Path(model) / "vae", Path(work)
+    with safe_open(str(folder / "diffusion_pytorch_model.safetensors"), "pt") as f:
+        stored = f.get_slice(next(iter(f.keys()))).get_dtype()
+    dtype = {"F16": torch.float16, "BF16": torch.bfloat16}.get(stored, torch.float32)
+    vae = AutoencoderKL.from_pretrained(folder, torch_dtype=torch.float32, use_safetensors=True)
+    encoder = hashlib.sha1()
+    for name, tensor in sorted({**vae.encoder.state_dict(), **vae.quant_conv.state_dict()}.items()):
+        encoder.update(name.encode() + tensor.numpy().tobytes())
+    key = f"{scenes}-{seed}-{encoder.hexdigest()[:12]}"
+
+    def make() -> dict:
+        images, _, _ = render_dataset(scenes, seed, 64, desc="render (decoder)")
+        return {"images": images, "stats": encode_latent_stats(vae, images)}
+
+    data = cached_npz(work / f"data-{key}.npz", make)
+    result = finetune_decoder(vae, data["images"], data["stats"], minutes, seed=seed, latent_noise=latent_noise,
+                              checkpoint=work / f"decoder-{key}-noise{latent_noise:g}.safetensors")
+
+    def write(tmp: Path) -> None:
+        vae.to(dtype).save_pretrained(tmp, safe_serialization=True)
+        config = json.loads((tmp / "config.json").read_text())
+        config.pop("_name_or_path", None)  # where it was loaded from: a path of this machine
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+    replace_dir(folder, write)
+    return result
 
 
 def stage_decoder(out: Path, cfg: ToyTrainConfig) -> None:
