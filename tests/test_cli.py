@@ -447,3 +447,19 @@ def test_train_detector_checks_init_before_any_work(tmp_path):
     res = invoke("toy", "train-detector", "--lr", "0", "--out", tmp_path / "d.safetensors")
     assert res.exit_code == 2 and "--lr must be > 0" in flat(res.output)
     assert not (tmp_path / "d.safetensors").exists()
+
+
+def test_toy_training_refuses_a_device_it_cannot_use_before_any_work(tmp_path):
+    import torch
+
+    for cmd in (("toy", "train", "--out", tmp_path / "run"), ("toy", "train-detector", "--out", tmp_path / "d.safetensors")):
+        res = invoke(*cmd, "--device", "gpu")
+        assert res.exit_code == 2 and "Invalid value for --device: 'gpu' is not a device; use cpu or cuda[:N]" in flat(res.output)
+        if not torch.cuda.is_available():
+            res = invoke(*cmd, "--device", "cuda:0")
+            assert res.exit_code == 2 and "CUDA is not available on this machine; use --device cpu" in flat(res.output)
+    res = invoke("toy", "train", "--out", tmp_path / "run", "--batch", "1")
+    assert res.exit_code == 2 and "Invalid value for --batch: must be >= 2" in flat(res.output)
+    res = invoke("toy", "train-detector", "--out", tmp_path / "d.safetensors", "--processes", "0")
+    assert res.exit_code == 2 and "Invalid value for --processes: must be >= 1" in flat(res.output)
+    assert not (tmp_path / "run").exists() and not (tmp_path / "d.safetensors").exists()

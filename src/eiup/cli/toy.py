@@ -19,6 +19,20 @@ class ToyDefaults:
     localisation_weight = 0.03
     lr = 3e-4
     long_caption_prob = 0.1
+    batch = 64
+
+
+def _check_device(device: str) -> None:
+    """Refuse a device this machine does not have, before any work."""
+    import re
+
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", device):
+        raise typer.BadParameter(f"{device!r} is not a device; use cpu or cuda[:N]", param_hint="--device")
+    if device != "cpu":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise typer.BadParameter("CUDA is not available on this machine; use --device cpu", param_hint="--device")
 
 
 @app.command()
@@ -38,8 +52,14 @@ def train(
     long_caption_prob: Annotated[float, typer.Option(
         help="Share of captions padded with style words (teaches prompts longer than 77 tokens).")
     ] = ToyDefaults.long_caption_prob,
+    batch: Annotated[int, typer.Option(help="UNet batch size (64 on a CPU; larger on a GPU).")] = ToyDefaults.batch,
+    device: Annotated[str, typer.Option(
+        help="cpu, or cuda[:N]: the VAE and UNet stages train there (rendering uses --threads processes).")] = "cpu",
 ) -> None:
-    """Train the toy Stable Diffusion pipeline from scratch on the CPU (resumable)."""
+    """Train the toy Stable Diffusion pipeline from scratch (resumable; on the CPU unless --device cuda)."""
+    _check_device(device)
+    if batch < 2:
+        raise typer.BadParameter("must be >= 2", param_hint="--batch")
     from ..toy.train import ToyTrainConfig, train_toy_model
 
     if minutes <= 0 or vae_minutes <= 0 or scenes < 64:
@@ -52,7 +72,8 @@ def train(
         raise typer.BadParameter("--long-caption-prob must be in [0, 1]")
     cfg = ToyTrainConfig(n_scenes=scenes, vae_minutes=vae_minutes, decoder_minutes=decoder_minutes,
                          unet_minutes=minutes, seed=seed, threads=threads,
-                         localisation_weight=localisation_weight, lr=lr, long_caption_prob=long_caption_prob)
+                         localisation_weight=localisation_weight, lr=lr, long_caption_prob=long_caption_prob,
+                         unet_batch=batch, device=device)
     dest = train_toy_model(out, cfg, export_to)
     typer.echo(f"pipeline written to {dest}")
 
@@ -98,8 +119,13 @@ def train_detector_cmd(
     init: Annotated[Path | None, typer.Option(
         help="Continue from these detector weights (a second round on new scenes: another --seed).")] = None,
     lr: Annotated[float, typer.Option(help="Peak learning rate (cosine decay over --minutes).")] = 2e-3,
+    device: Annotated[str, typer.Option(help="cpu or cuda[:N]: where the detector trains (renders stay on the CPU).")] = "cpu",
+    processes: Annotated[int, typer.Option(help="Rendering processes.")] = 2,
 ) -> None:
     """Train the concept detector on renders passed through the toy VAE; prints its accuracy."""
+    _check_device(device)
+    if processes < 1:
+        raise typer.BadParameter("must be >= 1", param_hint="--processes")
     if init is not None and not init.is_file():
         raise typer.BadParameter(f"no detector weights at {init}", param_hint="--init")
     if not (minutes > 0 and lr > 0 and scenes >= 64):
@@ -110,7 +136,8 @@ def train_detector_cmd(
     from ..toy.detect import ConceptDetector, evaluate_detector, train_detector
 
     vae = AutoencoderKL.from_pretrained(model / "vae", torch_dtype=torch.float32, use_safetensors=True).eval()
-    path = train_detector(vae, out, n_train=scenes, minutes=minutes, seed=seed, init=init, lr=lr)
+    path = train_detector(vae, out, n_train=scenes, minutes=minutes, seed=seed, init=init, lr=lr, device=device,
+                          processes=processes)
     report = evaluate_detector(ConceptDetector.load(path), vae)
     typer.echo(json.dumps(report, indent=2))
 

@@ -247,10 +247,11 @@ def make_detector_data(vae, n: int, seed: int, processes: int = 2):
 def detector_loss(net, x, targets, idx) -> torch.Tensor:
     cells, bg = net(x)
     parts = split_cells(cells)
-    loss = F.binary_cross_entropy_with_logits(parts["object"], torch.from_numpy(targets["object"][idx]))
+    target = {k: torch.from_numpy(np.ascontiguousarray(v[idx])).to(x.device) for k, v in targets.items()}
+    loss = F.binary_cross_entropy_with_logits(parts["object"], target["object"])
     for name in HEADS:
-        loss = loss + F.cross_entropy(parts[name], torch.from_numpy(targets[name][idx]), ignore_index=-100)
-    return loss + F.cross_entropy(bg, torch.from_numpy(targets["background"][idx]))
+        loss = loss + F.cross_entropy(parts[name], target[name], ignore_index=-100)
+    return loss + F.cross_entropy(bg, target["background"])
 
 
 def augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
@@ -278,8 +279,12 @@ def cached_detector_data(vae, n: int, seed: int, processes: int, cache: Path | N
 
 def train_detector(vae, out: str | Path, n_train: int = 30_000, minutes: float = 8.0, seed: int = 1,
                    batch: int = 64, processes: int = 2, cache: str | Path | None = None,
-                   init: str | Path | None = None, lr: float = 2e-3) -> Path:
-    """Train the detector on VAE-round-tripped renders (optionally continuing from `init`); saves fp16 safetensors."""
+                   init: str | Path | None = None, lr: float = 2e-3, device: str = "cpu") -> Path:
+    """Train the detector on VAE-round-tripped renders (optionally continuing from `init`); saves fp16 safetensors.
+
+    The renders and their round trips are made on the CPU (`processes` rendering processes); `device`
+    is where the detector itself trains.
+    """
     out = Path(out)
     torch.manual_seed(seed)
     images, covers, scenes = cached_detector_data(vae, n_train, seed, processes, Path(cache) if cache else None)
@@ -287,6 +292,7 @@ def train_detector(vae, out: str | Path, n_train: int = 30_000, minutes: float =
     net = ConceptDetectorNet()
     if init is not None:
         net.load_state_dict({k: v.float() for k, v in load_file(str(init)).items()})
+    net.to(device)
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     g = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -297,6 +303,7 @@ def train_detector(vae, out: str | Path, n_train: int = 30_000, minutes: float =
         idx = rng.choice(len(images), batch, replace=False)
         x = torch.from_numpy(images[idx]).permute(0, 3, 1, 2).float() / 127.5 - 1
         x, flip = augment(x, g)
+        x = x.to(device)
         t = {k: v.copy() for k, v in ((k, targets[k][idx]) for k in targets)}
         for k in ("object", *HEADS):
             t[k][flip.numpy()] = t[k][flip.numpy()][..., ::-1]
@@ -313,7 +320,7 @@ def train_detector(vae, out: str | Path, n_train: int = 30_000, minutes: float =
     bar.close()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
-    save_file({k: v.half().contiguous() for k, v in net.state_dict().items()}, str(tmp),
+    save_file({k: v.half().cpu().contiguous() for k, v in net.state_dict().items()}, str(tmp),
               metadata={"steps": str(step), "n_train": str(n_train), "seed": str(seed)})
     tmp.replace(out)
     return out

@@ -49,6 +49,7 @@ class ToyTrainConfig:
     ema_decay: float = 0.999
     checkpoint_minutes: float = 5.0
     threads: int = 2
+    device: str = "cpu"  # "cuda" trains the VAE and the UNet there (data, checkpoints and export stay on the CPU)
 
 
 # ---------------------------------------------------------------- architecture
@@ -149,11 +150,11 @@ def save_checkpoint(path: Path, modules: dict, optimizer: torch.optim.Optimizer,
     tensors = {}
     for name, module in modules.items():
         for k, v in module.state_dict().items():
-            tensors[f"{name}.{k}"] = v.detach().contiguous().clone()
+            tensors[f"{name}.{k}"] = v.detach().to("cpu", copy=True).contiguous()
     opt_state = optimizer.state_dict()
     for idx, st in opt_state["state"].items():
         for k, v in st.items():
-            tensors[f"optim.{idx}.{k}"] = (v if torch.is_tensor(v) else torch.tensor(v)).contiguous().clone()
+            tensors[f"optim.{idx}.{k}"] = (v if torch.is_tensor(v) else torch.tensor(v)).to("cpu", copy=True).contiguous()
     meta = dict(meta, param_groups=opt_state["param_groups"])
     tmp = path.with_suffix(".tmp")
     save_file(tensors, str(tmp), metadata={"meta": json.dumps(meta)})
@@ -203,7 +204,8 @@ class EMA:
         return self.shadow
 
     def load_state_dict(self, sd):
-        self.shadow = {k: v.clone() for k, v in sd.items()}
+        device = next(iter(self.module.state_dict().values())).device
+        self.shadow = {k: v.to(device, copy=True) for k, v in sd.items()}
 
 
 # ---------------------------------------------------------------- VAE
@@ -229,7 +231,7 @@ def stage_vae(out: Path, cfg: ToyTrainConfig) -> None:
         return
     torch.manual_seed(cfg.seed)
     images = np.load(out / "data" / "images.npy", mmap_mode="r")
-    vae = build_vae()
+    vae = build_vae().to(cfg.device)
     opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
     ckpt = out / "vae_ckpt.safetensors"
     meta = {"step": 0, "seconds": 0.0}
@@ -246,6 +248,7 @@ def stage_vae(out: Path, cfg: ToyTrainConfig) -> None:
         if cfg.vae_crop < x.shape[-1]:
             oy, ox = (int(v) for v in rng.integers(0, x.shape[-1] - cfg.vae_crop + 1, 2) // 8 * 8)
             x = x[:, :, oy:oy + cfg.vae_crop, ox:ox + cfg.vae_crop]
+        x = x.to(cfg.device)
         lr = 1e-3 * 0.5 * (1 + math.cos(math.pi * min(1.0, meta["seconds"] / budget))) + 2e-5
         for g in opt.param_groups:
             g["lr"] = lr
@@ -267,8 +270,8 @@ def stage_vae(out: Path, cfg: ToyTrainConfig) -> None:
     # latent statistics set the scaling factor, as SD's 0.18215
     with torch.no_grad():
         x = torch.from_numpy(np.asarray(images[:512])).permute(0, 3, 1, 2).float() / 127.5 - 1
-        std = vae.encode(x).latent_dist.mean.std().item()
-    vae.register_to_config(scaling_factor=1.0 / std)
+        std = vae.encode(x.to(cfg.device)).latent_dist.mean.std().item()
+    vae.cpu().register_to_config(scaling_factor=1.0 / std)
     save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, str(final),
               metadata={"scaling_factor": str(1.0 / std), "meta": json.dumps(meta)})
 
@@ -291,10 +294,11 @@ def load_vae(out: Path, finetuned_decoder: bool = True):
 def encode_latent_stats(vae, images: np.ndarray, batch: int = 256) -> np.ndarray:
     """Posterior mean and std of each uint8 image, concatenated on channels: (N, 2 * 4, h, w) float16."""
     chunks = []
+    device = next(vae.parameters()).device
     for i in tqdm(range(0, len(images), batch), desc="encode"):
         x = torch.from_numpy(np.asarray(images[i:i + batch])).permute(0, 3, 1, 2).float() / 127.5 - 1
-        dist = vae.encode(x).latent_dist
-        chunks.append(torch.cat([dist.mean, dist.std], 1).numpy().astype(np.float16))
+        dist = vae.encode(x.to(device)).latent_dist
+        chunks.append(torch.cat([dist.mean, dist.std], 1).cpu().numpy().astype(np.float16))
     return np.concatenate(chunks)
 
 
@@ -303,7 +307,7 @@ def stage_latents(out: Path, cfg: ToyTrainConfig) -> None:
     if path.exists():
         return
     images = np.load(out / "data" / "images.npy", mmap_mode="r")
-    np.save(path, encode_latent_stats(load_vae(out, finetuned_decoder=False), images))
+    np.save(path, encode_latent_stats(load_vae(out, finetuned_decoder=False).to(cfg.device), images))
 
 
 @dataclass
@@ -525,9 +529,10 @@ def stage_unet(out: Path, cfg: ToyTrainConfig) -> None:
     latents = np.load(out / "data" / "latents.npy")
     masks8 = np.load(out / "data" / "masks8.npy")
     scaling = load_vae(out).config.scaling_factor
-    unet = build_unet()
-    text = build_text_encoder(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)
+    unet = build_unet().to(cfg.device)
+    text = build_text_encoder(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id).to(cfg.device)
     noise_sched = build_noise_scheduler()
+    noise_sched.alphas_cumprod = noise_sched.alphas_cumprod.to(cfg.device)  # add_noise moves it per call otherwise
     alphas = noise_sched.alphas_cumprod
     params = list(unet.parameters()) + list(text.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-2)
@@ -551,10 +556,11 @@ def stage_unet(out: Path, cfg: ToyTrainConfig) -> None:
         t0 = time.time()
         idx = nrng.choice(len(scenes), cfg.unet_batch, replace=False)
         ids, labels = sample_batch(rng, scenes, idx, tokenizer, cfg.caption_dropout, cfg.long_caption_prob)
-        lat = torch.from_numpy(latents[idx]).float()
+        ids, labels = ids.to(cfg.device), labels.to(cfg.device)
+        lat = torch.from_numpy(latents[idx]).float().to(cfg.device)
         x0 = (lat[:, :4] + lat[:, 4:] * torch.randn_like(lat[:, :4])) * scaling
         noise = torch.randn_like(x0)
-        t = torch.randint(0, 1000, (len(idx),))
+        t = torch.randint(0, 1000, (len(idx),)).to(cfg.device)
         xt = noise_sched.add_noise(x0, noise, t)
         warm = min(1.0, meta["step"] / 300)
         lr = cfg.lr * warm * (0.5 * (1 + math.cos(math.pi * min(1.0, meta["seconds"] / budget))) * 0.9 + 0.1)
@@ -567,7 +573,7 @@ def stage_unet(out: Path, cfg: ToyTrainConfig) -> None:
         weight = torch.clamp(snr, max=5.0) / snr
         diff = ((pred - noise) ** 2).mean(dim=(1, 2, 3))
         loss_mse = (diff * weight).mean()
-        loss_loc = localisation_loss(store, torch.from_numpy(masks8[idx]).float(), labels)
+        loss_loc = localisation_loss(store, torch.from_numpy(masks8[idx]).float().to(cfg.device), labels)
         loss = loss_mse + cfg.localisation_weight * loss_loc
         opt.zero_grad(set_to_none=True)
         loss.backward()
