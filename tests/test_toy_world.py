@@ -165,3 +165,27 @@ def test_long_captions_pad_with_style_words_and_keep_their_labels(tokenizer):
     assert (long_ids[:, -1] == tokenizer.eos_token_id).all() and (lengths >= 77).any()  # some run past 77 (truncated)
     attribute_words = set(COLORS + SHAPES + PATTERNS + BACKGROUNDS + ("night", "fog")) | set(" ".join(IMPLICIT_NOUNS).split())
     assert not set(" ".join(FILLER_PHRASES).split()) & attribute_words  # fillers never name a toy attribute
+
+
+def test_training_on_from_a_pipeline_keeps_its_vae_and_what_its_unet_knows(tmp_path):
+    from diffusers import AutoencoderKL
+    from safetensors.torch import load_file
+
+    from eiup.models import default_model_path, load_pipeline
+    from eiup.toy.detect import ConceptDetector
+    from eiup.toy.train import ToyTrainConfig, train_toy_model
+
+    bundled = default_model_path()
+    cfg = ToyTrainConfig(n_scenes=64, vae_minutes=0.02, unet_minutes=0.02, unet_batch=4, threads=1,
+                         init_from=str(bundled))
+    dest = train_toy_model(tmp_path / "run", cfg)
+    theirs = AutoencoderKL.from_pretrained(bundled / "vae", torch_dtype=torch.float32).state_dict()
+    ours = load_file(str(dest / "vae" / "diffusion_pytorch_model.safetensors"))
+    assert all(torch.equal(ours[k].float(), v) for k, v in theirs.items())  # no VAE stage: its latents keep their meaning
+    start = load_file(str(bundled / "unet" / "diffusion_pytorch_model.safetensors"))
+    after = load_file(str(dest / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert max((after[k].float() - v.float()).abs().max().item() for k, v in start.items()) < 0.05
+    pipe = load_pipeline(dest)
+    pipe.set_progress_bar_config(disable=True)
+    images = pipe(["a tomato"] * 2, num_inference_steps=10, generator=[torch.Generator().manual_seed(s) for s in (0, 1)]).images
+    assert all(d.has("color", "red") for d in ConceptDetector.load().detect(images))  # a from-scratch run this short draws noise

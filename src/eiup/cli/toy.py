@@ -55,11 +55,20 @@ def train(
     batch: Annotated[int, typer.Option(help="UNet batch size (64 on a CPU; larger on a GPU).")] = ToyDefaults.batch,
     device: Annotated[str, typer.Option(
         help="cpu, or cuda[:N]: the VAE and UNet stages train there (rendering uses --threads processes).")] = "cpu",
+    init_from: Annotated[Path | None, typer.Option(
+        help="Train on from this toy pipeline folder: its VAE is kept (no VAE stage), its UNet and text encoder "
+             "are the starting weights (a fresh optimizer, warm-up and cosine over --minutes).")] = None,
 ) -> None:
     """Train the toy Stable Diffusion pipeline from scratch (resumable; on the CPU unless --device cuda)."""
     _check_device(device)
     if batch < 2:
         raise typer.BadParameter("must be >= 2", param_hint="--batch")
+    if init_from is not None:
+        lacking = [p for p in ("unet/config.json", "text_encoder/config.json", "vae/config.json", "tokenizer")
+                   if not (init_from / p).exists()]
+        if lacking:
+            raise typer.BadParameter(f"{init_from} is not a pipeline folder (no {', '.join(lacking)})",
+                                     param_hint="--init-from")
     from ..toy.train import ToyTrainConfig, train_toy_model
 
     if minutes <= 0 or vae_minutes <= 0 or scenes < 64:
@@ -73,7 +82,7 @@ def train(
     cfg = ToyTrainConfig(n_scenes=scenes, vae_minutes=vae_minutes, decoder_minutes=decoder_minutes,
                          unet_minutes=minutes, seed=seed, threads=threads,
                          localisation_weight=localisation_weight, lr=lr, long_caption_prob=long_caption_prob,
-                         unet_batch=batch, device=device)
+                         unet_batch=batch, device=device, init_from=str(init_from) if init_from else None)
     dest = train_toy_model(out, cfg, export_to)
     typer.echo(f"pipeline written to {dest}")
 

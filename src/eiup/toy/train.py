@@ -50,6 +50,7 @@ class ToyTrainConfig:
     checkpoint_minutes: float = 5.0
     threads: int = 2
     device: str = "cpu"  # "cuda" trains the VAE and the UNet there (data, checkpoints and export stay on the CPU)
+    init_from: str | None = None  # a toy pipeline folder: keep its VAE, start the UNet and text encoder from its weights
 
 
 # ---------------------------------------------------------------- architecture
@@ -223,6 +224,38 @@ def reconstruction_loss(rec: torch.Tensor, x: torch.Tensor, colour_weight: float
     if colour_weight:
         loss = loss + colour_weight * F.l1_loss(F.avg_pool2d(rec, 4), F.avg_pool2d(x, 4))
     return loss
+
+
+def stage_init(out: Path, cfg: ToyTrainConfig) -> None:
+    """With `init_from`: the run's VAE is the pipeline's (so its latents, and the UNet trained on them, keep their
+    meaning) and the run's tokenizer must give the pipeline's token ids."""
+    final = out / "vae_final.safetensors"
+    if not cfg.init_from or final.exists():
+        return
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTokenizer
+
+    folder = Path(cfg.init_from)
+    theirs, ours = CLIPTokenizer.from_pretrained(folder / "tokenizer"), CLIPTokenizer.from_pretrained(out / "tokenizer")
+    if theirs.get_vocab() != ours.get_vocab():
+        raise ValueError(f"{folder / 'tokenizer'} is not the toy world's tokenizer; init_from takes a toy pipeline")
+    vae = AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=torch.float32, use_safetensors=True)
+    tmp = final.with_suffix(".tmp")
+    save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, str(tmp),
+              metadata={"scaling_factor": str(vae.config.scaling_factor), "init_from": str(folder)})
+    tmp.replace(final)
+
+
+def load_pipeline_weights(folder: Path, unet: torch.nn.Module, text: torch.nn.Module) -> None:
+    """Copy a toy pipeline folder's UNet and text-encoder weights (safetensors) into the training modules."""
+    for module, name in ((unet, "unet/diffusion_pytorch_model.safetensors"), (text, "text_encoder/model.safetensors")):
+        tensors = load_file(str(Path(folder) / name))
+        ref = module.state_dict()
+        missing = sorted(set(ref) - set(tensors))
+        if missing:
+            raise ValueError(f"{Path(folder) / name} lacks {len(missing)} tensors of the toy architecture "
+                             f"(e.g. {missing[0]}); init_from takes a toy pipeline")
+        module.load_state_dict({k: tensors[k].to(ref[k].dtype) for k in ref})
 
 
 def stage_vae(out: Path, cfg: ToyTrainConfig) -> None:
@@ -534,6 +567,8 @@ def stage_unet(out: Path, cfg: ToyTrainConfig) -> None:
     noise_sched = build_noise_scheduler()
     noise_sched.alphas_cumprod = noise_sched.alphas_cumprod.to(cfg.device)  # add_noise moves it per call otherwise
     alphas = noise_sched.alphas_cumprod
+    if cfg.init_from and not ckpt.exists():
+        load_pipeline_weights(Path(cfg.init_from), unet, text)
     params = list(unet.parameters()) + list(text.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-2)
     ema_u, ema_t = EMA(unet, cfg.ema_decay), EMA(text, cfg.ema_decay)
@@ -680,7 +715,7 @@ def train_toy_model(out: str | Path, cfg: ToyTrainConfig | None = None, export_t
     if not (out / "tokenizer" / "vocab.json").exists():
         build_clip_tokenizer(words(), out / "tokenizer")
     t0 = time.time()
-    for stage in (stage_data, stage_vae, stage_latents, stage_decoder, stage_unet):
+    for stage in (stage_data, stage_init, stage_vae, stage_latents, stage_decoder, stage_unet):
         stage(out, cfg)
     dest = Path(export_to) if export_to else out / "pipeline"
     export_pipeline(out, dest)
