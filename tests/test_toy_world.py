@@ -189,3 +189,19 @@ def test_training_on_from_a_pipeline_keeps_its_vae_and_what_its_unet_knows(tmp_p
     pipe.set_progress_bar_config(disable=True)
     images = pipe(["a tomato"] * 2, num_inference_steps=10, generator=[torch.Generator().manual_seed(s) for s in (0, 1)]).images
     assert all(d.has("color", "red") for d in ConceptDetector.load().detect(images))  # a from-scratch run this short draws noise
+
+
+def test_training_on_from_a_pipeline_with_another_vocabulary_stops_before_any_work(tmp_path):
+    import shutil
+
+    from eiup.models import default_model_path
+    from eiup.toy.tokenizer import build_clip_tokenizer
+    from eiup.toy.train import ToyTrainConfig, train_toy_model
+
+    other = tmp_path / "other"
+    shutil.copytree(default_model_path(), other)
+    shutil.rmtree(other / "tokenizer")
+    build_clip_tokenizer(["a", "cat", "and", "dog"], other / "tokenizer")
+    with pytest.raises(ValueError, match="is not the toy world's tokenizer; init_from takes a toy pipeline"):
+        train_toy_model(tmp_path / "run", ToyTrainConfig(n_scenes=64, init_from=str(other), threads=1))
+    assert not (tmp_path / "run" / "data").exists() and not (tmp_path / "run" / "vae_final.safetensors").exists()

@@ -1,8 +1,9 @@
 """Train the toy-world Stable Diffusion pipeline from scratch on this CPU, in resumable stages.
 
 Stages (each skipped when its output exists; training stages resume from checkpoints):
-  data -> vae -> latents -> decoder (the VAE's decoder fine-tuned on its own latents, encoder frozen)
-  -> unet (UNet + text encoder, with a token-localisation loss) -> export.
+  [init: with init_from, the given pipeline's VAE, its tokenizer checked] -> data -> vae -> latents
+  -> decoder (the VAE's decoder fine-tuned on its own latents, encoder frozen)
+  -> unet (UNet + text encoder, with a token-localisation loss; with init_from, from the pipeline's weights) -> export.
 
 The localisation loss (as in TokenCompose, arXiv 2312.03626) asks each object word's
 cross-attention to fall inside its object's region, so that the toy model localises concepts in
@@ -715,7 +716,7 @@ def train_toy_model(out: str | Path, cfg: ToyTrainConfig | None = None, export_t
     if not (out / "tokenizer" / "vocab.json").exists():
         build_clip_tokenizer(words(), out / "tokenizer")
     t0 = time.time()
-    for stage in (stage_data, stage_init, stage_vae, stage_latents, stage_decoder, stage_unet):
+    for stage in (stage_init, stage_data, stage_vae, stage_latents, stage_decoder, stage_unet):
         stage(out, cfg)
     dest = Path(export_to) if export_to else out / "pipeline"
     export_pipeline(out, dest)
