@@ -215,3 +215,20 @@ def test_heldout_rewrite_reference_draws_the_rewritten_prompts(pipe, detector):
     images = pipe(seen[:2], num_inference_steps=STEPS, generator=plain.generators()).images
     assert r.residual == np.mean([d.has("color", "red") for d, p in zip(detector.detect(images), plain.get(
         "a drawing of a tomato")[1]) if p.has("color", "red")])
+
+
+def test_quality_report_judges_every_group_with_and_without_the_pattern(tmp_path):
+    from eiup.models import load_pipeline
+    from eiup.toy.detect import ConceptDetector
+    from eiup.toy.quality import quality_prompts, quality_report
+
+    pipe = load_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    rep = quality_report(pipe, ConceptDetector.load(), [0, 1], steps=12, out_dir=tmp_path)
+    assert set(rep.accuracy) == set(rep.accuracy_without_pattern) == set(quality_prompts())
+    for group, value in rep.accuracy.items():
+        assert 0 <= value <= rep.accuracy_without_pattern[group] <= 1  # dropping a condition can only admit more
+    assert rep.accuracy_without_pattern["implicit"] > 0.5  # the bundled model draws its nouns' colour and shape
+    md = (tmp_path / "toy-quality.md").read_text()
+    assert "| prompt group | all attributes correct | pattern not judged |" in md
+    assert (tmp_path / "toy-quality-grid.png").exists() and len(rep.per_prompt) == sum(map(len, quality_prompts().values()))

@@ -135,12 +135,15 @@ class QualityReport:
     localisation: dict
     seconds_per_image: float
     settings: dict
+    # colour, shape, object count and background right, the pattern not judged: the toy VAE barely carries
+    # patterns, so the detector's pattern head (75% on round-tripped renders) reads noise on generated images
+    accuracy_without_pattern: dict[str, float]
 
     def to_markdown(self, grid_name: str) -> str:
         lines = ["# Toy model quality report", "",
                  f"Settings: {json.dumps(self.settings)}", "",
-                 "| prompt group | all attributes correct |", "|---|---|"]
-        lines += [f"| {k} | {v:.1%} |" for k, v in self.accuracy.items()]
+                 "| prompt group | all attributes correct | pattern not judged |", "|---|---|---|"]
+        lines += [f"| {k} | {v:.1%} | {self.accuracy_without_pattern[k]:.1%} |" for k, v in self.accuracy.items()]
         lines += ["", f"Localisation (two-object prompts, colour/noun word vs its object's region): "
                   f"mean correlation **{self.localisation['mean_correlation']:.2f}** over "
                   f"{self.localisation['n_maps']} maps.", "",
@@ -188,27 +191,31 @@ def wrap_label(label: str, width: int) -> list[str]:
 def quality_report(pipe, detector: ConceptDetector, seeds: list[int], steps: int = 25, guidance: float = 7.5,
                    out_dir: str | Path | None = None) -> QualityReport:
     groups = quality_prompts()
-    per_prompt, accuracy, grid_rows, labels = {}, {}, [], []
+    per_prompt, accuracy, without_pattern, grid_rows, labels = {}, {}, {}, [], []
     for group, prompts in groups.items():
-        ok = 0
+        ok = ok_shape_colour = 0
         for prompt in tqdm(prompts, desc=group):
             images = pipe([prompt] * len(seeds), generator=seed_generators(seeds), num_inference_steps=steps,
                           guidance_scale=guidance).images
             scene = parse_caption(prompt)
-            hits = [scene_correct(scene, d) for d in detector.detect(images)]
+            detections = detector.detect(images)
+            hits = [scene_correct(scene, d) for d in detections]
             per_prompt[prompt] = float(np.mean(hits))
             ok += sum(hits)
+            ok_shape_colour += sum(scene_correct(scene, d, ("color", "shape")) for d in detections)
             if len(grid_rows) < 40 and prompt in prompts[:10]:
                 grid_rows.append(images[:10])
                 labels.append(prompt)
         accuracy[group] = ok / (len(prompts) * len(seeds))
+        without_pattern[group] = ok_shape_colour / (len(prompts) * len(seeds))
     loc = localisation(pipe, detector, groups["two objects"], seeds[:10], steps, guidance)
     t0 = time.perf_counter()
     for s in range(3):
         pipe("a tomato", generator=seed_generators([s]), num_inference_steps=steps, guidance_scale=guidance)
     sec = (time.perf_counter() - t0) / 3
     report = QualityReport(accuracy, per_prompt, loc, sec,
-                           {"steps": steps, "guidance": guidance, "seeds": f"{seeds[0]}..{seeds[-1]} ({len(seeds)})"})
+                           {"steps": steps, "guidance": guidance, "seeds": f"{seeds[0]}..{seeds[-1]} ({len(seeds)})"},
+                           without_pattern)
     if out_dir:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
