@@ -205,3 +205,13 @@ def test_training_on_from_a_pipeline_with_another_vocabulary_stops_before_any_wo
     with pytest.raises(ValueError, match="is not the toy world's tokenizer; init_from takes a toy pipeline"):
         train_toy_model(tmp_path / "run", ToyTrainConfig(n_scenes=64, init_from=str(other), threads=1))
     assert not (tmp_path / "run" / "data").exists() and not (tmp_path / "run" / "vae_final.safetensors").exists()
+
+
+def test_training_on_from_a_pipeline_refuses_a_work_folder_with_another_vae(tmp_path):
+    from eiup.models import default_model_path
+    from eiup.toy.train import ToyTrainConfig, train_toy_model
+
+    cfg = ToyTrainConfig(n_scenes=64, vae_minutes=0.01, unet_minutes=0.01, vae_batch=8, unet_batch=4, threads=1)
+    train_toy_model(tmp_path / "run", cfg)  # a from-scratch run: its own VAE
+    with pytest.raises(ValueError, match="already holds a run with another VAE"):
+        train_toy_model(tmp_path / "run", ToyTrainConfig(**{**cfg.__dict__, "init_from": str(default_model_path())}))

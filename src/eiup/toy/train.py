@@ -231,7 +231,7 @@ def stage_init(out: Path, cfg: ToyTrainConfig) -> None:
     """With `init_from`: the run's VAE is the pipeline's (so its latents, and the UNet trained on them, keep their
     meaning) and the run's tokenizer must give the pipeline's token ids."""
     final = out / "vae_final.safetensors"
-    if not cfg.init_from or final.exists():
+    if not cfg.init_from:
         return
     from diffusers import AutoencoderKL
     from transformers import CLIPTokenizer
@@ -241,6 +241,12 @@ def stage_init(out: Path, cfg: ToyTrainConfig) -> None:
     if theirs.get_vocab() != ours.get_vocab():
         raise ValueError(f"{folder / 'tokenizer'} is not the toy world's tokenizer; init_from takes a toy pipeline")
     vae = AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=torch.float32, use_safetensors=True)
+    if final.exists():  # a resumed run: it must be this pipeline's VAE, or the UNet's latents would change meaning
+        kept = load_file(str(final))
+        if any(not torch.equal(kept[k], v) for k, v in vae.state_dict().items()):
+            raise ValueError(f"{out} already holds a run with another VAE than {folder}'s; "
+                             "train on from a pipeline in a fresh work folder")
+        return
     tmp = final.with_suffix(".tmp")
     save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, str(tmp),
               metadata={"scaling_factor": str(vae.config.scaling_factor), "init_from": str(folder)})
