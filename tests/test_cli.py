@@ -467,3 +467,19 @@ def test_toy_training_refuses_a_device_it_cannot_use_before_any_work(tmp_path):
     res = invoke("toy", "train-detector", "--out", tmp_path / "d.safetensors", "--processes", "0")
     assert res.exit_code == 2 and "Invalid value for --processes: must be >= 1" in flat(res.output)
     assert not (tmp_path / "run").exists() and not (tmp_path / "d.safetensors").exists()
+
+
+@pytest.mark.parametrize("args, option, text", [
+    (["--unerasable", "max"], "--unerasable", "use spare or strongest"),
+    (["--grid=-1,-2"], "--grid", "start at 0"),
+    (["--mode", "triple"], "--mode", "use single or dual"),
+])
+def test_calibrate_checks_its_arguments_before_the_model(monkeypatch, args, option, text):
+    def forbidden(*a, **k):
+        raise AssertionError("the model must not be touched before the arguments are checked")
+
+    monkeypatch.setattr(models, "load_pipeline", forbidden)
+    res = invoke("calibrate", "--concept", "red", *args)
+    assert res.exit_code == 2, res.output
+    out = flat(res.output).replace("'", "")
+    assert f"Invalid value for {option}" in out and text in out, out

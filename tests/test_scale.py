@@ -46,9 +46,14 @@ def test_predictor_learns_a_monotone_mapping_and_round_trips(tmp_path):
 
 
 def test_mildest_scale_picks_the_first_stable_erasing_scale():
-    present = {0.0: [True, False, True, True], -1.0: [True, False, False, True],
-               -2.0: [False, False, False, True], -4.0: [False, False, False, True]}
-    assert mildest_scale(present) == [-2.0, 0.0, -1.0, -4.0]
+    present = {0.0: [True, False, True, True, True], -1.0: [True, False, False, True, False],
+               -2.0: [False, False, False, True, True], -4.0: [False, False, False, True, False]}
+    # the last sample is erased at -1 but back at -2: only -4 erases it stably
+    assert mildest_scale(present, unerasable="strongest") == [-2.0, 0.0, -1.0, -4.0, -4.0]
+    # a sample that no scale erases is spared by default: suppressing it changes the image for nothing
+    assert mildest_scale(present) == [-2.0, 0.0, -1.0, 0.0, -4.0]
+    with pytest.raises(ValueError, match="unerasable"):
+        mildest_scale(present, unerasable="max")
 
 
 @pytest.fixture(scope="module")
@@ -127,6 +132,23 @@ def test_calibrate_fits_and_saves_a_predictor_that_auto_mode_loads(tiny, tmp_pat
     assert out.erase_scales["red"].shape == (2,) and (out.erase_scales["red"] <= 0).all()
     with pytest.raises(ValueError, match="grid"):
         calibrate(tiny, "red", ["a red circle"], judge, seeds=[0], grid=(-1.0, -2.0), out=tmp_path / "x.safetensors")
+
+
+@pytest.mark.parametrize("unerasable, expected", [("spare", 0.0), ("strongest", -4.0)])
+def test_calibration_spares_what_no_scale_erases_unless_asked(tiny, tmp_path, unerasable, expected):
+    from eiup.calibrate import calibrate
+
+    def judge(images):  # the concept never goes, at any scale
+        return [True] * len(images)
+
+    pred, _ = calibrate(tiny, "red", ["a red circle", "a red star"], judge, seeds=[0], steps=2, grid=(0.0, -2.0, -4.0),
+                        out=tmp_path / "red.safetensors", margin=1.0, unerasable=unerasable)
+    assert pred.info["unerasable"] == 2 and pred.info["unerasable_target"] == unerasable
+    out = _run(tiny, erase=["red"], erase_scale="auto", scale_predictors=str(tmp_path / "red.safetensors"))
+    assert np.allclose(out.erase_scales["red"], expected, atol=1e-3)
+    with pytest.raises(ValueError, match="unerasable"):
+        calibrate(tiny, "red", ["a red circle"], judge, seeds=[0], steps=2, out=tmp_path / "x.safetensors",
+                  unerasable="always")
 
 
 def test_calibration_records_its_mode_and_auto_warns_on_another(tiny, tmp_path, monkeypatch):

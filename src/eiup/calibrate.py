@@ -82,13 +82,22 @@ class CalibrationData:
     present: dict[float, list[bool]]  # per grid scale, per sample: concept still present
 
 
-def mildest_scale(present_by_scale: dict[float, list[bool]]) -> list[float]:
-    """Per sample: the mildest grid scale at which the concept is gone and stays gone one step stronger."""
+UNERASABLE = ("spare", "strongest")
+
+
+def mildest_scale(present_by_scale: dict[float, list[bool]], unerasable: str = "spare") -> list[float]:
+    """Per sample: the mildest grid scale at which the concept is gone and stays gone one step stronger.
+
+    A sample that no grid scale erases gets 0 with ``unerasable="spare"`` (suppressing it changes the
+    image without removing the concept) or the strongest grid scale with ``"strongest"``.
+    """
+    if unerasable not in UNERASABLE:
+        raise ValueError(f"unerasable={unerasable!r}: use {' or '.join(UNERASABLE)}")
     grid = sorted(present_by_scale, reverse=True)
     n = len(present_by_scale[grid[0]])
     out = []
     for i in range(n):
-        target = grid[-1]
+        target = 0.0 if unerasable == "spare" else grid[-1]
         for k, s in enumerate(grid):
             stronger = grid[k + 1:k + 2]
             if not present_by_scale[s][i] and all(not present_by_scale[g][i] for g in stronger):
@@ -100,7 +109,8 @@ def mildest_scale(present_by_scale: dict[float, list[bool]]) -> list[float]:
 
 def collect(pipe, concept: str, prompts: Sequence[str], judge: Callable, seeds: Sequence[int], steps: int,
             guidance: float, grid: Sequence[float] = DEFAULT_GRID, gate: str | None = None,
-            mode: str = "single", concept_context: str | None = None, anchors: Any = ()) -> CalibrationData:
+            mode: str = "single", concept_context: str | None = None, anchors: Any = (),
+            unerasable: str = "spare") -> CalibrationData:
     """Generate every prompt x seed at every grid scale; record step-0 features and judgements."""
     features, rows, present = [], [], {float(s): [] for s in grid}
     for prompt in tqdm(prompts, desc=f"calibrate {concept}"):
@@ -115,31 +125,37 @@ def collect(pipe, concept: str, prompts: Sequence[str], judge: Callable, seeds: 
             if scale == grid[0]:
                 features.append(rec.concept_features(0)[:, 0])
         rows += [prompt] * len(seeds)
-    return CalibrationData(rows, torch.cat(features), torch.tensor(mildest_scale(present)), present)
+    return CalibrationData(rows, torch.cat(features), torch.tensor(mildest_scale(present, unerasable)), present)
 
 
 def calibrate(pipe, concept: str, prompts: Sequence[str], judge: Callable, seeds: Sequence[int], steps: int = 25,
               guidance: float = 7.5, grid: Sequence[float] = DEFAULT_GRID, gate: str | None = None,
               out: str | Path | None = None, margin: float = 1.1, mode: str = "single",
-              concept_context: str | None = None, anchors: Any = ()) -> tuple[ScalePredictor, Path]:
+              concept_context: str | None = None, anchors: Any = (),
+              unerasable: str = "spare") -> tuple[ScalePredictor, Path]:
     """Collect calibration data, fit the scale predictor and save it (default: in the model folder).
 
     ``anchors`` (default ``()``: the concept term alone) is used in every calibration call and
     recorded; ``erase_scale="auto"`` warns when a call's anchors differ. Calibration measures the
     concept term on every prompt, so it runs without the prompt gate (which only decides whether
-    the term acts at all).
+    the term acts at all). ``unerasable`` is the target of samples that no grid scale erases
+    (:func:`mildest_scale`): by default 0, so the predictor does not spend strong scales, and the
+    image, where they buy nothing.
     """
     if sorted(grid, reverse=True)[0] != 0:
         raise ValueError(f"grid={list(grid)} must start at 0 (no suppression) and go negative")
+    if unerasable not in UNERASABLE:
+        raise ValueError(f"unerasable={unerasable!r}: use {' or '.join(UNERASABLE)}")
     if concept_context is None:
         from .pipeline import DEFAULT_CONCEPT_CONTEXT
 
         concept_context = DEFAULT_CONCEPT_CONTEXT
-    data = collect(pipe, concept, prompts, judge, seeds, steps, guidance, grid, gate, mode, concept_context, anchors)
+    data = collect(pipe, concept, prompts, judge, seeds, steps, guidance, grid, gate, mode, concept_context, anchors,
+                   unerasable)
     info = {"gate": gate, "mode": mode, "concept_context": concept_context,
             "anchors": anchors if isinstance(anchors, str) else list(anchors), "grid": list(grid), "steps": steps,
             "guidance": guidance, "seeds": len(seeds), "prompts": list(prompts), "mean_target": float(data.targets.mean()),
-            "unerasable": int(sum(data.present[min(grid)]))}
+            "unerasable": int(sum(data.present[min(grid)])), "unerasable_target": unerasable}
     pred = fit_predictor(concept, data.features, data.targets, margin=margin, info=info, groups=data.prompts)
     if out is None:
         folder = getattr(pipe.config, "_name_or_path", None)

@@ -15,12 +15,13 @@ def calibrate(
     model: Annotated[str | None, typer.Option(help="Pipeline folder (default: the bundled toy model).")] = None,
     detector: Annotated[str, typer.Option(help="Judge of 'concept still present': toy, nudenet, or package.module:function (images -> list of bool).")] = "toy",
     seeds: Annotated[int, typer.Option(help="Seeds per prompt.")] = 8,
-    first_seed: Annotated[int, typer.Option(help="First seed (keep calibration seeds apart from benchmark seeds).")] = 5000,
+    first_seed: Annotated[int, typer.Option(help="First seed (keep calibration seeds apart from benchmark seeds: the toy benchmark uses 0-19, its held-out sets 4000-4005 and 5000-5005).")] = 7000,
     grid: Annotated[str, typer.Option(help="Scales tried, mild to strong, starting at 0.")] = "0,-2,-4,-8,-16,-32",
     mode: Annotated[str, typer.Option(help="Erase mode to calibrate for (single or dual; use the same at inference).")] = "single",
     concept_context: Annotated[str, typer.Option(help="Concept encoding to calibrate for: separate or prompt (use the same at inference).")] = "prompt",
     gate: Annotated[bool, typer.Option("--gate/--no-gate", help="Calibrate with presence gating (use the same at inference).")] = False,
     anchor: Annotated[list[str] | None, typer.Option(help="Anchors used while calibrating (repeat, or 'auto'); default none: the scale of the concept term alone.")] = None,
+    unerasable: Annotated[str, typer.Option(help="Target of samples no grid scale erases: spare (0, leave them alone) or strongest (the grid's strongest scale).")] = "spare",
     steps: int = 25,
     guidance: float = 7.5,
     out: Annotated[Path | None, typer.Option(help="Predictor file (default: MODEL/eiup_scale_predictors/CONCEPT.safetensors).")] = None,
@@ -28,7 +29,7 @@ def calibrate(
 ) -> None:
     """Find, per prompt and seed, the mildest scale that removes the concept, and fit the predictor
     that `erase_scale="auto"` uses."""
-    from ..calibrate import calibrate as run, load_judge, read_prompt_lines
+    from ..calibrate import UNERASABLE, calibrate as run, load_judge, read_prompt_lines
 
     try:
         grid_values = [float(v) for v in grid.split(",") if v.strip()]
@@ -42,6 +43,8 @@ def calibrate(
         raise typer.BadParameter(f"{mode!r}: use single or dual", param_hint="--mode")
     if concept_context not in ("separate", "prompt"):
         raise typer.BadParameter(f"{concept_context!r}: use separate or prompt", param_hint="--concept-context")
+    if unerasable not in UNERASABLE:
+        raise typer.BadParameter(f"{unerasable!r}: use {' or '.join(UNERASABLE)}", param_hint="--unerasable")
     if prompts is not None and not prompts.is_file():
         raise typer.BadParameter(f"{prompts}: no such file", param_hint="--prompts")
     if prompts is None:
@@ -63,5 +66,6 @@ def calibrate(
     pipe.set_progress_bar_config(disable=True)
     pred, path = run(pipe, concept.strip(), prompt_list, judge, list(range(first_seed, first_seed + seeds)), steps,
                      guidance, grid_values, "presence" if gate else None, out, mode=mode,
-                     concept_context=concept_context, anchors="auto" if anchor == ["auto"] else tuple(anchor or ()))
+                     concept_context=concept_context, anchors="auto" if anchor == ["auto"] else tuple(anchor or ()),
+                     unerasable=unerasable)
     typer.echo(json.dumps({"predictor": str(path), **{k: v for k, v in (pred.info or {}).items() if k != "prompts"}}, indent=2))
