@@ -8,7 +8,8 @@ import torch
 
 from eiup import EraseConfigError
 from eiup.anchors import (aligned_concept_and_anchors, aligned_padding, concept_directions, counterfactual_positions,
-                          implying_word, nearest_to_concept, project_tokens, protect_directions, word_substitutions)
+                          implying_word, nearest_to_concept, project_tokens, protect_directions, word_positions,
+                          word_substitutions)
 from eiup.testing import ModelCalls
 
 KW = dict(num_inference_steps=3, output_type="np")
@@ -84,6 +85,7 @@ BAD = [
     (dict(anchors=["blue"], anchor_protect=["red", " "]), r"anchor_protect\[1\]"),
     (dict(anchors=["blue"], anchor_protect=["red", " ".join(["blue"] * 80)]), r"anchor_protect\[1\]"),
     (dict(anchors=["blue"], anchor_in_context="yes"), "anchor_in_context"),
+    (dict(anchors=["blue"], anchor_region=1), "anchor_region"),
 ]
 
 
@@ -291,7 +293,7 @@ def test_model_presets_may_give_prompts_naming_the_concept_their_own_strength(sd
                                    '{"anchors": ["blue"], "scale": "strong"}', '{"strength": 1.0, "anchors": "blue"}',
                                    '{"anchors": ["blue"], "aliases": "crimson"}', '{"anchors": ["blue"], "aliases": [""]}',
                                    '{"anchors": ["blue"], "protect": ["star"]}', '{"anchors": ["blue"], "protect": "star"}',
-                                   '{"anchors": ["blue"], "in_context": "yes"}'])
+                                   '{"anchors": ["blue"], "in_context": "yes"}', '{"anchors": ["blue"], "region": 1}'])
 def test_malformed_presets_are_refused_before_model_work(sd1, model_folder, entry):
     (model_folder / "eiup_anchors.json").write_text('{"red": %s}' % entry)
     with ModelCalls(sd1) as model, pytest.raises(EraseConfigError, match="eiup_anchors.json"):
@@ -486,3 +488,99 @@ def test_in_context_anchors_of_a_long_prompt_read_its_window_and_warn_once(sd1, 
     assert warned_with == warned_without >= 1
     assert not np.allclose(with_, without, atol=1e-4)
     assert model.calls.count("text_encoder") >= 2
+
+
+# ---- anchor_region: the projection confined to the concept's region ----------------------------------------
+
+
+def test_word_positions_cover_every_occurrence_of_every_word():
+    assert word_positions([0, 5, 7, 8, 5, 7, 1], [[5, 7]]) == [1, 2, 4, 5]
+    assert word_positions([0, 5, 7, 8, 1], [[8], [9, 9], []]) == [3]
+    assert word_positions([0, 1], [[5]]) == []
+
+
+def test_region_weights_ramp_between_the_thresholds_of_the_images_own_maximum():
+    from eiup.attention import region_blend, region_weights
+
+    m = torch.tensor([[0.0, 1.0, 2.0, 3.0, 4.0], [0.0, 0.0, 0.0, 0.5, 1.0]])
+    w = region_weights(m, 0.25, 0.75)
+    assert torch.allclose(w, torch.tensor([[0.0, 0.0, 0.5, 1.0, 1.0], [0.0, 0.0, 0.0, 0.5, 1.0]]))
+    original, edited = torch.zeros(2, 5, 3), torch.ones(2, 5, 3)
+    assert torch.allclose(region_blend(original, edited, w[..., None]), w[..., None].expand(2, 5, 3))
+
+
+def region_of_call(pipe, prompt, **kw):
+    """The RegionGate the call built (read from the erase context at the first step) and the images."""
+    seen = {}
+
+    def capture(p, i, t, cb_kwargs):
+        seen.setdefault("region", p.erase_context.region)
+        return cb_kwargs
+
+    images = pipe(prompt, generator=gen(), callback_on_step_end=capture, **kw).images
+    return seen["region"], images
+
+
+def test_region_carriers_are_the_named_word_or_the_implying_word(sd1, model_folder):
+    """A prompt naming the concept is confined to the concept word's map; one that (by the probe) implies it,
+    to the implying word's (the one the in-context anchors replace); a prompt the projection leaves is not
+    confined at all."""
+    from eiup.probe import PROBE_DIR, PromptProbe, probe_path
+
+    dim, tok = sd1.text_encoder.config.hidden_size, sd1.tokenizer
+    (model_folder / "eiup_anchors.json").write_text('{"red": {"anchors": ["blue", "green"], "region": true}}')
+    PromptProbe("red", torch.zeros(2 * dim), 50.0).save(probe_path(model_folder / PROBE_DIR, "red"))
+    kw = dict(erase="red", erase_scale=-1.0, concept_context="separate", prompt_gate=False, **KW)
+    region, _ = region_of_call(sd1, "a big red star", **kw)
+    named = tok("a big red star").input_ids.index(tok("red", add_special_tokens=False).input_ids[0])
+    assert region.carriers[0].nonzero().flatten().tolist() == [named]
+    region, _ = region_of_call(sd1, "a tree in the fog", **kw)
+    enc = lambda t: sd1.encode_prompt(t, "cpu", 1, False)[0]  # noqa: E731
+    prompt, ids = "a tree in the fog", tok("a tree in the fog").input_ids
+    texts = word_substitutions(prompt, ["red", "blue", "green"])
+    e = enc(prompt)
+    variants = torch.stack([enc(t)[0][counterfactual_positions(ids, tok(t).input_ids, e.shape[1])] for t in texts])
+    j = implying_word(e[0], variants.view(-1, 3, *e.shape[1:]))
+    start = 1 + sum(len(tok(w, add_special_tokens=False).input_ids) for w in prompt.split()[:j])
+    width = len(tok(prompt.split()[j], add_special_tokens=False).input_ids)
+    assert region.carriers[0].nonzero().flatten().tolist() == list(range(start, start + width))
+    PromptProbe("red", torch.zeros(2 * dim), -50.0).save(probe_path(model_folder / PROBE_DIR, "red"))
+    region, images = region_of_call(sd1, "a tree in the fog", **kw)
+    assert region is None  # not projected: nothing to confine
+    assert np.array_equal(images, region_of_call(sd1, "a tree in the fog", anchor_region=False, **kw)[1])
+
+
+@pytest.mark.parametrize("mode", ["single", "dual"])
+def test_region_weights_of_one_and_zero_give_the_projected_and_the_plain_output(sd1, model_folder, monkeypatch, mode):
+    """Weights 1 everywhere reproduce the unconfined projection; weights 0 everywhere the layer's output for
+    the prompt as given, so the image of a call without erasure: the confined layer recomputes it exactly."""
+    import eiup.attention as attention
+
+    (model_folder / "eiup_anchors.json").write_text('{"red": {"anchors": ["blue", "green"], "strength": 2.0}}')
+    kw = dict(erase="red", erase_scale=-1.0, erase_mode=mode, concept_context="separate", prompt_gate=False,
+              anchor_gate=False, **KW)
+    if mode == "dual":
+        kw["cross_attn_fraction"] = 0.5
+    unconfined = sd1("a red star", generator=gen(), **kw).images
+    monkeypatch.setattr(attention, "region_weights", lambda m, low, high: torch.ones_like(m))
+    assert np.allclose(sd1("a red star", anchor_region=True, generator=gen(), **kw).images, unconfined, atol=1e-5)
+    monkeypatch.setattr(attention, "region_weights", lambda m, low, high: torch.zeros_like(m))
+    plain = sd1("a red star", generator=gen(), **KW).images
+    confined = sd1("a red star", anchor_region=True, generator=gen(), **kw).images
+    assert not np.allclose(unconfined, plain, atol=1e-3) and np.allclose(confined, plain, atol=1e-5)
+
+
+def test_region_map_averages_the_finished_steps_layers():
+    from eiup.attention import RegionGate
+
+    gate = RegionGate(torch.zeros(1, 4, 8), torch.tensor([[0.0, 1.0, 0.0, 0.0]]), 0.1, 0.3)
+    first = torch.arange(16.0).view(1, 16)  # a 4x4 layer of an 8x8 latent
+    assert torch.equal(gate.region_map(0, first, (8, 8)), first)  # first step: the layer's own map
+    gate.region_map(0, torch.zeros(1, 64), (8, 8))  # an 8x8 layer, same step
+    later = gate.region_map(1, torch.full((1, 16), 99.0), (8, 8))
+    expected = (torch.nn.functional.interpolate(first.view(1, 1, 4, 4), size=(8, 8), mode="bilinear",
+                                                align_corners=False) + 0).flatten(1)
+    expected = torch.nn.functional.adaptive_avg_pool2d(expected.view(1, 1, 8, 8), (4, 4)).flatten(1)
+    assert torch.allclose(later, expected)  # the sum of step 0's maps (the zero map adds nothing), not step 1's own
+    with pytest.raises(ValueError, match="low"):
+        RegionGate(torch.zeros(1, 4, 8), torch.zeros(1, 4), 0.3, 0.3)

@@ -345,7 +345,7 @@ def test_concept_context_prompt_batches_per_prompt_and_is_recorded(tmp_path, mod
     assert res.exit_code != 0 and "--concept-context" in flat(res.output)
 
 
-def test_anchors_reach_the_pipeline_and_are_recorded(tmp_path, model_dir):
+def test_anchors_reach_the_pipeline_and_are_recorded(tmp_path, model_dir, monkeypatch):
     out = tmp_path / "anch"
     args = ["generate", "-p", "a red star", "--model", model_dir, "--steps", STEPS, "--erase", "red",
             "--anchor", "blue", "--anchor", "green", "--anchor-strength", "2", "--out", out, "--no-progress"]
@@ -378,6 +378,14 @@ def test_anchors_reach_the_pipeline_and_are_recorded(tmp_path, model_dir):
     assert json.loads((in_context / "run.json").read_text())["settings"]["anchor_in_context"] is True
     ((c,),) = [sorted(in_context.glob("*.png"))]
     assert np.array_equal(np.asarray(Image.open(c)), np.asarray(Image.open(b)))  # pixels; the PNG text records settings
+    named = ["generate", "-p", "a red star", "--model", model_dir, "--steps", STEPS, "--erase", "red", "--anchor", "blue",
+             "--anchor", "green", "--no-progress"]  # names red: confined to the map of "red" with --region
+    monkeypatch.setattr("eiup.pipeline.REGION_THRESHOLDS", (0.98, 0.99))  # the tiny model's maps are nearly flat
+    assert invoke(*named, "--region", "--out", tmp_path / "region").exit_code == 0
+    assert json.loads((tmp_path / "region" / "run.json").read_text())["settings"]["anchor_region"] is True
+    assert invoke(*named, "--out", tmp_path / "everywhere").exit_code == 0
+    (r,), (e,) = sorted((tmp_path / "region").glob("*.png")), sorted((tmp_path / "everywhere").glob("*.png"))
+    assert not np.array_equal(np.asarray(Image.open(r)), np.asarray(Image.open(e)))
 
 
 def test_anchor_auto_reads_the_model_folder_and_none_switches_off(tmp_path, model_dir):

@@ -118,6 +118,16 @@ def implying_word(prompt_embeds: torch.Tensor, substituted: torch.Tensor) -> int
     return int((dist[:, 1:].mean(1) - dist[:, 0]).argmax())
 
 
+def word_positions(prompt_ids: Sequence[int], words: Sequence[Sequence[int]]) -> list[int]:
+    """Positions of ``prompt_ids`` covered by an occurrence of any of ``words`` (token id sequences)."""
+    found: set[int] = set()
+    for word in (list(w) for w in words if len(w)):
+        for start in range(len(prompt_ids) - len(word) + 1):
+            if list(prompt_ids[start:start + len(word)]) == word:
+                found.update(range(start, start + len(word)))
+    return sorted(found)
+
+
 def counterfactual_positions(prompt_ids: Sequence[int], variant_ids: Sequence[int], seq_len: int) -> torch.Tensor:
     """(seq_len,) for each position of the prompt, the counterfactual's position that holds the same content.
 

@@ -39,12 +39,16 @@ __all__ = [
     "EIUPCrossAttnProcessor",
     "EIUPSelfAttnProcessor",
     "EraseContext",
+    "RegionGate",
     "build_processors",
+    "carrier_mass",
     "concept_attention_probs",
     "concept_mass",
     "concept_term",
     "concept_term_from_probs",
     "merge_heads",
+    "region_blend",
+    "region_weights",
     "scale_concept_values",
     "split_heads",
     "swapped_self_attention",
@@ -136,6 +140,23 @@ def concept_mass(probs: torch.Tensor, spans: Sequence[Sequence[int]]) -> torch.T
     return torch.stack([probs[..., list(span)].sum(-1).mean(1) for span in spans], dim=-1)
 
 
+def carrier_mass(probs: torch.Tensor, carriers: torch.Tensor) -> torch.Tensor:
+    """Attention mass on the carrier tokens, mean over heads: (B, L) from M (B, heads, L, T) and carriers (B, T)."""
+    return (probs.float().mean(1) * carriers[:, None, :].float()).sum(-1)
+
+
+def region_weights(region_map: torch.Tensor, low: float, high: float) -> torch.Tensor:
+    """Per-pixel weight of the edited output: clamp((m / max m - low) / (high - low), 0, 1) per image, (B, ...)."""
+    flat = region_map.flatten(1)
+    rel = flat / flat.amax(1, keepdim=True).clamp_min(1e-12)
+    return ((rel - low) / (high - low)).clamp(0, 1).view_as(region_map)
+
+
+def region_blend(original: torch.Tensor, edited: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """original + g * (edited - original) per pixel: the edit where g = 1, the original layer output where g = 0."""
+    return original + weights.to(original.dtype) * (edited - original)
+
+
 def swapped_self_attention(
     q_src: torch.Tensor, k_src: torch.Tensor, v_dst: torch.Tensor, scale: float | None = None
 ) -> torch.Tensor:
@@ -194,6 +215,66 @@ class ConceptAttentionRecorder:
         tok = self.token_features(step)
         owner = torch.tensor(self.token_concept)
         return torch.stack([tok[:, owner == k].mean(1) for k in range(len(self.concepts))], dim=1)
+
+
+class RegionGate:
+    """Where the anchored projection acts (``anchor_region``): the erased rows' prompt embeddings as given,
+    and per row the token positions whose cross-attention map marks the concept's region (the word that
+    names or implies the concept; a row without any is not gated).
+
+    Each cross-attention layer computes its output for these embeddings too and keeps the output for the
+    projected prompt only where :func:`region_weights` says so, on the carriers' attention map averaged
+    over the layers of the steps before (:meth:`region_map`; at the first step, the layer's own map):
+    a single layer's map of one step is too noisy to tell an object from its neighbour. K and V of the
+    embeddings are computed once per layer and call.
+
+    Args:
+        embeds: (rows, T, D) prompt embeddings before the projection, one row per erased image.
+        carriers: (rows, T) 1 at the carrier tokens, 0 elsewhere.
+        low: Relative attention (to the image's maximum) up to which a pixel keeps the original output.
+        high: Relative attention from which a pixel takes the edited output; linear in between.
+    """
+
+    def __init__(self, embeds: torch.Tensor, carriers: torch.Tensor, low: float, high: float):
+        if embeds.shape[:2] != carriers.shape:
+            raise ValueError(f"embeds {tuple(embeds.shape)} and carriers {tuple(carriers.shape)} disagree")
+        if not 0 <= low < high <= 1:
+            raise ValueError(f"region thresholds low={low}, high={high}: need 0 <= low < high <= 1")
+        self.embeds = embeds
+        self.carriers = carriers
+        self.low, self.high = low, high
+        self.kv: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._past: torch.Tensor | None = None  # sum of the layer maps of finished steps, (rows, h, w)
+        self._current: torch.Tensor | None = None  # the same for the step in progress
+        self._step = 0
+
+    def region_map(self, step: int, layer_mass: torch.Tensor, latent_size: tuple[int, int]) -> torch.Tensor:
+        """Record one layer's carrier mass (rows, L) at ``step`` and return the map that gates it, (rows, L):
+        the mean map of the finished steps, or the layer's own at the first step, at the layer's resolution."""
+        grid = _layer_grid(layer_mass.shape[1], latent_size)
+        if grid is None:  # a layer whose grid cannot be placed: its own map
+            return layer_mass
+        own = layer_mass.view(-1, 1, *grid)
+        full = F.interpolate(own, size=latent_size, mode="bilinear", align_corners=False)[:, 0]
+        if step != self._step:
+            self._past = self._current if self._past is None else self._past + self._current
+            self._current, self._step = None, step
+        self._current = full if self._current is None else self._current + full
+        if self._past is None:
+            return layer_mass
+        return F.adaptive_avg_pool2d(self._past[:, None], grid).flatten(1)
+
+    def original_kv(self, name: str, attn: nn.Module, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K, V (rows, heads, T, d) of :attr:`embeds` in layer ``name``."""
+        if name not in self.kv:
+            e = self.embeds.to(device=like.device, dtype=like.dtype)
+            if getattr(attn, "norm_cross", None):
+                e = attn.norm_encoder_hidden_states(e)
+            k = split_heads(attn.to_k(e), attn.heads)
+            if getattr(attn, "norm_k", None) is not None:
+                k = attn.norm_k(k)
+            self.kv[name] = (k, split_heads(attn.to_v(e), attn.heads))
+        return self.kv[name]
 
 
 class EraseContext:
@@ -265,6 +346,7 @@ class EraseContext:
         # (anchored projection): the original's maps M_P on the erased branch's own V(E_P)
         self.own_prompt_values = own_prompt_values
         self.predicted_scales: dict[str, np.ndarray] | None = None
+        self.region: RegionGate | None = None  # set by the pipeline for anchor_region
         self.step = 0
         self.kv_cache: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
         self.kv_computations = 0
@@ -377,6 +459,8 @@ class EraseContext:
         """Free the concept K/V caches (called after the last denoising step; they are rebuilt if needed)."""
         self.kv_cache.clear()
         self._v_scaled.clear()
+        if self.region is not None:
+            self.region.kv.clear()
 
     # ---- observation (heatmaps, recorder) --------------------------------------------------
     @property
@@ -527,6 +611,39 @@ class EIUPCrossAttnProcessor(_EIUPProcessor):
         self.fused = type(self.original) is AttnProcessor2_0
 
     def _call(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
+        out = self._erased_call(attn, hidden_states, encoder_hidden_states, attention_mask, **kwargs)
+        if self.context.region is None or encoder_hidden_states is None:
+            return out
+        return self._confine_to_region(attn, hidden_states, out, attention_mask, kwargs.get("temb"))
+
+    def _confine_to_region(self, attn, hidden_states, out: torch.Tensor, attention_mask: torch.Tensor | None,
+                           temb: torch.Tensor | None) -> torch.Tensor:
+        """The erased rows' output kept only in the concept's region; elsewhere the output for the prompt as given."""
+        region = self.context.region
+        _, target = self.context.rows(hidden_states.shape[0])
+        x = _tokens(attn, hidden_states[target], _index(temb, target))
+        q = split_heads(attn.to_q(x), attn.heads)
+        if getattr(attn, "norm_q", None) is not None:
+            q = attn.norm_q(q)
+        k, v = region.original_kv(self.name, attn, q)
+        logits = torch.matmul(q, k.transpose(-1, -2)).mul(attn.scale)
+        if attention_mask is not None:  # as the layer's processor applies it
+            b = hidden_states.shape[0]
+            mask = attn.prepare_attention_mask(attention_mask, k.shape[2], b).view(b, attn.heads, -1, k.shape[2])
+            logits = logits + mask[target]
+        probs = logits.float().softmax(-1).to(q.dtype)
+        original = attn.to_out[1](attn.to_out[0](merge_heads(torch.matmul(probs, v)).to(q.dtype)))
+        original = _like_output(original, out)
+        if getattr(attn, "residual_connection", False):
+            original = original + hidden_states[target]
+        original = (original / attn.rescale_output_factor).to(out.dtype)
+        carriers = region.carriers.to(probs.device)
+        region_map = region.region_map(self.context.step, carrier_mass(probs, carriers), self.context.latent_size)
+        weights = torch.where(carriers.any(-1, keepdim=True), region_weights(region_map, region.low, region.high), 1.0)
+        weights = weights[..., None] if out.ndim == 3 else weights.view(weights.shape[0], 1, *out.shape[2:])
+        return torch.cat([out[: target.start], region_blend(original, out[target], weights)], dim=0)
+
+    def _erased_call(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
         if encoder_hidden_states is None:
             return self._base(attn, hidden_states, encoder_hidden_states, attention_mask, **kwargs)
         ctx = self.context

@@ -476,6 +476,7 @@ class GenerationSettings:
     anchor_strength: float | None = None  # None: the model's preset, else the library default
     anchor_protect: tuple[str, ...] | None = None  # EraseConfig.anchor_protect; None: the model's preset
     anchor_in_context: bool | None = None  # EraseConfig.anchor_in_context; None: the model's preset
+    anchor_region: bool | None = None  # EraseConfig.anchor_region; None: the model's preset
     anchor_gate: bool = True
     prompt_gate: bool = True  # EraseConfig.prompt_gate: the concept term only where the model's probe says so
     negative_prompt: str | None = None
@@ -530,6 +531,8 @@ class ImageJob:
                if erasing and settings.anchors and settings.anchor_protect is not None else {}),
             **({"anchor_in_context": settings.anchor_in_context}
                if erasing and settings.anchors and settings.anchor_in_context is not None else {}),
+            **({"anchor_region": settings.anchor_region}
+               if erasing and settings.anchors and settings.anchor_region is not None else {}),
             **({"prompt_gate": settings.prompt_gate} if erasing else {}),
             "original": bool(settings.save_original and erasing),
         }
@@ -936,6 +939,8 @@ def generate_to_dir(
                                 kwargs["anchor_protect"] = list(settings.anchor_protect)
                             if settings.anchor_in_context is not None:
                                 kwargs["anchor_in_context"] = settings.anchor_in_context
+                            if settings.anchor_region is not None:
+                                kwargs["anchor_region"] = settings.anchor_region
                         if settings.allow_amplify:
                             kwargs["allow_amplify"] = True
                         if want_original:

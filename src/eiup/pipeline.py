@@ -56,7 +56,8 @@ from diffusers.loaders import TextualInversionLoaderMixin
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from .attention import ConceptAttentionRecorder, EraseContext, attention_layers, build_processors, token_scale_vector
+from .attention import (ConceptAttentionRecorder, EraseContext, RegionGate, attention_layers, build_processors,
+                        token_scale_vector)
 
 __all__ = [
     "CONCEPT_CONTEXTS",
@@ -102,6 +103,8 @@ TAILS = ("suppress", "reference")
 GATES = ("presence",)
 AUTO = "auto"
 MAX_ANCHOR_STRENGTH = 8.0
+REGION_THRESHOLDS = (0.05, 0.15)
+"""(low, high) of :class:`eiup.attention.RegionGate` for ``anchor_region``."""
 
 
 class EraseConfigError(ValueError):
@@ -142,7 +145,9 @@ class AnchorPlan:
     ``named_strength``, default the same), the model's preset scale (or None), and other words that
     name the concept (``aliases``: a prompt saying one names the concept), words of other attributes
     whose differences the projection must not move prompts along (``protect``), and whether prompts that
-    imply the concept are also projected along in-context anchors (``in_context``, :mod:`eiup.anchors`)."""
+    imply the concept are also projected along in-context anchors (``in_context``, :mod:`eiup.anchors`), and
+    whether the projection acts only where the image attends to the word that names or implies the concept
+    (``region``, :class:`eiup.attention.RegionGate`)."""
 
     anchors: tuple[str, ...]
     strength: float
@@ -151,6 +156,7 @@ class AnchorPlan:
     aliases: tuple[str, ...] = ()
     protect: tuple[str, ...] = ()
     in_context: bool = False
+    region: bool = False
 
     @property
     def strength_when_named(self) -> float:
@@ -222,6 +228,15 @@ class EraseConfig:
             ``eiup fit-gate`` on what the model draws; :mod:`eiup.probe`), else when their tokens
             are closer to the concept's than to every anchor's (mean cosine over the tokens after
             BOS). ``False`` projects every prompt that leans towards the concept.
+        anchor_region: Confine the projection to the concept's region of the image: in every
+            cross-attention layer the output for the projected prompt is blended with the output for
+            the prompt as given, per pixel, by how strongly the pixel attends to the word that names the
+            concept or, for a prompt that implies it, the implying word (the one
+            :func:`eiup.anchors.implying_word` finds), relative to the image's maximum and thresholded
+            at ``gate_threshold`` (:class:`eiup.attention.RegionGate`). The other objects of the prompt
+            keep their attributes ("a tomato and a lime": the tomato loses its red, the lime stays
+            as drawn). For concepts of an object, not of the whole image (a background, a style).
+            Needs the prompt text. ``None``: the model's preset with ``anchors="auto"``, else off.
         prompt_gate: Apply the concept term only to images whose prompt names the concept or, by
             the model's prompt probe, implies it; the images of other prompts come out as without
             erasure (bit for bit when no image of the call needs the term). Only where the model
@@ -247,6 +262,7 @@ class EraseConfig:
     anchor_protect: Sequence[str] | None = None
     anchor_in_context: bool | None = None
     anchor_gate: bool = True
+    anchor_region: bool | None = None
     prompt_gate: bool = True
 
     def __post_init__(self) -> None:
@@ -261,9 +277,9 @@ class EraseConfig:
         for name in ("anchor_gate", "prompt_gate"):
             if not isinstance(getattr(self, name), bool):
                 raise EraseConfigError(f"{name}={getattr(self, name)!r} must be True or False")
-        if self.anchor_in_context is not None and not isinstance(self.anchor_in_context, bool):
-            raise EraseConfigError(f"anchor_in_context={self.anchor_in_context!r} must be True, False or None "
-                                   "(the model's preset)")
+        for name in ("anchor_in_context", "anchor_region"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), bool):
+                raise EraseConfigError(f"{name}={getattr(self, name)!r} must be True, False or None (the model's preset)")
         set_(self, "allow_amplify", bool(self.allow_amplify))
         if isinstance(self.erase_scale, list):
             set_(self, "erase_scale", tuple(self.erase_scale))
@@ -519,6 +535,7 @@ class EIUPMixin:
         anchor_protect: Sequence[str] | None = None,
         anchor_in_context: bool | None = None,
         anchor_gate: bool | None = None,
+        anchor_region: bool | None = None,
         prompt_gate: bool | None = None,
         scale_predictors: Any = None,
         **kwargs: Any,
@@ -559,6 +576,8 @@ class EIUPMixin:
             anchor_protect: Words of another attribute the projection must keep (:class:`EraseConfig`).
             anchor_in_context: Also project implying prompts along in-context anchors (:class:`EraseConfig`).
             anchor_gate: Project only prompts that name or imply the concept (default True).
+            anchor_region: Project only where the image attends to the word that names or implies the
+                concept (:class:`EraseConfig`).
             scale_predictors: With ``erase_scale="auto"``: a folder of calibrated predictors
                 (``CONCEPT.safetensors``), one predictor file, or a list of
                 :class:`eiup.scale.ScalePredictor`; default ``<model folder>/eiup_scale_predictors``.
@@ -590,6 +609,7 @@ class EIUPMixin:
             anchor_protect=anchor_protect,
             anchor_in_context=anchor_in_context,
             anchor_gate=anchor_gate,
+            anchor_region=anchor_region,
             prompt_gate=prompt_gate,
         )
         explicit = {k: v for k, v in explicit.items() if v is not None}
@@ -695,8 +715,8 @@ class EIUPMixin:
             m = self._dual_call(call, device, cfg, lora_scale, height, width)
         term_mask = None
         if projecting or any(probes):
-            implied = self._gate_and_project(call, config, anchor_plans if projecting else None, probes, named,
-                                             row_prompts, device, cfg, lora_scale, m)
+            implied, ctx.region = self._gate_and_project(call, config, anchor_plans if projecting else None, probes,
+                                                         named, row_prompts, device, cfg, lora_scale, m)
             ctx.own_prompt_values = dual and projecting
             if config.prompt_gate and any(probes):
                 term_mask = _term_mask(implied, spans, concept_embeds.shape[1])
@@ -935,6 +955,8 @@ class EIUPMixin:
             plans = [dataclasses.replace(plan, protect=tuple(config.anchor_protect)) for plan in plans]
         if config.anchor_in_context is not None:
             plans = [dataclasses.replace(plan, in_context=config.anchor_in_context) for plan in plans]
+        if config.anchor_region is not None:
+            plans = [dataclasses.replace(plan, region=config.anchor_region) for plan in plans]
         limit = self.tokenizer.model_max_length
         for name, words in (("anchors", (a for plan in plans for a in plan.anchors)),
                             ("anchor_protect", (a for plan in plans for a in plan.protect))):
@@ -984,7 +1006,7 @@ class EIUPMixin:
                             quiet_without_file: bool = False) -> list[AnchorPlan]:
         """``anchors="auto"``: ``<model folder>/eiup_anchors.json``, per concept: ``[anchor, ...]`` or
         ``{"anchors": [...], "strength": s, "named_strength": s2, "scale": w, "aliases": [...], "protect": [...],
-        "in_context": bool}``
+        "in_context": bool, "region": bool}``
         (presets measured for that model; ``named_strength`` for prompts that name the concept, default
         ``strength``; ``aliases``: other words that name it, replaced by the anchors like the concept;
         ``protect``: values of another attribute that the projection of implying prompts must keep)."""
@@ -1007,9 +1029,10 @@ class EIUPMixin:
                     raise EraseConfigError(f"{path}: {concept!r} aliases={aliases!r}: give a list of words that name "
                                            "the concept")
                 protect = _protect_words(preset.get("protect", []), f"{path}: {concept!r} protect")
-                in_context = preset.get("in_context", False)
-                if not isinstance(in_context, bool):
-                    raise EraseConfigError(f"{path}: {concept!r} in_context={in_context!r} must be true or false")
+                in_context, region = preset.get("in_context", False), preset.get("region", False)
+                for key, value in (("in_context", in_context), ("region", region)):
+                    if not isinstance(value, bool):
+                        raise EraseConfigError(f"{path}: {concept!r} {key}={value!r} must be true or false")
             except EraseConfigError as e:
                 raise EraseConfigError(f"anchors='auto': {e}") from e
             if scale is not None and not -MAX_ABS_SCALE <= scale < 0:
@@ -1018,7 +1041,7 @@ class EIUPMixin:
             chosen = strength if strength is not None else (own if own is not None else DEFAULT_ANCHOR_STRENGTH)
             named = None if strength is not None else named  # the call's strength is for every prompt
             plans.append(AnchorPlan(tuple(a.strip() for a in anchors), chosen, scale, named,
-                                    tuple(a.strip() for a in aliases), protect, in_context))
+                                    tuple(a.strip() for a in aliases), protect, in_context, region))
         missing = [c for c, plan in zip(concepts, plans) if not plan.anchors]
         if missing and not (quiet_without_file and not table):
             where = path if path is not None else "(no model folder known)"
@@ -1028,13 +1051,15 @@ class EIUPMixin:
 
     def _gate_and_project(self, call: dict[str, Any], config: EraseConfig, plans: list[AnchorPlan] | None,
                           probes: list, named: list[list[bool]] | None, row_prompts: list[str] | None, device,
-                          cfg: bool, lora_scale, m: int | None) -> list[torch.Tensor | None]:
+                          cfg: bool, lora_scale, m: int | None) -> tuple[list[torch.Tensor | None], RegionGate | None]:
         """Which images' prompts name or imply each concept (by its probe; None without one), and, with
         anchors, the erased branch's prompt embeddings replaced by their projection (:mod:`eiup.anchors`):
         prompts that name the concept move away from their own counterfactuals (the concept word
-        replaced by each anchor), the others along the concept's direction from the anchors."""
+        replaced by each anchor), the others along the concept's direction from the anchors. With
+        ``region`` plans, also the :class:`RegionGate` that confines the projection (else None)."""
         from .anchors import (aligned_concept_and_anchors, away_from_counterfactuals, concept_directions,
-                              counterfactual_positions, nearest_to_concept, project_tokens, protect_directions)
+                              counterfactual_positions, nearest_to_concept, project_tokens, protect_directions,
+                              word_positions)
 
         clip_skip = call.get("clip_skip")
         if m is None:  # single branch: encode the prompt here and hand the parent the edited embeddings
@@ -1056,8 +1081,9 @@ class EIUPMixin:
             implied.append(gate if gate is None or names is None else gate | names)
         if plans is None:
             call["prompt_embeds"] = pe
-            return implied
+            return implied, None
         tok = self.tokenizer
+        carriers = torch.zeros(original.shape[:2], device=original.device) if any(p.region for p in plans) else None
 
         def token_ids(text: str) -> list[int]:  # as the encoder reads it (truncated to its window)
             return tok(text, truncation=True, max_length=tok.model_max_length).input_ids
@@ -1093,20 +1119,26 @@ class EIUPMixin:
             if plan.protect:
                 direction = protect_directions(direction, mean, c, aligned(concept, plan.protect)[1])
             projected = project_tokens(edited, mean, direction, plan.strength)
-            in_context: dict[str, tuple[torch.Tensor, torch.Tensor] | None] = {}
+            in_context: dict[str, tuple[torch.Tensor, torch.Tensor, list[int]] | None] = {}
             for r in range(edited.shape[0]):  # rows naming the concept: e -= s (e0 - mean of counterfactuals)
                 if (k, r) in counterfactuals:
                     prompt_ids = token_ids(row_prompts[r])
                     cf = torch.stack([encoded[t][counterfactual_positions(prompt_ids, token_ids(t), edited.shape[1]).to(device)]
                                       for t in counterfactuals[k, r]]).mean(0)
                     projected[r] = away_from_counterfactuals(edited[r], original[r], cf, plan.strength_when_named)
-                elif plan.in_context and row_prompts is not None and implied[k] is not None and bool(implied[k][r]):
+                    if plan.region:
+                        carriers[r, word_positions(prompt_ids, [tok(w, add_special_tokens=False).input_ids
+                                                                for w in (concept, *plan.aliases)])] = 1
+                elif ((plan.in_context or plan.region) and row_prompts is not None and implied[k] is not None
+                      and bool(implied[k][r])):
                     if row_prompts[r] not in in_context:  # rows repeating a prompt share its variants' encoding
                         in_context[row_prompts[r]] = self._in_context_direction(
                             original[r], row_prompts[r], concept, plan, token_ids, device, lora_scale, clip_skip)
-                    if in_context[row_prompts[r]] is not None:
-                        projected[r] = project_tokens(projected[r][None], *in_context[row_prompts[r]],
-                                                      plan.strength_when_named)[0]
+                    found = in_context[row_prompts[r]]
+                    if found is not None and plan.in_context:
+                        projected[r] = project_tokens(projected[r][None], *found[:2], plan.strength_when_named)[0]
+                    if found is not None and plan.region:
+                        carriers[r, found[2]] = 1
             if config.anchor_gate:  # projected: prompts that imply the concept (the model's probe) or name it
                 gate = implied[k]
                 if gate is None:
@@ -1117,13 +1149,17 @@ class EIUPMixin:
         pe = pe.clone()
         pe[rows] = edited.to(pe.dtype)
         call["prompt_embeds"] = pe
-        return implied
+        region = None
+        if carriers is not None and bool(carriers.any()):
+            region = RegionGate(original.to(pe.dtype), carriers, *REGION_THRESHOLDS)
+        return implied, region
 
     def _in_context_direction(self, original: torch.Tensor, prompt: str, concept: str, plan: AnchorPlan,
                               token_ids: Callable[[str], list[int]], device, lora_scale,
-                              clip_skip) -> tuple[torch.Tensor, torch.Tensor] | None:
+                              clip_skip) -> tuple[torch.Tensor, torch.Tensor, list[int]] | None:
         """The anchors' mean and the concept's direction (L, D) from the prompt's own variants, its implying
-        word replaced by the concept and by each anchor (:mod:`eiup.anchors`); None for an empty prompt."""
+        word replaced by the concept and by each anchor (:mod:`eiup.anchors`), and the implying word's token
+        positions in the prompt; None for an empty prompt."""
         from .anchors import concept_directions, counterfactual_positions, implying_word, protect_directions, word_substitutions
 
         words = [concept, *plan.anchors, *plan.protect]
@@ -1144,7 +1180,8 @@ class EIUPMixin:
         mean, direction = concept_directions(c, anchors)
         if plan.protect:
             direction = protect_directions(direction, mean, c, protected)
-        return mean, direction
+        start = 1 + sum(lengths[:j])
+        return mean, direction, [p for p in range(start, start + lengths[j]) if p < length]
 
     def _check_call_inputs(self, call: dict[str, Any], height: int, width: int) -> None:
         """Run the parent's ``check_inputs`` on the user's arguments before any model work."""

@@ -152,8 +152,9 @@ class MethodRunner:
                 options["anchor_protect"] = _protect(options["anchor_protect"])
             for flag in ("anchor_gate", "prompt_gate"):
                 options[flag] = bool(options.get(flag, True))
-            if "anchor_in_context" in options:  # '+anchor_in_context=0': the preset's in-context anchors off
-                options["anchor_in_context"] = bool(options["anchor_in_context"])
+            for flag in ("anchor_in_context", "anchor_region"):  # '+anchor_region=0': the preset's setting off
+                if flag in options:
+                    options[flag] = bool(options[flag])
             scale = None if method.scale == "preset" else method.scale
             return self.pipe(prompts, erase=[concept], erase_scale=scale, erase_mode=method.mode,
                              **options, **common).images

@@ -70,6 +70,10 @@ def generate(
         None, "--in-context/--no-in-context", help="Also project prompts that imply the concept along in-context "
         "anchors (the implying word replaced by the concept and each anchor). Default: the model's preset "
         "(eiup_anchors.json), else off."),
+    region: Optional[bool] = typer.Option(
+        None, "--region/--no-region", help="Project only where the image attends to the word that names or implies "
+        "the concept (for concepts of an object: the prompt's other objects keep theirs). Default: the model's preset "
+        "(eiup_anchors.json), else off."),
     anchor_gate: bool = typer.Option(
         True, "--anchor-gate/--no-anchor-gate", help="Project only prompts that name or imply the concept (the "
         "model's prompt probe, else the nearest anchor)."),
@@ -219,7 +223,7 @@ def generate(
         gate=default_gate if gate is None else ("presence" if gate else None),
         concept_context=concept_context or default_context,
         anchors=anchors, anchor_strength=anchor_strength, anchor_protect=protected, anchor_in_context=in_context,
-        anchor_gate=anchor_gate,
+        anchor_region=region, anchor_gate=anchor_gate,
         prompt_gate=prompt_gate,
         negative_prompt=negative_prompt, images_per_prompt=images_per_prompt,
         save_original=save_original, use_row_erase=not ignore_erase_target, allow_amplify=allow_amplify,

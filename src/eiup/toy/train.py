@@ -683,6 +683,11 @@ PRESET_PROTECT = {"star": ["red", "orange", "yellow", "green", "blue", "purple"]
 # heart unchanged there (1.7%, 70.7%) and on the calibration prompts (seeds 4000-4005) 0%, 93 -> 97%;
 # star 3.3% both, 73.3 -> 70.0% (one image of 30). Night is named by its implying phrase ("at night").
 PRESET_IN_CONTEXT = ("red", "star", "heart")
+# the projection confined to the implying or naming word's attention map (anchor_region), measured on the
+# benchmark's prompts (20 seeds, --per-role 4, runs/region): heart fidelity vs plain 86.7 -> 90.8%,
+# specificity 85.0 -> 89.6%, residual 0% both; red's implicit residual 0 -> 6% (its colour is read from the
+# padding everywhere in the image), star within a point either way
+PRESET_REGION = ("heart",)
 
 
 def write_anchor_file(folder: Path) -> Path:
@@ -705,6 +710,8 @@ def write_anchor_file(folder: Path) -> Path:
                 table[concept]["protect"] = PRESET_PROTECT[concept]
             if concept in PRESET_IN_CONTEXT:
                 table[concept]["in_context"] = True
+            if concept in PRESET_REGION:
+                table[concept]["region"] = True
         else:
             table[concept] = anchors
     path = Path(folder) / ANCHOR_FILE
