@@ -217,6 +217,17 @@ def test_gate_leaves_prompts_nearer_an_anchor_untouched(sd1):
     assert np.allclose(out, ref, atol=1e-5)
 
 
+@pytest.mark.parametrize("anchors", [[], None])
+def test_region_without_a_projection_is_refused_before_model_work(sd1, sdxl, anchors):
+    """anchor_region confines the projection: asked for without one (no anchors; SDXL's default), it is an error,
+    not a silent no-op."""
+    for pipe in (sd1, sdxl) if anchors is None else (sd1,):
+        kw = {} if anchors is None else {"anchors": anchors}
+        with ModelCalls(pipe) as model, pytest.raises(EraseConfigError, match="anchor_region"):
+            pipe("a red star", erase="red", anchor_region=True, concept_context="separate", generator=gen(), **KW, **kw)
+        assert model.calls == []
+
+
 def test_anchors_refused_on_sdxl_before_model_work(sdxl):
     with ModelCalls(sdxl) as model, pytest.raises(EraseConfigError, match="anchors are supported on SD 1.x/2.x"):
         sdxl("a red star", erase="red", anchors=["blue"], generator=gen(), **KW)

@@ -636,6 +636,10 @@ class EIUPMixin:
             context_texts, spans = self._contextual_concepts(call, config.concepts, spans)
         anchor_plans = self._anchor_plans(config) if config.anchor_spec else None
         projecting = anchor_plans is not None and any(plan.anchors for plan in anchor_plans)
+        if config.anchor_region and not projecting:
+            raise EraseConfigError("anchor_region=True confines the anchored projection, which this call does not make: "
+                                   "give anchors (e.g. anchors='auto' with a model folder that lists the concept, SD "
+                                   "1.x/2.x) or drop anchor_region")
         probes = self._prompt_probes(config, projecting)
         row_prompts = _row_prompts(call)
         named = (_concepts_named(row_prompts, config.concepts, [plan.aliases for plan in anchor_plans or []])
