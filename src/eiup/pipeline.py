@@ -232,11 +232,13 @@ class EraseConfig:
             cross-attention layer the output for the projected prompt is blended with the output for
             the prompt as given, per pixel, by how strongly the pixel attends to the word that names the
             concept or, for a prompt that implies it, the implying word (the one
-            :func:`eiup.anchors.implying_word` finds), relative to the image's maximum and thresholded
-            at ``gate_threshold`` (:class:`eiup.attention.RegionGate`). The other objects of the prompt
-            keep their attributes ("a tomato and a lime": the tomato loses its red, the lime stays
-            as drawn). For concepts of an object, not of the whole image (a background, a style).
-            Needs the prompt text. ``None``: the model's preset with ``anchors="auto"``, else off.
+            :func:`eiup.anchors.implying_word` finds), averaged over the layers of the steps so far and
+            taken relative to the image's maximum: weight 0 up to 5% of it, 1 from 15%
+            (:data:`REGION_THRESHOLDS`, :class:`eiup.attention.RegionGate`). The other objects of the
+            prompt keep their attributes ("a valentine and a lime": the heart goes, the lime stays as
+            drawn). For concepts of an object, not of the whole image (a background, a style). Needs
+            the prompt text; an image erasing several concepts is confined to the union of their
+            regions. ``None``: the model's preset with ``anchors="auto"``, else off.
         prompt_gate: Apply the concept term only to images whose prompt names the concept or, by
             the model's prompt probe, implies it; the images of other prompts come out as without
             erasure (bit for bit when no image of the call needs the term). Only where the model
