@@ -86,6 +86,7 @@ BAD = [
     (dict(anchors=["blue"], anchor_protect=["red", " ".join(["blue"] * 80)]), r"anchor_protect\[1\]"),
     (dict(anchors=["blue"], anchor_in_context="yes"), "anchor_in_context"),
     (dict(anchors=["blue"], anchor_region=1), "anchor_region"),
+    (dict(anchors=["blue"], anchor_region="box"), "anchor_region"),
 ]
 
 
@@ -304,7 +305,8 @@ def test_model_presets_may_give_prompts_naming_the_concept_their_own_strength(sd
                                    '{"anchors": ["blue"], "scale": "strong"}', '{"strength": 1.0, "anchors": "blue"}',
                                    '{"anchors": ["blue"], "aliases": "crimson"}', '{"anchors": ["blue"], "aliases": [""]}',
                                    '{"anchors": ["blue"], "protect": ["star"]}', '{"anchors": ["blue"], "protect": "star"}',
-                                   '{"anchors": ["blue"], "in_context": "yes"}', '{"anchors": ["blue"], "region": 1}'])
+                                   '{"anchors": ["blue"], "in_context": "yes"}', '{"anchors": ["blue"], "region": 1}',
+                                   '{"anchors": ["blue"], "region": "box"}'])
 def test_malformed_presets_are_refused_before_model_work(sd1, model_folder, entry):
     (model_folder / "eiup_anchors.json").write_text('{"red": %s}' % entry)
     with ModelCalls(sd1) as model, pytest.raises(EraseConfigError, match="eiup_anchors.json"):
@@ -561,6 +563,21 @@ def test_region_carriers_are_the_named_word_or_the_implying_word(sd1, model_fold
     assert np.array_equal(images, region_of_call(sd1, "a tree in the fog", anchor_region=False, **kw)[1])
 
 
+def test_phrase_rule_carries_the_named_words_phrase_against_the_other_phrases(sd1, model_folder):
+    """With the "phrases" rule (the preset's, or asked per call) the carriers are the content words of the named word's
+    phrase and the rivals those of the other phrases; True takes the preset's rule, "map" overrides it."""
+    (model_folder / "eiup_anchors.json").write_text('{"red": {"anchors": ["blue", "green"], "region": "phrases"}}')
+    kw = dict(erase="red", erase_scale=-1.0, concept_context="separate", prompt_gate=False, **KW)
+    n = lambda text: len(sd1.tokenizer(text, add_special_tokens=False).input_ids)  # noqa: E731
+    words = lambda before, upto: list(range(1 + n(before), 1 + n(upto)))  # noqa: E731  the tokens after BOS + before
+    for asked in (None, True, "phrases"):
+        region, _ = region_of_call(sd1, "a big red star and a blue circle", anchor_region=asked, **kw)
+        assert region.carriers[0].nonzero().flatten().tolist() == words("a", "a big red star")
+        assert region.rivals[0].nonzero().flatten().tolist() == words("a big red star and a", "a big red star and a blue circle")
+    region, _ = region_of_call(sd1, "a big red star and a blue circle", anchor_region="map", **kw)
+    assert region.rivals is None and region.carriers[0].nonzero().flatten().tolist() == words("a big", "a big red")
+
+
 @pytest.mark.parametrize("mode", ["single", "dual"])
 def test_region_weights_of_one_and_zero_give_the_projected_and_the_plain_output(sd1, model_folder, monkeypatch, mode):
     """Weights 1 everywhere reproduce the unconfined projection; weights 0 everywhere the layer's output for
@@ -581,17 +598,55 @@ def test_region_weights_of_one_and_zero_give_the_projected_and_the_plain_output(
     assert not np.allclose(unconfined, plain, atol=1e-3) and np.allclose(confined, plain, atol=1e-5)
 
 
+def test_phrases_split_at_and_and_commas_and_keep_their_content_words():
+    from eiup.anchors import phrase_positions
+
+    tokens = ["<s>", "a</w>", "tomato</w>", "and</w>", "a</w>", "lime</w>", ",</w>", "h", "ig", "h", "l", "y</w>",
+              "on</w>", "a</w>", "gray</w>", "background</w>", "</s>"]
+    assert phrase_positions(tokens, [2]) == ([2], [5, 7, 8, 9, 10, 11, 14, 15])
+    assert phrase_positions(tokens, [5]) == ([5], [2, 7, 8, 9, 10, 11, 14, 15])
+    assert phrase_positions(tokens, [2, 5]) == ([2, 5], [7, 8, 9, 10, 11, 14, 15])
+    one = ["<s>", "a</w>", "big</w>", "red</w>", "star</w>", "</s>"]
+    assert phrase_positions(one, [3]) == ([2, 3, 4], [])  # one phrase: no rivals
+    assert phrase_positions(one, []) == ([], [2, 3, 4])
+
+
+def test_region_share_is_the_carriers_part_and_one_where_nothing_attends():
+    from eiup.attention import region_share
+
+    c, o = torch.tensor([[0.3, 0.1, 0.0, 0.0]]), torch.tensor([[0.1, 0.3, 0.2, 0.0]])
+    assert torch.allclose(region_share(c, o), torch.tensor([[0.75, 0.25, 0.0, 1.0]]))
+
+
+def test_phrase_rule_rows_ramp_the_share_and_rows_without_rivals_are_not_confined():
+    """Per row: the phrase rule ramps the carriers' share between its thresholds; a phrase-rule row whose prompt has
+    no other phrase gets weight 1 everywhere; a map-rule row keeps the relative-map ramp."""
+    from eiup.attention import RegionGate, region_weights
+
+    carriers = torch.tensor([[0.0, 1.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0]])
+    rivals = torch.tensor([[0.0, 0.0, 1.0, 0.0], [0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0]])
+    gate = RegionGate(torch.zeros(3, 4, 8), carriers, 0.25, 0.75, rivals=rivals,
+                      by_phrase=torch.tensor([True, True, False]), phrase_thresholds=(0.2, 0.6))
+    probs = torch.zeros(3, 2, 4, 4)  # (rows, heads, pixels, tokens): pixel p puts c_p on token 1, o_p on token 2
+    c, o = torch.tensor([0.1, 0.2, 0.4, 0.5]), torch.tensor([0.4, 0.3, 0.2, 0.0])
+    probs[:, :, :, 1], probs[:, :, :, 2] = c, o
+    w = gate.weights(0, probs, (2, 2))
+    assert torch.allclose(w[0], ((c / (c + o) - 0.2) / 0.4).clamp(0, 1))
+    assert torch.equal(w[1], torch.ones(4))
+    assert torch.allclose(w[2], region_weights(c[None], 0.25, 0.75)[0])
+
+
 def test_region_map_averages_the_finished_steps_layers():
     from eiup.attention import RegionGate
 
     gate = RegionGate(torch.zeros(1, 4, 8), torch.tensor([[0.0, 1.0, 0.0, 0.0]]), 0.1, 0.3)
-    first = torch.arange(16.0).view(1, 16)  # a 4x4 layer of an 8x8 latent
+    first = torch.arange(16.0).view(1, 1, 16)  # a 4x4 layer of an 8x8 latent
     assert torch.equal(gate.region_map(0, first, (8, 8)), first)  # first step: the layer's own map
-    gate.region_map(0, torch.zeros(1, 64), (8, 8))  # an 8x8 layer, same step
-    later = gate.region_map(1, torch.full((1, 16), 99.0), (8, 8))
+    gate.region_map(0, torch.zeros(1, 1, 64), (8, 8))  # an 8x8 layer, same step
+    later = gate.region_map(1, torch.full((1, 1, 16), 99.0), (8, 8))
     expected = (torch.nn.functional.interpolate(first.view(1, 1, 4, 4), size=(8, 8), mode="bilinear",
-                                                align_corners=False) + 0).flatten(1)
-    expected = torch.nn.functional.adaptive_avg_pool2d(expected.view(1, 1, 8, 8), (4, 4)).flatten(1)
+                                                align_corners=False) + 0).flatten(2)
+    expected = torch.nn.functional.adaptive_avg_pool2d(expected.view(1, 1, 8, 8), (4, 4)).flatten(2)
     assert torch.allclose(later, expected)  # the sum of step 0's maps (the zero map adds nothing), not step 1's own
     with pytest.raises(ValueError, match="low"):
         RegionGate(torch.zeros(1, 4, 8), torch.zeros(1, 4), 0.3, 0.3)

@@ -380,12 +380,23 @@ def test_anchors_reach_the_pipeline_and_are_recorded(tmp_path, model_dir, monkey
     assert np.array_equal(np.asarray(Image.open(c)), np.asarray(Image.open(b)))  # pixels; the PNG text records settings
     named = ["generate", "-p", "a red star", "--model", model_dir, "--steps", STEPS, "--erase", "red", "--anchor", "blue",
              "--anchor", "green", "--no-progress"]  # names red: confined to the map of "red" with --region
-    monkeypatch.setattr("eiup.pipeline.REGION_THRESHOLDS", (0.98, 0.99))  # the tiny model's maps are nearly flat
+    from eiup.pipeline import REGION_THRESHOLDS
+
+    monkeypatch.setitem(REGION_THRESHOLDS, "map", (0.98, 0.99))  # the tiny model's maps are nearly flat
     assert invoke(*named, "--region", "--out", tmp_path / "region").exit_code == 0
     assert json.loads((tmp_path / "region" / "run.json").read_text())["settings"]["anchor_region"] is True
     assert invoke(*named, "--out", tmp_path / "everywhere").exit_code == 0
     (r,), (e,) = sorted((tmp_path / "region").glob("*.png")), sorted((tmp_path / "everywhere").glob("*.png"))
     assert not np.array_equal(np.asarray(Image.open(r)), np.asarray(Image.open(e)))
+    # the phrase rule: "a red star" is one phrase, projected everywhere; "and a blue circle" claims its pixels
+    assert invoke(*named, "--region-rule", "phrases", "--out", tmp_path / "phrases").exit_code == 0
+    assert json.loads((tmp_path / "phrases" / "run.json").read_text())["settings"]["anchor_region"] == "phrases"
+    (p,) = sorted((tmp_path / "phrases").glob("*.png"))
+    assert np.abs(np.asarray(Image.open(p), float) - np.asarray(Image.open(e), float)).max() <= 1
+    for extra, message in ((["--region-rule", "box"], "unknown"), (["--region-rule", "map", "--no-region"], "--no-region")):
+        result = invoke(*named, *extra, "--out", tmp_path / "bad")
+        assert result.exit_code == 2 and message in result.output and "--region-rule" in result.output
+    assert not (tmp_path / "bad").exists()
 
 
 def test_anchor_auto_reads_the_model_folder_and_none_switches_off(tmp_path, model_dir):

@@ -128,7 +128,7 @@ def test_heart_preset_confines_the_projection_to_the_valentine(pipe, detector):
     image over the lime's pixels; measured 0.09 vs 0.14)."""
     prompt = "a valentine and a lime"
     preset = json.loads((default_model_path() / "eiup_anchors.json").read_text())["heart"]
-    assert preset.get("region") is True
+    assert preset.get("region") == "map"
     plain = generate(pipe, prompt, output_type="np")
     confined = generate(pipe, prompt, erase=["heart"], output_type="np")
     everywhere = generate(pipe, prompt, erase=["heart"], anchor_region=False, output_type="np")
@@ -139,6 +139,27 @@ def test_heart_preset_confines_the_projection_to_the_valentine(pipe, detector):
     assert lime.sum() > 0
     change = lambda x: float(np.abs(x - plain)[lime].mean())  # noqa: E731
     assert change(confined) < 0.8 * change(everywhere)
+
+
+def test_red_preset_spares_the_other_phrase_and_projects_a_lone_phrase_everywhere(pipe, detector):
+    """Red's preset confines the projection by phrases: in "a tomato and a lime" the lime's phrase claims its pixels,
+    so the red goes and the lime changes less than with the projection everywhere; "a tomato", one phrase, is
+    projected everywhere (the same image as unconfined: a colour the model reads all over the image still goes)."""
+    preset = json.loads((default_model_path() / "eiup_anchors.json").read_text())["red"]
+    assert preset.get("region") == "phrases"
+    prompt = "a tomato and a lime"
+    plain = generate(pipe, prompt, output_type="np")
+    confined = generate(pipe, prompt, erase=["red"], output_type="np")
+    everywhere = generate(pipe, prompt, erase=["red"], anchor_region=False, output_type="np")
+    as_uint8 = lambda x: (x * 255).round().astype(np.uint8)  # noqa: E731
+    assert share(detector, as_uint8(plain), "color", "red") >= 0.75
+    assert share(detector, as_uint8(confined), "color", "red") <= 0.25
+    lime = (plain[..., 1] > plain[..., 0] + 0.2) & (plain[..., 1] > plain[..., 2] + 0.2)
+    assert lime.sum() > 0
+    change = lambda x: float(np.abs(x - plain)[lime].mean())  # noqa: E731
+    assert change(confined) < 0.8 * change(everywhere)
+    alone = generate(pipe, "a tomato", erase=["red"], output_type="np")
+    assert np.allclose(alone, generate(pipe, "a tomato", erase=["red"], anchor_region=False, output_type="np"), atol=2e-3)
 
 
 # In a long prompt the filler tokens after "valentine" carry the heart (a causal text encoder writes
@@ -259,4 +280,4 @@ def test_shipped_anchor_file_is_what_the_recipe_writes(tmp_path):
 
     written = json.loads(write_anchor_file(tmp_path).read_text())
     assert written == json.loads((default_model_path() / "eiup_anchors.json").read_text())
-    assert written["heart"]["region"] is True and "region" not in written["red"]
+    assert written["heart"]["region"] == "map" and written["red"]["region"] == "phrases" and "region" not in written["star"]

@@ -128,6 +128,33 @@ def word_positions(prompt_ids: Sequence[int], words: Sequence[Sequence[int]]) ->
     return sorted(found)
 
 
+FUNCTION_WORDS = frozenset(
+    "a an the and or of on in at to with by for from as into onto over under near next is are".split()
+    + list(",.;:!?-&()[]{}\"'"))
+"""Words that name nothing in the image: never another object's claim on a pixel (:func:`content_positions`)."""
+
+
+CLAUSE_BREAKS = frozenset({"and", ",", ";", "with"})
+"""Tokens that separate the phrases of a prompt ("a tomato and a lime", "a cat, a dog")."""
+
+
+def phrase_positions(tokens: Sequence[str], carriers: Sequence[int]) -> tuple[list[int], list[int]]:
+    """The content words (not :data:`FUNCTION_WORDS`) of the phrases (split at :data:`CLAUSE_BREAKS`) that
+    hold one of ``carriers``, and those of the other phrases: positions between BOS and EOS (the first and
+    last token); a CLIP tokenizer's end-of-word mark ``</w>`` is ignored."""
+    words = [t.removesuffix("</w>").lower() for t in tokens]
+    phrases: list[list[int]] = [[]]
+    for i, word in enumerate(words[1:-1], start=1):
+        if word in CLAUSE_BREAKS:
+            phrases.append([])
+        else:
+            phrases[-1].append(i)
+    held = set(carriers)
+    own = [i for phrase in phrases if held.intersection(phrase) for i in phrase if words[i] not in FUNCTION_WORDS]
+    others = [i for phrase in phrases if not held.intersection(phrase) for i in phrase if words[i] not in FUNCTION_WORDS]
+    return own, others
+
+
 def counterfactual_positions(prompt_ids: Sequence[int], variant_ids: Sequence[int], seq_len: int) -> torch.Tensor:
     """(seq_len,) for each position of the prompt, the counterfactual's position that holds the same content.
 

@@ -48,6 +48,7 @@ __all__ = [
     "concept_term_from_probs",
     "merge_heads",
     "region_blend",
+    "region_share",
     "region_weights",
     "scale_concept_values",
     "split_heads",
@@ -152,6 +153,12 @@ def region_weights(region_map: torch.Tensor, low: float, high: float) -> torch.T
     return ((rel - low) / (high - low)).clamp(0, 1).view_as(region_map)
 
 
+def region_share(concept_map: torch.Tensor, other_map: torch.Tensor) -> torch.Tensor:
+    """c / (c + o) per pixel: the concept's share of the attention the named words get (1 where both are 0)."""
+    total = concept_map + other_map
+    return torch.where(total > 0, concept_map / total.clamp_min(1e-12), torch.ones_like(total))
+
+
 def region_blend(original: torch.Tensor, edited: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """original + g * (edited - original) per pixel: the edit where g = 1, the original layer output where g = 0."""
     return original + weights.to(original.dtype) * (edited - original)
@@ -220,49 +227,80 @@ class ConceptAttentionRecorder:
 class RegionGate:
     """Where the anchored projection acts (``anchor_region``): the erased rows' prompt embeddings as given,
     and per row the token positions whose cross-attention map marks the concept's region (the word that
-    names or implies the concept; a row without any is not gated).
+    names or implies the concept, or its phrase; a row without any is not gated).
 
     Each cross-attention layer computes its output for these embeddings too and keeps the output for the
-    projected prompt only where :func:`region_weights` says so, on the carriers' attention map averaged
-    over the layers of the steps before (:meth:`region_map`; at the first step, the layer's own map):
-    a single layer's map of one step is too noisy to tell an object from its neighbour. K and V of the
-    embeddings are computed once per layer and call.
+    projected prompt only where the carriers' attention says so, averaged over the layers of the steps
+    before (:meth:`region_map`; at the first step, the layer's own map): a single layer's map of one step is
+    too noisy to tell an object from its neighbour. Two rules, per row:
+
+    * the map rule: :func:`region_weights` of the carriers' map relative to the image's maximum;
+    * the phrase rule (rows of ``by_phrase``): the carriers' share of the attention they and the
+      ``rivals`` (the prompt's other phrases) get (:func:`region_share`), ramped between
+      ``phrase_thresholds``: a pixel belongs to the concept unless another phrase claims it, so a row
+      without rivals is not confined at all.
+
+    K and V of the embeddings are computed once per layer and call.
 
     Args:
         embeds: (rows, T, D) prompt embeddings before the projection, one row per erased image.
         carriers: (rows, T) 1 at the carrier tokens, 0 elsewhere.
-        low: Relative attention (to the image's maximum) up to which a pixel keeps the original output.
-        high: Relative attention from which a pixel takes the edited output; linear in between.
+        low: Map rule: relative attention (to the image's maximum) up to which a pixel keeps the original output.
+        high: Map rule: relative attention from which a pixel takes the edited output; linear in between.
+        rivals: (rows, T) 1 at the tokens that compete with the carriers (phrase rule), or None.
+        by_phrase: (rows,) which rows follow the phrase rule (default: none).
+        phrase_thresholds: (low, high) share of the phrase rule.
     """
 
-    def __init__(self, embeds: torch.Tensor, carriers: torch.Tensor, low: float, high: float):
-        if embeds.shape[:2] != carriers.shape:
-            raise ValueError(f"embeds {tuple(embeds.shape)} and carriers {tuple(carriers.shape)} disagree")
-        if not 0 <= low < high <= 1:
-            raise ValueError(f"region thresholds low={low}, high={high}: need 0 <= low < high <= 1")
+    def __init__(self, embeds: torch.Tensor, carriers: torch.Tensor, low: float, high: float,
+                 rivals: torch.Tensor | None = None, by_phrase: torch.Tensor | None = None,
+                 phrase_thresholds: tuple[float, float] = (0.25, 0.5)):
+        if embeds.shape[:2] != carriers.shape or (rivals is not None and rivals.shape != carriers.shape):
+            raise ValueError(f"embeds {tuple(embeds.shape)}, carriers {tuple(carriers.shape)} and rivals "
+                             f"{None if rivals is None else tuple(rivals.shape)} disagree")
+        for lo, hi in ((low, high), phrase_thresholds):
+            if not 0 <= lo < hi <= 1:
+                raise ValueError(f"region thresholds low={lo}, high={hi}: need 0 <= low < high <= 1")
         self.embeds = embeds
         self.carriers = carriers
         self.low, self.high = low, high
+        self.by_phrase = None if rivals is None or by_phrase is None or not bool(by_phrase.any()) else by_phrase
+        self.rivals = rivals if self.by_phrase is not None else None
+        self.phrase_thresholds = phrase_thresholds
         self.kv: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._past: torch.Tensor | None = None  # sum of the layer maps of finished steps, (rows, h, w)
+        self._past: torch.Tensor | None = None  # sum of the layer maps of finished steps, (rows, maps, h, w)
         self._current: torch.Tensor | None = None  # the same for the step in progress
         self._step = 0
 
+    def weights(self, step: int, probs: torch.Tensor, latent_size: tuple[int, int]) -> torch.Tensor:
+        """Per-pixel weight (rows, L) of the projected prompt's output from one layer's maps (rows, heads, L, T)."""
+        carriers = self.carriers.to(probs.device)
+        masses = [carrier_mass(probs, carriers)]
+        if self.rivals is not None:
+            masses.append(carrier_mass(probs, self.rivals.to(probs.device)))
+        maps = self.region_map(step, torch.stack(masses, 1), latent_size)
+        weights = region_weights(maps[:, 0], self.low, self.high)
+        if self.rivals is not None:
+            low, high = self.phrase_thresholds
+            by_share = ((region_share(maps[:, 0], maps[:, 1]) - low) / (high - low)).clamp(0, 1)
+            weights = torch.where(self.by_phrase.to(probs.device)[:, None], by_share, weights)
+        return torch.where(carriers.any(-1, keepdim=True), weights, 1.0)
+
     def region_map(self, step: int, layer_mass: torch.Tensor, latent_size: tuple[int, int]) -> torch.Tensor:
-        """Record one layer's carrier mass (rows, L) at ``step`` and return the map that gates it, (rows, L):
-        the mean map of the finished steps, or the layer's own at the first step, at the layer's resolution."""
-        grid = _layer_grid(layer_mass.shape[1], latent_size)
+        """Record one layer's maps (rows, maps, L) at ``step`` and return the maps that gate it, (rows, maps, L):
+        the mean maps of the finished steps, or the layer's own at the first step, at the layer's resolution."""
+        grid = _layer_grid(layer_mass.shape[-1], latent_size)
         if grid is None:  # a layer whose grid cannot be placed: its own map
             return layer_mass
-        own = layer_mass.view(-1, 1, *grid)
-        full = F.interpolate(own, size=latent_size, mode="bilinear", align_corners=False)[:, 0]
+        own = layer_mass.view(*layer_mass.shape[:2], *grid)
+        full = F.interpolate(own, size=latent_size, mode="bilinear", align_corners=False)
         if step != self._step:
             self._past = self._current if self._past is None else self._past + self._current
             self._current, self._step = None, step
         self._current = full if self._current is None else self._current + full
         if self._past is None:
             return layer_mass
-        return F.adaptive_avg_pool2d(self._past[:, None], grid).flatten(1)
+        return F.adaptive_avg_pool2d(self._past, grid).flatten(2)
 
     def original_kv(self, name: str, attn: nn.Module, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """K, V (rows, heads, T, d) of :attr:`embeds` in layer ``name``."""
@@ -637,9 +675,7 @@ class EIUPCrossAttnProcessor(_EIUPProcessor):
         if getattr(attn, "residual_connection", False):
             original = original + hidden_states[target]
         original = (original / attn.rescale_output_factor).to(out.dtype)
-        carriers = region.carriers.to(probs.device)
-        region_map = region.region_map(self.context.step, carrier_mass(probs, carriers), self.context.latent_size)
-        weights = torch.where(carriers.any(-1, keepdim=True), region_weights(region_map, region.low, region.high), 1.0)
+        weights = region.weights(self.context.step, probs, self.context.latent_size)
         weights = weights[..., None] if out.ndim == 3 else weights.view(weights.shape[0], 1, *out.shape[2:])
         return torch.cat([out[: target.start], region_blend(original, out[target], weights)], dim=0)
 

@@ -476,7 +476,7 @@ class GenerationSettings:
     anchor_strength: float | None = None  # None: the model's preset, else the library default
     anchor_protect: tuple[str, ...] | None = None  # EraseConfig.anchor_protect; None: the model's preset
     anchor_in_context: bool | None = None  # EraseConfig.anchor_in_context; None: the model's preset
-    anchor_region: bool | None = None  # EraseConfig.anchor_region; None: the model's preset
+    anchor_region: bool | str | None = None  # EraseConfig.anchor_region; None: the model's preset
     anchor_gate: bool = True
     prompt_gate: bool = True  # EraseConfig.prompt_gate: the concept term only where the model's probe says so
     negative_prompt: str | None = None

@@ -103,8 +103,12 @@ TAILS = ("suppress", "reference")
 GATES = ("presence",)
 AUTO = "auto"
 MAX_ANCHOR_STRENGTH = 8.0
-REGION_THRESHOLDS = (0.05, 0.15)
-"""(low, high) of :class:`eiup.attention.RegionGate` for ``anchor_region``."""
+REGION_RULES = ("map", "phrases")
+"""How ``anchor_region`` finds the concept's region (:class:`eiup.attention.RegionGate`): ``"map"``, the
+carrier word's attention map relative to the image's maximum; ``"phrases"``, the carrier's phrase's share of
+the attention the prompt's phrases get (a prompt of one phrase is not confined)."""
+REGION_THRESHOLDS = {"map": (0.05, 0.15), "phrases": (0.25, 0.5)}
+"""(low, high) of each region rule: weight 0 up to low, 1 from high (relative attention, or share)."""
 
 
 class EraseConfigError(ValueError):
@@ -131,6 +135,15 @@ def _protect_words(value: Any, name: str) -> tuple[str, ...]:
     return tuple(w.strip() for w in value)
 
 
+def _region_rule(asked: bool | str, preset: str | None) -> str | None:
+    """The region rule of one concept: off for False, the preset's rule (else "map") for True, else the rule asked."""
+    if asked is False:
+        return None
+    if asked is True:
+        return preset or REGION_RULES[0]
+    return asked
+
+
 def _anchor_strength(value: Any, name: str) -> float:
     strength = _finite_number(value, name)
     if not 0.0 < strength <= MAX_ANCHOR_STRENGTH:
@@ -146,8 +159,8 @@ class AnchorPlan:
     name the concept (``aliases``: a prompt saying one names the concept), words of other attributes
     whose differences the projection must not move prompts along (``protect``), and whether prompts that
     imply the concept are also projected along in-context anchors (``in_context``, :mod:`eiup.anchors`), and
-    whether the projection acts only where the image attends to the word that names or implies the concept
-    (``region``, :class:`eiup.attention.RegionGate`)."""
+    where in the image the projection acts (``region``: None everywhere, else a rule of :data:`REGION_RULES`,
+    :class:`eiup.attention.RegionGate`)."""
 
     anchors: tuple[str, ...]
     strength: float
@@ -156,7 +169,7 @@ class AnchorPlan:
     aliases: tuple[str, ...] = ()
     protect: tuple[str, ...] = ()
     in_context: bool = False
-    region: bool = False
+    region: str | None = None
 
     @property
     def strength_when_named(self) -> float:
@@ -230,15 +243,20 @@ class EraseConfig:
             BOS). ``False`` projects every prompt that leans towards the concept.
         anchor_region: Confine the projection to the concept's region of the image: in every
             cross-attention layer the output for the projected prompt is blended with the output for
-            the prompt as given, per pixel, by how strongly the pixel attends to the word that names the
+            the prompt as given, per pixel, by the attention to the *carrier*, the word that names the
             concept or, for a prompt that implies it, the implying word (the one
-            :func:`eiup.anchors.implying_word` finds), averaged over the layers of the steps so far and
-            taken relative to the image's maximum: weight 0 up to 5% of it, 1 from 15%
-            (:data:`REGION_THRESHOLDS`, :class:`eiup.attention.RegionGate`). The other objects of the
-            prompt keep their attributes ("a valentine and a lime": the heart goes, the lime stays as
-            drawn). For concepts of an object, not of the whole image (a background, a style). Needs
-            the prompt text; an image erasing several concepts is confined to the union of their
-            regions. ``None``: the model's preset with ``anchors="auto"``, else off.
+            :func:`eiup.anchors.implying_word` finds), averaged over the layers of the steps so far.
+            Two rules (:data:`REGION_RULES`, :data:`REGION_THRESHOLDS`, :class:`eiup.attention.RegionGate`):
+            ``"map"``, the carrier's attention relative to the image's maximum, weight 0 up to 5% of it,
+            1 from 15%; ``"phrases"``, the share of the carrier's phrase in the attention to the content
+            words of all phrases (split at "and" and commas: "a tomato | a lime"), weight 0 up to 25%,
+            1 from 50%, so a prompt of one phrase is projected everywhere (a colour the model reads
+            everywhere in the image is still erased) and another object keeps its pixels. The other
+            objects of the prompt keep their attributes ("a valentine and a lime": the heart goes, the
+            lime stays as drawn). For concepts of an object, not of the whole image (a background, a
+            style). Needs the prompt text; an image erasing several concepts is confined to the union
+            of their regions (by the map rule if any of them asks for it). ``True``: each concept's
+            preset rule, else ``"map"``; ``None``: the model's preset with ``anchors="auto"``, else off.
         prompt_gate: Apply the concept term only to images whose prompt names the concept or, by
             the model's prompt probe, implies it; the images of other prompts come out as without
             erasure (bit for bit when no image of the call needs the term). Only where the model
@@ -264,7 +282,7 @@ class EraseConfig:
     anchor_protect: Sequence[str] | None = None
     anchor_in_context: bool | None = None
     anchor_gate: bool = True
-    anchor_region: bool | None = None
+    anchor_region: bool | str | None = None
     prompt_gate: bool = True
 
     def __post_init__(self) -> None:
@@ -279,9 +297,12 @@ class EraseConfig:
         for name in ("anchor_gate", "prompt_gate"):
             if not isinstance(getattr(self, name), bool):
                 raise EraseConfigError(f"{name}={getattr(self, name)!r} must be True or False")
-        for name in ("anchor_in_context", "anchor_region"):
-            if getattr(self, name) is not None and not isinstance(getattr(self, name), bool):
-                raise EraseConfigError(f"{name}={getattr(self, name)!r} must be True, False or None (the model's preset)")
+        if self.anchor_in_context is not None and not isinstance(self.anchor_in_context, bool):
+            raise EraseConfigError(f"anchor_in_context={self.anchor_in_context!r} must be True, False or None "
+                                   "(the model's preset)")
+        if self.anchor_region is not None and not isinstance(self.anchor_region, bool) and self.anchor_region not in REGION_RULES:
+            raise EraseConfigError(f"anchor_region={self.anchor_region!r} must be True, False, None (the model's preset) "
+                                   f"or a rule of {REGION_RULES}")
         set_(self, "allow_amplify", bool(self.allow_amplify))
         if isinstance(self.erase_scale, list):
             set_(self, "erase_scale", tuple(self.erase_scale))
@@ -962,7 +983,7 @@ class EIUPMixin:
         if config.anchor_in_context is not None:
             plans = [dataclasses.replace(plan, in_context=config.anchor_in_context) for plan in plans]
         if config.anchor_region is not None:
-            plans = [dataclasses.replace(plan, region=config.anchor_region) for plan in plans]
+            plans = [dataclasses.replace(plan, region=_region_rule(config.anchor_region, plan.region)) for plan in plans]
         limit = self.tokenizer.model_max_length
         for name, words in (("anchors", (a for plan in plans for a in plan.anchors)),
                             ("anchor_protect", (a for plan in plans for a in plan.protect))):
@@ -1012,7 +1033,7 @@ class EIUPMixin:
                             quiet_without_file: bool = False) -> list[AnchorPlan]:
         """``anchors="auto"``: ``<model folder>/eiup_anchors.json``, per concept: ``[anchor, ...]`` or
         ``{"anchors": [...], "strength": s, "named_strength": s2, "scale": w, "aliases": [...], "protect": [...],
-        "in_context": bool, "region": bool}``
+        "in_context": bool, "region": false | "map" | "phrases"}``
         (presets measured for that model; ``named_strength`` for prompts that name the concept, default
         ``strength``; ``aliases``: other words that name it, replaced by the anchors like the concept;
         ``protect``: values of another attribute that the projection of implying prompts must keep)."""
@@ -1036,9 +1057,12 @@ class EIUPMixin:
                                            "the concept")
                 protect = _protect_words(preset.get("protect", []), f"{path}: {concept!r} protect")
                 in_context, region = preset.get("in_context", False), preset.get("region", False)
-                for key, value in (("in_context", in_context), ("region", region)):
-                    if not isinstance(value, bool):
-                        raise EraseConfigError(f"{path}: {concept!r} {key}={value!r} must be true or false")
+                if not isinstance(in_context, bool):
+                    raise EraseConfigError(f"{path}: {concept!r} in_context={in_context!r} must be true or false")
+                if not isinstance(region, bool) and region not in REGION_RULES:
+                    raise EraseConfigError(f"{path}: {concept!r} region={region!r} must be false, true (\"map\") "
+                                           f"or a rule of {REGION_RULES}")
+                region = _region_rule(region, None)
             except EraseConfigError as e:
                 raise EraseConfigError(f"anchors='auto': {e}") from e
             if scale is not None and not -MAX_ABS_SCALE <= scale < 0:
@@ -1064,7 +1088,7 @@ class EIUPMixin:
         replaced by each anchor), the others along the concept's direction from the anchors. With
         ``region`` plans, also the :class:`RegionGate` that confines the projection (else None)."""
         from .anchors import (aligned_concept_and_anchors, away_from_counterfactuals, concept_directions,
-                              counterfactual_positions, nearest_to_concept, project_tokens, protect_directions,
+                              counterfactual_positions, phrase_positions, nearest_to_concept, project_tokens, protect_directions,
                               word_positions)
 
         clip_skip = call.get("clip_skip")
@@ -1090,6 +1114,7 @@ class EIUPMixin:
             return implied, None
         tok = self.tokenizer
         carriers = torch.zeros(original.shape[:2], device=original.device) if any(p.region for p in plans) else None
+        row_rules: list[set[str]] = [set() for _ in range(original.shape[0])]  # region rules asked per row
 
         def token_ids(text: str) -> list[int]:  # as the encoder reads it (truncated to its window)
             return tok(text, truncation=True, max_length=tok.model_max_length).input_ids
@@ -1135,6 +1160,7 @@ class EIUPMixin:
                     if plan.region:
                         carriers[r, word_positions(prompt_ids, [tok(w, add_special_tokens=False).input_ids
                                                                 for w in (concept, *plan.aliases)])] = 1
+                        row_rules[r].add(plan.region)
                 elif ((plan.in_context or plan.region) and row_prompts is not None and implied[k] is not None
                       and bool(implied[k][r])):
                     if row_prompts[r] not in in_context:  # rows repeating a prompt share its variants' encoding
@@ -1145,6 +1171,7 @@ class EIUPMixin:
                         projected[r] = project_tokens(projected[r][None], *found[:2], plan.strength_when_named)[0]
                     if found is not None and plan.region:
                         carriers[r, found[2]] = 1
+                        row_rules[r].add(plan.region)
             if config.anchor_gate:  # projected: prompts that imply the concept (the model's probe) or name it
                 gate = implied[k]
                 if gate is None:
@@ -1157,8 +1184,28 @@ class EIUPMixin:
         call["prompt_embeds"] = pe
         region = None
         if carriers is not None and bool(carriers.any()):
-            region = RegionGate(original.to(pe.dtype), carriers, *REGION_THRESHOLDS)
+            region = self._region_gate(original.to(pe.dtype), carriers, row_rules, row_prompts, token_ids)
         return implied, region
+
+    def _region_gate(self, embeds: torch.Tensor, carriers: torch.Tensor, row_rules: list[set[str]],
+                     row_prompts: list[str] | None, token_ids: Callable[[str], list[int]]) -> RegionGate:
+        """The :class:`RegionGate` of the rows' carriers: rows whose concepts all ask for the ``"phrases"`` rule
+        get their carriers' phrases as carriers and the other phrases' content words as rivals."""
+        from .anchors import phrase_positions
+
+        by_phrase = torch.tensor(["map" not in rules and "phrases" in rules for rules in row_rules], device=carriers.device)
+        if not bool(by_phrase.any()):
+            return RegionGate(embeds, carriers, *REGION_THRESHOLDS["map"])
+        carriers, rivals = carriers.clone(), torch.zeros_like(carriers)
+        length = carriers.shape[1]
+        for r in by_phrase.nonzero()[:, 0].tolist():
+            tokens = self.tokenizer.convert_ids_to_tokens(token_ids(row_prompts[r]))
+            own, others = phrase_positions(tokens, carriers[r].nonzero()[:, 0].tolist())
+            carriers[r, [p for p in own if p < length]] = 1
+            rivals[r, [p for p in others if p < length]] = 1
+        rivals *= 1 - carriers
+        return RegionGate(embeds, carriers, *REGION_THRESHOLDS["map"], rivals=rivals, by_phrase=by_phrase,
+                          phrase_thresholds=REGION_THRESHOLDS["phrases"])
 
     def _in_context_direction(self, original: torch.Tensor, prompt: str, concept: str, plan: AnchorPlan,
                               token_ids: Callable[[str], list[int]], device, lora_scale,

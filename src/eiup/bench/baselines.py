@@ -152,9 +152,11 @@ class MethodRunner:
                 options["anchor_protect"] = _protect(options["anchor_protect"])
             for flag in ("anchor_gate", "prompt_gate"):
                 options[flag] = bool(options.get(flag, True))
-            for flag in ("anchor_in_context", "anchor_region"):  # '+anchor_region=0': the preset's setting off
-                if flag in options:
-                    options[flag] = bool(options[flag])
+            if "anchor_in_context" in options:  # '+anchor_in_context=0': the preset's setting off
+                options["anchor_in_context"] = bool(options["anchor_in_context"])
+            if "anchor_region" in options:  # '+anchor_region=0' off, '+anchor_region' the preset's rule, '=phrases'
+                value = options["anchor_region"]
+                options["anchor_region"] = value if isinstance(value, str) else bool(value)
             scale = None if method.scale == "preset" else method.scale
             return self.pipe(prompts, erase=[concept], erase_scale=scale, erase_mode=method.mode,
                              **options, **common).images

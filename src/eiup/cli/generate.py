@@ -74,6 +74,10 @@ def generate(
         None, "--region/--no-region", help="Project only where the image attends to the word that names or implies "
         "the concept (for concepts of an object: the prompt's other objects keep theirs). Default: the model's preset "
         "(eiup_anchors.json), else off."),
+    region_rule: Optional[str] = typer.Option(
+        None, "--region-rule", help="How --region finds the concept's region: 'map' (the word's attention map) or "
+        "'phrases' (its phrase's share against the prompt's other phrases, split at 'and' and commas; a prompt of one "
+        "phrase is projected everywhere). Implies --region. Default: the model's preset, else 'map'."),
     anchor_gate: bool = typer.Option(
         True, "--anchor-gate/--no-anchor-gate", help="Project only prompts that name or imply the concept (the "
         "model's prompt probe, else the nearest anchor)."),
@@ -212,6 +216,15 @@ def generate(
         if not torch.cuda.is_available():
             raise _bad("CUDA is not available on this machine; use --device cpu", "--device")
 
+    if region_rule is not None:
+        from eiup.pipeline import REGION_RULES
+
+        if region_rule not in REGION_RULES:
+            raise _bad(f"--region-rule {region_rule!r} is unknown; use one of {', '.join(REGION_RULES)}", "--region-rule")
+        if region is False:
+            raise _bad("--region-rule confines the projection, which --no-region turns off; drop one of them",
+                       "--region-rule")
+        region = region_rule
     _, default_mode, default_gate, default_context, default_anchors = _library_defaults()
     if not anchors:
         anchors = default_anchors

@@ -686,8 +686,11 @@ PRESET_IN_CONTEXT = ("red", "star", "heart")
 # the projection confined to the implying or naming word's attention map (anchor_region), measured on the
 # benchmark's prompts (20 seeds, --per-role 4, runs/region): heart fidelity vs plain 86.7 -> 90.8%,
 # specificity 85.0 -> 89.6%, residual 0% both; red's implicit residual 0 -> 6% (its colour is read from the
-# padding everywhere in the image), star within a point either way
-PRESET_REGION = ("heart",)
+# padding everywhere in the image), star within a point either way. Red by its phrase instead (the
+# "phrases" rule: a prompt of one phrase projected everywhere, runs/region/share.py, seeds 0-19): "a tomato
+# and a lime" keeps its lime in 90% (75% unconfined), residual 0%; implicit and explicit prompts as
+# unconfined (seeds 0-11). Heart by the phrase rule kept less of the heart's object (50% vs 83%).
+PRESET_REGION = {"heart": "map", "red": "phrases"}
 
 
 def write_anchor_file(folder: Path) -> Path:
@@ -711,7 +714,7 @@ def write_anchor_file(folder: Path) -> Path:
             if concept in PRESET_IN_CONTEXT:
                 table[concept]["in_context"] = True
             if concept in PRESET_REGION:
-                table[concept]["region"] = True
+                table[concept]["region"] = PRESET_REGION[concept]
         else:
             table[concept] = anchors
     path = Path(folder) / ANCHOR_FILE
