@@ -598,14 +598,18 @@ def test_region_weights_of_one_and_zero_give_the_projected_and_the_plain_output(
     assert not np.allclose(unconfined, plain, atol=1e-3) and np.allclose(confined, plain, atol=1e-5)
 
 
-def test_phrases_split_at_and_and_commas_and_keep_their_content_words():
+def test_phrases_split_at_and_and_commas_and_rivals_name_a_thing():
     from eiup.anchors import phrase_positions
 
     tokens = ["<s>", "a</w>", "tomato</w>", "and</w>", "a</w>", "lime</w>", ",</w>", "h", "ig", "h", "l", "y</w>",
               "on</w>", "a</w>", "gray</w>", "background</w>", "</s>"]
-    assert phrase_positions(tokens, [2]) == ([2], [5, 7, 8, 9, 10, 11, 14, 15])
-    assert phrase_positions(tokens, [5]) == ([5], [2, 7, 8, 9, 10, 11, 14, 15])
-    assert phrase_positions(tokens, [2, 5]) == ([2, 5], [7, 8, 9, 10, 11, 14, 15])
+    # the style phrase after the comma names no thing (no determiner first): neither the concept's nor a rival
+    assert phrase_positions(tokens, [2]) == ([2], [5])
+    assert phrase_positions(tokens, [5]) == ([5], [2])
+    assert phrase_positions(tokens, [2, 5]) == ([2, 5], [])
+    assert phrase_positions(tokens, [8]) == ([7, 8, 9, 10, 11, 14, 15], [2, 5])
+    listed = ["<s>", "a</w>", "lime</w>", ",</w>", "the</w>", "red</w>", "sun</w>", "</s>"]
+    assert phrase_positions(listed, [5]) == ([5, 6], [2])
     one = ["<s>", "a</w>", "big</w>", "red</w>", "star</w>", "</s>"]
     assert phrase_positions(one, [3]) == ([2, 3, 4], [])  # one phrase: no rivals
     assert phrase_positions(one, []) == ([], [2, 3, 4])

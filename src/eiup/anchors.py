@@ -136,12 +136,15 @@ FUNCTION_WORDS = frozenset(
 
 CLAUSE_BREAKS = frozenset({"and", ",", ";", "with"})
 """Tokens that separate the phrases of a prompt ("a tomato and a lime", "a cat, a dog")."""
+DETERMINERS = frozenset("a an the one two three four five some another".split())
+"""Words that open a phrase naming a thing ("a lime"), unlike style phrases (", highly detailed, 4k")."""
 
 
 def phrase_positions(tokens: Sequence[str], carriers: Sequence[int]) -> tuple[list[int], list[int]]:
     """The content words (not :data:`FUNCTION_WORDS`) of the phrases (split at :data:`CLAUSE_BREAKS`) that
-    hold one of ``carriers``, and those of the other phrases: positions between BOS and EOS (the first and
-    last token); a CLIP tokenizer's end-of-word mark ``</w>`` is ignored."""
+    hold one of ``carriers``, and those of the other phrases that name a thing (open with one of
+    :data:`DETERMINERS`; style phrases are neither): positions between BOS and EOS (the first and last
+    token); a CLIP tokenizer's end-of-word mark ``</w>`` is ignored."""
     words = [t.removesuffix("</w>").lower() for t in tokens]
     phrases: list[list[int]] = [[]]
     for i, word in enumerate(words[1:-1], start=1):
@@ -151,7 +154,8 @@ def phrase_positions(tokens: Sequence[str], carriers: Sequence[int]) -> tuple[li
             phrases[-1].append(i)
     held = set(carriers)
     own = [i for phrase in phrases if held.intersection(phrase) for i in phrase if words[i] not in FUNCTION_WORDS]
-    others = [i for phrase in phrases if not held.intersection(phrase) for i in phrase if words[i] not in FUNCTION_WORDS]
+    others = [i for phrase in phrases if phrase and not held.intersection(phrase) and words[phrase[0]] in DETERMINERS
+              for i in phrase if words[i] not in FUNCTION_WORDS]
     return own, others
 
 

@@ -249,8 +249,9 @@ class EraseConfig:
             Two rules (:data:`REGION_RULES`, :data:`REGION_THRESHOLDS`, :class:`eiup.attention.RegionGate`):
             ``"map"``, the carrier's attention relative to the image's maximum, weight 0 up to 5% of it,
             1 from 15%; ``"phrases"``, the share of the carrier's phrase in the attention to the content
-            words of all phrases (split at "and" and commas: "a tomato | a lime"), weight 0 up to 25%,
-            1 from 50%, so a prompt of one phrase is projected everywhere (a colour the model reads
+            words of it and of the other phrases that name a thing (split at "and" and commas, opening
+            with a determiner: "a tomato | a lime", not ", highly detailed"), weight 0 up to 25%, 1 from
+            50%, so a prompt of one such phrase is projected everywhere (a colour the model reads
             everywhere in the image is still erased) and another object keeps its pixels. The other
             objects of the prompt keep their attributes ("a valentine and a lime": the heart goes, the
             lime stays as drawn). For concepts of an object, not of the whole image (a background, a
