@@ -1089,7 +1089,7 @@ class EIUPMixin:
         replaced by each anchor), the others along the concept's direction from the anchors. With
         ``region`` plans, also the :class:`RegionGate` that confines the projection (else None)."""
         from .anchors import (aligned_concept_and_anchors, away_from_counterfactuals, concept_directions,
-                              counterfactual_positions, phrase_positions, nearest_to_concept, project_tokens, protect_directions,
+                              counterfactual_positions, nearest_to_concept, project_tokens, protect_directions,
                               word_positions)
 
         clip_skip = call.get("clip_skip")
