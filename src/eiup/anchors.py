@@ -131,7 +131,7 @@ def word_positions(prompt_ids: Sequence[int], words: Sequence[Sequence[int]]) ->
 FUNCTION_WORDS = frozenset(
     "a an the and or of on in at to with by for from as into onto over under near next is are".split()
     + list(",.;:!?-&()[]{}\"'"))
-"""Words that name nothing in the image: never another object's claim on a pixel (:func:`content_positions`)."""
+"""Words that name nothing in the image: neither the concept's nor another thing's claim on a pixel (:func:`phrase_positions`)."""
 
 
 CLAUSE_BREAKS = frozenset({"and", ",", ";", "with"})

@@ -76,8 +76,8 @@ def generate(
         "(eiup_anchors.json), else off."),
     region_rule: Optional[str] = typer.Option(
         None, "--region-rule", help="How --region finds the concept's region: 'map' (the word's attention map) or "
-        "'phrases' (its phrase's share against the prompt's other phrases, split at 'and' and commas; a prompt of one "
-        "phrase is projected everywhere). Implies --region. Default: the model's preset, else 'map'."),
+        "'phrases' (its phrase's share against the prompt's other phrases that name a thing, split at 'and' and "
+        "commas; a prompt of one such phrase is projected everywhere). Implies --region. Default: the model's preset, else 'map'."),
     anchor_gate: bool = typer.Option(
         True, "--anchor-gate/--no-anchor-gate", help="Project only prompts that name or imply the concept (the "
         "model's prompt probe, else the nearest anchor)."),
