@@ -146,11 +146,15 @@ def carrier_mass(probs: torch.Tensor, carriers: torch.Tensor) -> torch.Tensor:
     return (probs.float().mean(1) * carriers[:, None, :].float()).sum(-1)
 
 
+def ramp(x: torch.Tensor, low: float, high: float) -> torch.Tensor:
+    """clamp((x - low) / (high - low), 0, 1): 0 up to low, 1 from high, linear in between."""
+    return ((x - low) / (high - low)).clamp(0, 1)
+
+
 def region_weights(region_map: torch.Tensor, low: float, high: float) -> torch.Tensor:
-    """Per-pixel weight of the edited output: clamp((m / max m - low) / (high - low), 0, 1) per image, (B, ...)."""
+    """Per-pixel weight of the edited output: ramp(m / max m, low, high) per image, (B, ...)."""
     flat = region_map.flatten(1)
-    rel = flat / flat.amax(1, keepdim=True).clamp_min(1e-12)
-    return ((rel - low) / (high - low)).clamp(0, 1).view_as(region_map)
+    return ramp(flat / flat.amax(1, keepdim=True).clamp_min(1e-12), low, high).view_as(region_map)
 
 
 def region_share(concept_map: torch.Tensor, other_map: torch.Tensor) -> torch.Tensor:
@@ -281,8 +285,7 @@ class RegionGate:
         maps = self.region_map(step, torch.stack(masses, 1), latent_size)
         weights = region_weights(maps[:, 0], self.low, self.high)
         if self.rivals is not None:
-            low, high = self.phrase_thresholds
-            by_share = ((region_share(maps[:, 0], maps[:, 1]) - low) / (high - low)).clamp(0, 1)
+            by_share = ramp(region_share(maps[:, 0], maps[:, 1]), *self.phrase_thresholds)
             weights = torch.where(self.by_phrase.to(probs.device)[:, None], by_share, weights)
         return torch.where(carriers.any(-1, keepdim=True), weights, 1.0)
 
