@@ -80,8 +80,8 @@ def protect_directions(direction: torch.Tensor, anchor_mean: torch.Tensor, conce
 
 
 def project_tokens(prompt_embeds: torch.Tensor, anchor_mean: torch.Tensor, direction: torch.Tensor,
-                   strength: float) -> torch.Tensor:
-    """e_i - s * max(0, <e_i - m_i, d_i>) * d_i for every token after BOS (module docstring)."""
+                   strength: float | torch.Tensor) -> torch.Tensor:
+    """e_i - s * max(0, <e_i - m_i, d_i>) * d_i for every token after BOS (module docstring); s a number or (B, 1, 1)."""
     coef = ((prompt_embeds - anchor_mean) * direction).sum(-1).clamp_min(0)
     coef[:, 0] = 0  # BOS carries no prompt content
     return prompt_embeds - strength * coef[..., None] * direction

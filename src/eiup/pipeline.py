@@ -170,6 +170,7 @@ class AnchorPlan:
     protect: tuple[str, ...] = ()
     in_context: bool = False
     region: str | None = None
+    strength_predictor: Any = dataclasses.field(default=None, compare=False)  # anchor_strength="auto"
 
     @property
     def strength_when_named(self) -> float:
@@ -225,7 +226,10 @@ class EraseConfig:
         anchor_strength: s of the anchored projection (1 removes the concept's component, larger
             values push past the anchors), in (0, 8]. ``None``: with ``anchors="auto"`` the model's
             preset for the concept when its ``eiup_anchors.json`` gives one, else
-            :data:`DEFAULT_ANCHOR_STRENGTH`.
+            :data:`DEFAULT_ANCHOR_STRENGTH`. ``"auto"``: predicted per prompt and concept from the
+            prompt's text embedding by the model folder's calibrated strength predictor
+            (``eiup_strength_predictors/``, :mod:`eiup.strength`, ``eiup calibrate --target strength``),
+            for prompts that name the concept and prompts that imply it alike.
         anchor_protect: Words of another attribute (for "star": the colours) whose differences the
             projection must not move a prompt along (:func:`eiup.anchors.protect_directions`): two or
             more, for every erased concept, in place of the preset's ``"protect"``; ``()``: none.
@@ -279,7 +283,7 @@ class EraseConfig:
     gate_threshold: float = 0.4
     concept_context: str | None = None
     anchors: str | Sequence[str] | None = None
-    anchor_strength: float | None = None
+    anchor_strength: float | str | None = None
     anchor_protect: Sequence[str] | None = None
     anchor_in_context: bool | None = None
     anchor_gate: bool = True
@@ -291,7 +295,12 @@ class EraseConfig:
         set_(self, "erase", self._concepts(self.erase))
         if self.anchors is not None:  # None stays None: DEFAULT_ANCHORS, resolved at call time
             set_(self, "anchors", self._anchor_spec(self.anchors))
-        if self.anchor_strength is not None:  # None: the model's preset for the concept, else the default
+        if isinstance(self.anchor_strength, str):
+            if self.anchor_strength.strip().lower() != AUTO:
+                raise EraseConfigError(f"anchor_strength={self.anchor_strength!r}: give a number in "
+                                       f"(0, {MAX_ANCHOR_STRENGTH:g}] or 'auto'")
+            set_(self, "anchor_strength", AUTO)
+        elif self.anchor_strength is not None:  # None: the model's preset for the concept, else the default
             set_(self, "anchor_strength", _anchor_strength(self.anchor_strength, "anchor_strength"))
         if self.anchor_protect is not None:  # None: the model's preset, else none
             set_(self, "anchor_protect", _protect_words(self.anchor_protect, "anchor_protect"))
@@ -423,6 +432,8 @@ class EIUPPipelineOutput(BaseOutput):
         heatmaps: ``{concept: float32 array (images, H, W) in [0, 1]}`` when ``return_heatmaps=True``.
         erase_scales: ``{concept: float32 array (images,)}``, the scales predicted with
             ``erase_scale="auto"``.
+        anchor_strengths: ``{concept: float32 array (images,)}``, the projection strengths predicted with
+            ``anchor_strength="auto"`` (NaN where the gate left the prompt alone).
     """
 
     images: Any
@@ -430,6 +441,7 @@ class EIUPPipelineOutput(BaseOutput):
     original_images: Any = None
     heatmaps: dict[str, np.ndarray] | None = None
     erase_scales: dict[str, np.ndarray] | None = None
+    anchor_strengths: dict[str, np.ndarray] | None = None
 
 
 @contextlib.contextmanager
@@ -555,7 +567,7 @@ class EIUPMixin:
         gate_threshold: float | None = None,
         concept_context: str | None = None,
         anchors: str | Sequence[str] | None = None,
-        anchor_strength: float | None = None,
+        anchor_strength: float | str | None = None,
         anchor_protect: Sequence[str] | None = None,
         anchor_in_context: bool | None = None,
         anchor_gate: bool | None = None,
@@ -741,10 +753,10 @@ class EIUPMixin:
         m = None
         if dual:
             m = self._dual_call(call, device, cfg, lora_scale, height, width)
-        term_mask = None
+        term_mask, anchor_strengths = None, {}
         if projecting or any(probes):
-            implied, ctx.region = self._gate_and_project(call, config, anchor_plans if projecting else None, probes,
-                                                         named, row_prompts, device, cfg, lora_scale, m)
+            implied, ctx.region, anchor_strengths = self._gate_and_project(
+                call, config, anchor_plans if projecting else None, probes, named, row_prompts, device, cfg, lora_scale, m)
             ctx.own_prompt_values = dual and projecting
             if config.prompt_gate and any(probes):
                 term_mask = _term_mask(implied, spans, concept_embeds.shape[1])
@@ -777,7 +789,38 @@ class EIUPMixin:
         result = self._finish(images, nsfw, original_images, heat, return_dict, return_original)
         if predictors is not None and return_dict:
             result.erase_scales = ctx.predicted_scales
+        if config.anchor_strength == AUTO and return_dict:
+            result.anchor_strengths = anchor_strengths
         return result
+
+    @torch.no_grad()
+    def prompt_features(self, prompts: Sequence[str]) -> torch.Tensor:
+        """(B, 2D) features of the prompts' text embeddings (:func:`eiup.probe.prompt_features`), the input
+        of prompt probes and strength predictors (SD 1.x/2.x)."""
+        from .probe import prompt_features
+
+        embeds, _ = self.encode_prompt(list(prompts), self._execution_device, 1, False)
+        return prompt_features(embeds).cpu()
+
+    @torch.no_grad()
+    def projection_gate(self, prompts: Sequence[str], concept: str, **erase_kwargs: Any) -> list[bool]:
+        """Per prompt: whether a call erasing ``concept`` (with ``erase_kwargs``, else the defaults) makes
+        the anchored projection edit it: the prompt names the concept or its probe says it implies it
+        (``anchor_gate``); every prompt with ``anchor_gate=False`` or a model without a probe for it,
+        none without anchors."""
+        from .probe import find_probe
+
+        config = EraseConfig(erase=[concept], **erase_kwargs)
+        plans = self._anchor_plans(config) if config.anchor_spec else None
+        if not plans or not plans[0].anchors:
+            return [False] * len(prompts)
+        probe = find_probe(concept.strip().lower(), getattr(self.config, "_name_or_path", None))
+        if not config.anchor_gate or probe is None:
+            return [True] * len(prompts)
+        embeds, _ = self.encode_prompt(list(prompts), self._execution_device, 1, False)
+        implied = (probe.logits(embeds.float()) > 0).tolist()
+        named = _concepts_named(list(prompts), [concept], [plans[0].aliases])[0]
+        return [bool(i or n) for i, n in zip(implied, named)]
 
     # ---- helpers ---------------------------------------------------------------------------
     def _scale_predictors(self, config: EraseConfig, source: Any) -> list:
@@ -974,7 +1017,7 @@ class EIUPMixin:
                 return [AnchorPlan((), DEFAULT_ANCHOR_STRENGTH)] * len(config.concepts)
             raise EraseConfigError("anchors are supported on SD 1.x/2.x pipelines (one CLIP text encoder); drop anchors here")
         spec = config.anchor_spec
-        strength = config.anchor_strength
+        strength = None if config.anchor_strength == AUTO else config.anchor_strength
         if spec == AUTO:  # quiet about a model without an anchor file only when "auto" is just the default
             plans = self._model_anchor_plans(config.concepts, strength, quiet_without_file=config.anchors is None)
         else:
@@ -985,6 +1028,9 @@ class EIUPMixin:
             plans = [dataclasses.replace(plan, in_context=config.anchor_in_context) for plan in plans]
         if config.anchor_region is not None:
             plans = [dataclasses.replace(plan, region=_region_rule(config.anchor_region, plan.region)) for plan in plans]
+        if config.anchor_strength == AUTO:
+            plans = [dataclasses.replace(plan, strength_predictor=self._strength_predictor(concept)) if plan.anchors
+                     else plan for concept, plan in zip(config.concepts, plans)]
         limit = self.tokenizer.model_max_length
         for name, words in (("anchors", (a for plan in plans for a in plan.anchors)),
                             ("anchor_protect", (a for plan in plans for a in plan.protect))):
@@ -994,6 +1040,21 @@ class EIUPMixin:
                     raise EraseConfigError(f"{name}[{i}]={word[:30]!r}... is {n - 2} tokens long, more than the "
                                            f"{limit - 2} the text encoder holds; shorten it")
         return plans
+
+    def _strength_predictor(self, concept: str):
+        """``anchor_strength="auto"``: the model folder's strength predictor for ``concept``, checked to fit the encoder."""
+        from .strength import find_strength_predictor
+
+        try:
+            pred = find_strength_predictor(concept, getattr(self.config, "_name_or_path", None))
+        except (FileNotFoundError, ValueError) as e:
+            raise EraseConfigError(str(e)) from e
+        width = self.text_encoder.config.hidden_size
+        if pred.in_features != 2 * width:
+            raise EraseConfigError(f"anchor_strength='auto': the strength predictor for {concept!r} expects "
+                                   f"{pred.in_features // 2}-dim text embeddings, this model's are {width}-dim; "
+                                   "recalibrate it with `eiup calibrate --target strength`")
+        return pred
 
     def _prompt_probes(self, config: EraseConfig, projecting: bool) -> list:
         """Per concept, the model folder's prompt probe (:mod:`eiup.probe`) or None; read only when a gate
@@ -1082,12 +1143,14 @@ class EIUPMixin:
 
     def _gate_and_project(self, call: dict[str, Any], config: EraseConfig, plans: list[AnchorPlan] | None,
                           probes: list, named: list[list[bool]] | None, row_prompts: list[str] | None, device,
-                          cfg: bool, lora_scale, m: int | None) -> tuple[list[torch.Tensor | None], RegionGate | None]:
+                          cfg: bool, lora_scale, m: int | None
+                          ) -> tuple[list[torch.Tensor | None], RegionGate | None, dict[str, np.ndarray]]:
         """Which images' prompts name or imply each concept (by its probe; None without one), and, with
         anchors, the erased branch's prompt embeddings replaced by their projection (:mod:`eiup.anchors`):
         prompts that name the concept move away from their own counterfactuals (the concept word
         replaced by each anchor), the others along the concept's direction from the anchors. With
-        ``region`` plans, also the :class:`RegionGate` that confines the projection (else None)."""
+        ``region`` plans, also the :class:`RegionGate` that confines the projection (else None), and with
+        strength predictors, per concept the strength each row was projected with (NaN: not projected)."""
         from .anchors import (aligned_concept_and_anchors, away_from_counterfactuals, concept_directions,
                               counterfactual_positions, nearest_to_concept, project_tokens, protect_directions,
                               word_positions)
@@ -1112,7 +1175,7 @@ class EIUPMixin:
             implied.append(gate if gate is None or names is None else gate | names)
         if plans is None:
             call["prompt_embeds"] = pe
-            return implied, None
+            return implied, None, {}
         tok = self.tokenizer
         carriers = torch.zeros(original.shape[:2], device=original.device) if any(p.region for p in plans) else None
         row_rules: list[set[str]] = [set() for _ in range(original.shape[0])]  # region rules asked per row
@@ -1143,6 +1206,7 @@ class EIUPMixin:
             return aligned_concept_and_anchors(encoded[concept], len(tok(concept).input_ids),
                                                torch.stack([encoded[w] for w in words]), lengths)
 
+        strengths: dict[str, np.ndarray] = {}  # anchor_strength="auto": the predicted strength per row
         for k, (concept, plan) in enumerate(zip(config.concepts, plans)):
             if not active[k]:
                 continue
@@ -1150,14 +1214,20 @@ class EIUPMixin:
             mean, direction = concept_directions(c, anchors)
             if plan.protect:
                 direction = protect_directions(direction, mean, c, aligned(concept, plan.protect)[1])
-            projected = project_tokens(edited, mean, direction, plan.strength)
+            if plan.strength_predictor is not None:
+                predicted = plan.strength_predictor.predict(original).to(original.device)
+                strengths[concept] = predicted.cpu().numpy().astype(np.float32)
+                base, when_named = predicted[:, None, None], predicted.tolist()
+            else:
+                base, when_named = plan.strength, [plan.strength_when_named] * edited.shape[0]
+            projected = project_tokens(edited, mean, direction, base)
             in_context: dict[str, tuple[torch.Tensor, torch.Tensor, list[int]] | None] = {}
             for r in range(edited.shape[0]):  # rows naming the concept: e -= s (e0 - mean of counterfactuals)
                 if (k, r) in counterfactuals:
                     prompt_ids = token_ids(row_prompts[r])
                     cf = torch.stack([encoded[t][counterfactual_positions(prompt_ids, token_ids(t), edited.shape[1]).to(device)]
                                       for t in counterfactuals[k, r]]).mean(0)
-                    projected[r] = away_from_counterfactuals(edited[r], original[r], cf, plan.strength_when_named)
+                    projected[r] = away_from_counterfactuals(edited[r], original[r], cf, when_named[r])
                     if plan.region:
                         carriers[r, word_positions(prompt_ids, [tok(w, add_special_tokens=False).input_ids
                                                                 for w in (concept, *plan.aliases)])] = 1
@@ -1169,7 +1239,7 @@ class EIUPMixin:
                             original[r], row_prompts[r], concept, plan, token_ids, device, lora_scale, clip_skip)
                     found = in_context[row_prompts[r]]
                     if found is not None and plan.in_context:
-                        projected[r] = project_tokens(projected[r][None], *found[:2], plan.strength_when_named)[0]
+                        projected[r] = project_tokens(projected[r][None], *found[:2], when_named[r])[0]
                     if found is not None and plan.region:
                         carriers[r, found[2]] = 1
                         row_rules[r].add(plan.region)
@@ -1179,6 +1249,8 @@ class EIUPMixin:
                     gate = nearest_to_concept(original, c, anchors)
                     gate = gate if said[k] is None else gate | said[k]
                 projected[~gate] = edited[~gate]
+                if concept in strengths:
+                    strengths[concept][~gate.cpu().numpy()] = np.nan
             edited = projected
         pe = pe.clone()
         pe[rows] = edited.to(pe.dtype)
@@ -1186,7 +1258,7 @@ class EIUPMixin:
         region = None
         if carriers is not None and bool(carriers.any()):
             region = self._region_gate(original.to(pe.dtype), carriers, row_rules, row_prompts, token_ids)
-        return implied, region
+        return implied, region, strengths
 
     def _region_gate(self, embeds: torch.Tensor, carriers: torch.Tensor, row_rules: list[set[str]],
                      row_prompts: list[str] | None, token_ids: Callable[[str], list[int]]) -> RegionGate:

@@ -221,3 +221,31 @@ def gate_prompts(n: int = 600, seed: int = 0, long_share: float = 0.2) -> list[s
         if len(out) == n:
             break
     return list(out)
+
+
+def strength_prompts(concept: str, n: int = 60, seed: int = 0) -> list[str]:
+    """Random toy-world captions whose scene has ``concept`` (an object carrying it, or its background),
+    for calibrating the automatic anchor strength (``eiup calibrate --target strength``); none of them a
+    benchmark, calibration or held-out prompt of any concept, so every judged set stays unseen."""
+    import random
+
+    from ..toy.world import caption, filler_tail, random_scene
+
+    attribute, value = CONCEPTS[concept]
+    held = {p.text for c in CONCEPTS for p in toy_suite(c, [0]).prompts}
+    held |= {p for c in CONCEPTS for p in calibration_prompts(c) + calibration_negatives(c)
+             + heldout_prompts(c) + heldout_negatives(c)}
+    rng = random.Random(seed)
+    out: dict[str, None] = {}
+    for _ in range(2000 * n):
+        scene = random_scene(rng)
+        text = caption(scene, rng)
+        if rng.random() < 0.1:
+            text += filler_tail(rng, 4)
+        has = (scene.background == value if attribute == "background"
+               else any(getattr(o, attribute) == value for o in scene.objects))
+        if has and text not in held:
+            out[text] = None
+        if len(out) == n:
+            break
+    return list(out)
