@@ -1,10 +1,11 @@
-"""Automatic scale against fixed scales, on held-out prompts and seeds (toy model).
+"""Automatic scale and strength against fixed ones, on held-out prompts and seeds (toy model).
 
 Per concept, the held-out prompts of :func:`eiup.bench.suites.heldout_prompts` (other templates
 than the benchmark's and the calibration prompts', so the scale predictors never saw them) and
 :func:`~eiup.bench.suites.heldout_negatives`, seeds 5000.. (benchmark 0..19, calibration 0..2).
-Each family of settings is run at fixed scales and at its own choice ("auto": the shipped
-calibrated predictors; "preset": the model's per-concept presets); the measures are those of
+Each family of settings is run at fixed values of its knob (the concept term's ``erase_scale``, or the
+anchored projection's ``anchor_strength``) and at its own choice ("auto": the shipped calibrated
+predictors; "preset": the model's per-concept presets); the measures are those of
 :mod:`eiup.bench.heldout`. Writes ``results.json``, ``report.md`` and ``tradeoff.png`` (residual
 against specificity and against fidelity, mean over concepts) to ``--out``; every (setting,
 concept) is cached under ``--out/units`` (with the seeds, model and detector it was made with: a unit
@@ -24,20 +25,25 @@ from pathlib import Path
 import numpy as np
 
 CONCEPTS = ["red", "star", "heart", "night"]
-# name -> (description, base erasure kwargs, fixed scales, the family's own choice of scale)
+# name -> (description, base erasure kwargs, fixed values, the family's own choice, the knob they set)
 FAMILIES = {
     "concept term": ("EIUP's concept term alone (the paper's dual mode, concepts encoded after the prompt; "
                      "no anchors, every prompt erased)",
                      {"erase_mode": "dual", "concept_context": "prompt", "anchors": [], "prompt_gate": False},
-                     [-2.0, -4.0, -8.0, -16.0], "auto"),
+                     [-2.0, -4.0, -8.0, -16.0], "auto", "erase_scale"),
     "concept term + presence gate": ("the same with the per-pixel presence gate (gate=\"presence\")",
                                      {"erase_mode": "dual", "concept_context": "prompt", "anchors": [],
-                                      "prompt_gate": False, "gate": "presence"}, [-4.0, -8.0, -16.0], "auto"),
+                                      "prompt_gate": False, "gate": "presence"}, [-4.0, -8.0, -16.0], "auto",
+                                     "erase_scale"),
     "defaults": ("the library defaults: anchored projection with the model's presets, prompt gate, concept term "
-                 "in single mode", {}, [0.0, -0.25, -0.5, -1.0, -4.0], "preset"),
+                 "in single mode", {}, [0.0, -0.25, -0.5, -1.0, -4.0], "preset", "erase_scale"),
+    "anchor strength": ("the library defaults with the anchored projection's strength fixed for every prompt (the "
+                        "concept term at the preset scale), against anchor_strength=\"auto\" (predicted per prompt from "
+                        "its text embedding by the shipped strength predictors)", {},
+                        [0.5, 0.75, 1.0, 1.25, 1.5, 2.0], "auto", "anchor_strength"),
     "defaults, no gates": ("the defaults with both prompt-level gates off (anchor_gate=False: every prompt leaning "
                            "towards the concept is projected; prompt_gate=False: the concept term acts on every prompt)",
-                           {"anchor_gate": False, "prompt_gate": False}, [0.0, -1.0], "preset"),
+                           {"anchor_gate": False, "prompt_gate": False}, [0.0, -1.0], "preset", "erase_scale"),
 }
 # Not an erasure setting: each prompt with the concept rewritten without it (eiup.toy.world.rewrite_without)
 # and drawn plainly; what a perfect prompt-level erasure would draw, a reference for fidelity (not a bound).
@@ -69,7 +75,7 @@ def is_current(path: Path, spec: dict) -> bool:
 
 def all_units() -> list[tuple[str, str]]:
     """Every (family, label) of the report: each family's fixed scales and own choice, then the reference."""
-    return [(f, label) for f, (_, _, fixed, own) in FAMILIES.items() for label in labels(fixed, own)] + [REFERENCE]
+    return [(f, label) for f, (_, _, fixed, own, _) in FAMILIES.items() for label in labels(fixed, own)] + [REFERENCE]
 
 
 def run_units(out: Path, concepts: list[str], seeds: list[int]) -> dict:
@@ -92,8 +98,9 @@ def run_units(out: Path, concepts: list[str], seeds: list[int]) -> dict:
         if (family, label) == REFERENCE:
             kwargs, rewrite = {}, rewrite_reference(concept)
         else:
-            base, rewrite = FAMILIES[family][1], None
-            kwargs = dict(base, **({} if label == "preset" else {"erase_scale": label if label == "auto" else float(label)}))
+            _, base, _, _, knob = FAMILIES[family]
+            rewrite = None
+            kwargs = dict(base, **({} if label == "preset" else {knob: label if label == "auto" else float(label)}))
         r = judge_setting(plain, concept, heldout_prompts(concept), heldout_negatives(concept), kwargs,
                           desc=f"{concept} {family} @{label}", rewrite=rewrite)
         write_json_atomic(unit_path(out, family, label, concept), dict(r.to_dict(), family=family, label=label,
@@ -112,7 +119,7 @@ def report(out: Path, concepts: list[str], seeds: list[int]) -> dict:
                 ("residual", "fidelity_vs_plain", "as_plain_or_prompted", "specificity", "psnr_median")}
         rows[(family, label)] = dict(mean, per_concept={u["concept"]: u for u in units})
     verdicts = {}
-    for family, (_, _, fixed, own) in FAMILIES.items():
+    for family, (_, _, fixed, own, _) in FAMILIES.items():
         curve = [rows[(family, f"{s:g}")] for s in fixed]
         me = rows[(family, own)]
         verdicts[family] = {
@@ -125,19 +132,20 @@ def report(out: Path, concepts: list[str], seeds: list[int]) -> dict:
               "rows": [dict(family=f, label=lab, **v) for (f, lab), v in rows.items()], "verdicts": verdicts}
     write_json_atomic(out / "results.json", result)
     plot(out / "tradeoff.png", rows)
-    lines = ["# Automatic scale vs fixed scales (held-out prompts and seeds)", "",
+    lines = ["# Automatic scale and strength vs fixed ones (held-out prompts and seeds)", "",
              f"Seeds {seeds[0]}..{seeds[-1]} per prompt; prompts: `eiup.bench.suites.heldout_prompts` / "
              "`heldout_negatives` (in no benchmark suite and no calibration set). Mean over "
              f"{', '.join(concepts)}. Reproduce: `python benchmarks/auto_vs_fixed.py`.", ""]
-    sections = [(family, f"{desc}; kwargs `{json.dumps(base)}`.") for family, (desc, base, _, _) in FAMILIES.items()]
+    sections = [(family, f"{desc}; kwargs `{json.dumps(base)}`.") for family, (desc, base, _, _, _) in FAMILIES.items()]
     sections.append((REFERENCE[0], "Not an erasure setting: each prompt with the concept rewritten without it "
                      "(`eiup.toy.world.rewrite_without`: the concept's attribute set to another value, round robin over the "
                      "seeds, e.g. \"a drawing of a tomato\" -> \"a drawing of an orange circle\") and drawn without erasure. "
                      "It is what a perfect prompt-level erasure would draw: how well the model draws the prompt without the "
                      "concept, a reference for fidelity (not a bound: an erasure that keeps the plain image's layout can do better)."))
     for family, desc in sections:
+        knob = FAMILIES[family][4] if family in FAMILIES else "setting"
         lines += [f"## {family}", "", desc, "",
-                  "| scale | residual | fidelity vs plain | as plain or as prompted | specificity | median PSNR (dB) | "
+                  f"| {knob} | residual | fidelity vs plain | as plain or as prompted | specificity | median PSNR (dB) | "
                   + " | ".join(f"residual {c}" for c in concepts) + " |",
                   "|---" * (6 + len(concepts)) + "|"]
         for (f, label), r in rows.items():
@@ -145,6 +153,7 @@ def report(out: Path, concepts: list[str], seeds: list[int]) -> dict:
                 continue
             per = r["per_concept"]
             extra = [f"{per[c]['residual']:.0%}" + (f" (w={per[c]['mean_scale']:.1f})" if per[c]["mean_scale"] is not None else "")
+                     + (f" (s={per[c]['mean_strength']:.2f})" if per[c].get("mean_strength") is not None else "")
                      for c in concepts]
             lines.append(f"| {label} | {r['residual']:.1%} | {r['fidelity_vs_plain']:.1%} | {r['as_plain_or_prompted']:.1%} | "
                          f"{r['specificity']:.1%} | {r['psnr_median']:.1f} | " + " | ".join(extra) + " |")
@@ -152,10 +161,11 @@ def report(out: Path, concepts: list[str], seeds: list[int]) -> dict:
             lines.append("")
             continue
         v, own = verdicts[family], FAMILIES[family][3]
-        lines += ["", f"`{own}` against the fixed-scale curve at its residual: specificity "
+        lines += ["", f"`{own}` against the fixed-{knob} curve at its residual: specificity "
                   f"{v['specificity']['above_fixed_curve']:+.1%}, fidelity (as plain or as prompted) "
                   f"{v['as_plain_or_prompted']['above_fixed_curve']:+.1%}; it dominates (lower or equal residual and "
-                  f"higher or equal specificity) the fixed scales {v['specificity']['dominates'] or 'none'}.", ""]
+                  f"higher or equal specificity) the fixed values {v['specificity']['dominates'] or 'none'}; on residual "
+                  f"and fidelity it dominates {v['as_plain_or_prompted']['dominates'] or 'none'}.", ""]
     defaults, ref = rows[("defaults", "preset")]["per_concept"], rows[REFERENCE]["per_concept"]
     lines += ["## fidelity per concept: the defaults against the reference", "",
               "As plain or as prompted, on the images whose plain image shows the concept.", "",
@@ -177,11 +187,11 @@ def plot(path: Path, rows: dict) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
     for ax, measure, name in ((axes[0], "specificity", "specificity (negatives unchanged)"),
                               (axes[1], "as_plain_or_prompted", "fidelity (as plain or as prompted)")):
-        for i, (family, (_, _, fixed, own)) in enumerate(FAMILIES.items()):
+        for i, (family, (_, _, fixed, own, knob)) in enumerate(FAMILIES.items()):
             colour = f"C{i}"
             pts = [rows[(family, f"{s:g}")] for s in fixed]
             ax.plot([100 * p["residual"] for p in pts], [100 * p[measure] for p in pts], "o-", color=colour,
-                    label=f"{family}: fixed scales")
+                    label=f"{family}: fixed {knob}")
             for s, p in zip(fixed, pts):
                 ax.annotate(f"{s:g}", (100 * p["residual"], 100 * p[measure]), textcoords="offset points",
                             xytext=(4, 4), fontsize=8, color=colour)
@@ -193,7 +203,7 @@ def plot(path: Path, rows: dict) -> None:
         ax.set_ylabel(f"{name} (%)")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.suptitle("Held-out prompts: the family's own scale (star) against its fixed scales")
+    fig.suptitle("Held-out prompts: each family's own choice (star) against its fixed values")
     fig.tight_layout()
     import io
 

@@ -806,21 +806,31 @@ class EIUPMixin:
     def projection_gate(self, prompts: Sequence[str], concept: str, **erase_kwargs: Any) -> list[bool]:
         """Per prompt: whether a call erasing ``concept`` (with ``erase_kwargs``, else the defaults) makes
         the anchored projection edit it: the prompt names the concept or its probe says it implies it
-        (``anchor_gate``); every prompt with ``anchor_gate=False`` or a model without a probe for it,
-        none without anchors."""
+        (``anchor_gate``; without a probe, the prompt's tokens are nearer the concept's than every anchor's);
+        every prompt with ``anchor_gate=False``, none without anchors."""
         from .probe import find_probe
 
         config = EraseConfig(erase=[concept], **erase_kwargs)
         plans = self._anchor_plans(config) if config.anchor_spec else None
         if not plans or not plans[0].anchors:
             return [False] * len(prompts)
-        probe = find_probe(concept.strip().lower(), getattr(self.config, "_name_or_path", None))
-        if not config.anchor_gate or probe is None:
+        if not config.anchor_gate:
             return [True] * len(prompts)
-        embeds, _ = self.encode_prompt(list(prompts), self._execution_device, 1, False)
-        implied = (probe.logits(embeds.float()) > 0).tolist()
+        device = self._execution_device
+        embeds = self.encode_prompt(list(prompts), device, 1, False)[0].float()
+        probe = find_probe(concept.strip().lower(), getattr(self.config, "_name_or_path", None))
+        if probe is not None:
+            implied = probe.logits(embeds) > 0
+        else:  # the similarity gate of _gate_and_project
+            from .anchors import aligned_concept_and_anchors, nearest_to_concept
+
+            anchors = plans[0].anchors
+            encoded = self._encode_concepts([concept, *anchors], device, None, None).float()
+            lengths = torch.tensor([len(ids) for ids in self.tokenizer(list(anchors)).input_ids], device=device)
+            c, a = aligned_concept_and_anchors(encoded[0], len(self.tokenizer(concept).input_ids), encoded[1:], lengths)
+            implied = nearest_to_concept(embeds, c, a)
         named = _concepts_named(list(prompts), [concept], [plans[0].aliases])[0]
-        return [bool(i or n) for i, n in zip(implied, named)]
+        return [bool(i) or n for i, n in zip(implied.tolist(), named)]
 
     # ---- helpers ---------------------------------------------------------------------------
     def _scale_predictors(self, config: EraseConfig, source: Any) -> list:

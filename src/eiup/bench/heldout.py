@@ -35,6 +35,7 @@ class HeldoutResult:
     n_shown: int
     n_negative: int
     mean_scale: float | None = None  # the mean predicted scale over positives (erase_scale="auto"), else None
+    mean_strength: float | None = None  # the mean predicted strength over projected positives (anchor_strength="auto")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -67,7 +68,7 @@ def judge_setting(plain: PlainImages, concept: str, positives: Sequence[str], ne
     With ``rewrite`` (prompt, k -> prompt) the k-th seed's image is instead generated without erasure
     from the rewritten prompt (e.g. :func:`rewrite_reference`): a reference judged exactly like a setting.
     """
-    residual, kept, unharmed, same, psnr, scales = [], [], [], [], [], []
+    residual, kept, unharmed, same, psnr, scales, strengths = [], [], [], [], [], [], []
     for prompt in tqdm(list(positives) + list(negatives), desc=desc or concept, leave=False):
         plain_images, plain_found = plain.get(prompt)
         if rewrite is None:
@@ -86,13 +87,15 @@ def judge_setting(plain: PlainImages, concept: str, positives: Sequence[str], ne
             unharmed += [j.unharmed for j in shown]
             if out.erase_scales:
                 scales += [float(s) for s in out.erase_scales[concept]]
+            if getattr(out, "anchor_strengths", None) and concept in out.anchor_strengths:
+                strengths += [float(s) for s in out.anchor_strengths[concept] if np.isfinite(s)]
         else:
             same += [j.specific for j in judged]
             psnr += [j.psnr for j in judged]
     mean = lambda xs: float(np.mean(xs)) if xs else float("nan")  # noqa: E731
     return HeldoutResult(concept, mean(residual), mean(kept), mean(unharmed), mean(same),
                          float(np.median(psnr)) if psnr else float("nan"), len(residual), len(same),
-                         float(np.mean(scales)) if scales else None)
+                         float(np.mean(scales)) if scales else None, float(np.mean(strengths)) if strengths else None)
 
 
 def rewrite_reference(concept: str) -> Callable[[str, int], str]:

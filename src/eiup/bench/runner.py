@@ -68,7 +68,7 @@ def load_unit_images(out: Path, unit: Unit) -> list[Image.Image]:
 
 
 # Files of a model folder that change what EIUP does without changing the weights (presets, gates, predictors).
-ERASURE_FILES = ("eiup_anchors.json", "eiup_prompt_probes", "eiup_scale_predictors")
+ERASURE_FILES = ("eiup_anchors.json", "eiup_prompt_probes", "eiup_scale_predictors", "eiup_strength_predictors")
 
 
 def erasure_fingerprint(pipe) -> str:

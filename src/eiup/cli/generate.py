@@ -60,9 +60,11 @@ def generate(
         None, "--anchor", help="A concept of the erased one's kind (repeat; e.g. the other colours when erasing "
         "'red'): also projects the concept out of the prompt's tokens (the padding included), where implied concepts "
         "live. 'auto': the model folder's eiup_anchors.json; 'none': off. Default: the library's DEFAULT_ANCHORS."),
-    anchor_strength: Optional[float] = typer.Option(
-        None, "--anchor-strength", help="Strength of the anchored token projection, in (0, 8]. Default: the "
-        "model's preset for the concept (eiup_anchors.json), else the library's DEFAULT_ANCHOR_STRENGTH."),
+    anchor_strength: Optional[str] = typer.Option(
+        None, "--anchor-strength", help="Strength of the anchored token projection, in (0, 8], or 'auto': predicted "
+        "per prompt by the model's calibrated strength predictors (eiup_strength_predictors/, `eiup calibrate --target "
+        "strength`). Default: the model's preset for the concept (eiup_anchors.json), else the library's "
+        "DEFAULT_ANCHOR_STRENGTH."),
     protect: Optional[list[str]] = typer.Option(
         None, "--protect", help="A value of another attribute the anchored projection must keep (repeat, two or more; "
         "e.g. the colours when erasing star); 'none': nothing. Default: the model's preset (eiup_anchors.json)."),
@@ -159,10 +161,18 @@ def generate(
         elif len(protected) < 2 or not all(protected) or "none" in {p.lower() for p in protected}:
             raise _bad("give two or more words of the attribute to keep (their differences are protected), "
                        "e.g. --protect red --protect orange, or --protect none", "--protect")
-    if anchor_strength is not None:
+    strength: float | str | None = None
+    if anchor_strength is not None and anchor_strength.strip().lower() == "auto":
+        strength = "auto"
+    elif anchor_strength is not None:
         from eiup.pipeline import MAX_ANCHOR_STRENGTH
 
-        if not (math.isfinite(anchor_strength) and 0 < anchor_strength <= MAX_ANCHOR_STRENGTH):
+        try:
+            strength = float(anchor_strength)
+        except ValueError:
+            raise _bad(f"{anchor_strength!r}: give a number in (0, {MAX_ANCHOR_STRENGTH:g}] or auto",
+                       "--anchor-strength") from None
+        if not (math.isfinite(strength) and 0 < strength <= MAX_ANCHOR_STRENGTH):
             raise _bad(f"{anchor_strength} is outside (0, {MAX_ANCHOR_STRENGTH:g}]; 1 removes the concept from the "
                        "prompt tokens", "--anchor-strength")
     if steps < 1:
@@ -235,7 +245,7 @@ def generate(
         scale=scale, mode=mode or default_mode,  # None: the library's default (a model preset, else DEFAULT_ERASE_SCALE)
         gate=default_gate if gate is None else ("presence" if gate else None),
         concept_context=concept_context or default_context,
-        anchors=anchors, anchor_strength=anchor_strength, anchor_protect=protected, anchor_in_context=in_context,
+        anchors=anchors, anchor_strength=strength, anchor_protect=protected, anchor_in_context=in_context,
         anchor_region=region, anchor_gate=anchor_gate,
         prompt_gate=prompt_gate,
         negative_prompt=negative_prompt, images_per_prompt=images_per_prompt,
