@@ -361,7 +361,11 @@ def test_anchors_reach_the_pipeline_and_are_recorded(tmp_path, model_dir, monkey
     for changed in (["--anchor-strength", "3"], ["--no-anchor-gate"], ["--no-prompt-gate"]):
         res = invoke(*args[:-1], *changed, "--no-progress")
         assert res.exit_code == 1 and "other settings" in res.output  # part of what the images depend on
+    res = invoke(*args[:-3], "--anchor-strength", "auto", "--out", tmp_path / "auto", "--no-progress")
+    assert res.exit_code != 0 and "eiup calibrate --target strength" in flat(res.output)  # no predictor in this folder
+    assert not list((tmp_path / "auto").glob("*.png"))
     for bad in (["--anchor", " "], ["--anchor", "blue", "--anchor-strength", "nan"], ["--anchor", "blue", "--anchor-strength", "0"],
+                ["--anchor", "blue", "--anchor-strength", "fast"],
                 ["--anchor", "blue", "--protect", "circle"], ["--anchor", "blue", "--protect", "circle", "--protect", "none"]):
         res = invoke("generate", "-p", "x", "--model", model_dir, "--erase", "red", *bad, "--out", tmp_path / "bad")
         assert res.exit_code != 0 and bad[-2] in flat(res.output)
@@ -492,6 +496,10 @@ def test_toy_training_refuses_a_device_it_cannot_use_before_any_work(tmp_path):
     (["--unerasable", "max"], "--unerasable", "use spare or strongest"),
     (["--grid=-1,-2"], "--grid", "start at 0"),
     (["--mode", "triple"], "--mode", "use single or dual"),
+    (["--target", "speed"], "--target", "use scale or strength"),
+    (["--target", "strength", "--grid", "0,1"], "--grid", "strengths in (0, 8]"),
+    (["--target", "strength", "--mode", "dual"], "--mode", "is for --target scale"),
+    (["--target", "strength", "--coverage", "1"], "--coverage", "must be in (0, 1)"),
 ])
 def test_calibrate_checks_its_arguments_before_the_model(monkeypatch, args, option, text):
     def forbidden(*a, **k):

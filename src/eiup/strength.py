@@ -26,13 +26,7 @@ from .probe import prompt_features
 
 STRENGTH_DIR = "eiup_strength_predictors"
 DEFAULT_STRENGTH_GRID = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0)
-L2_CHOICES = (0.01, 0.1, 1.0)
-
-
-def under_erasing_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Squared error, a strength below the target (the concept stays) counted twice."""
-    err = target - pred
-    return torch.where(err > 0, 2.0 * err**2, err**2).mean()
+L2_CHOICES = (0.01, 0.1, 1.0, 10.0)
 
 
 def mildest_strength(present_by_strength: dict[float, list[bool]]) -> list[float]:
@@ -53,7 +47,7 @@ def mildest_strength(present_by_strength: dict[float, list[bool]]) -> list[float
 
 @dataclass
 class StrengthPredictor:
-    """s = clamp(margin * (<w, (x - mean) / std> + b), low, high) for one concept of one model, x the
+    """s = clamp(<w, (x - mean) / std> + b, low, high) for one concept of one model, x the
     prompt features (:func:`eiup.probe.prompt_features`); ``w = 0`` is a constant strength."""
 
     concept: str
@@ -61,7 +55,6 @@ class StrengthPredictor:
     bias: float
     mean: torch.Tensor  # (F,)
     std: torch.Tensor  # (F,)
-    margin: float = 1.0
     low: float = 0.25
     high: float = 4.0
     info: dict = field(default_factory=dict)
@@ -83,14 +76,14 @@ class StrengthPredictor:
     def predict_from_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B,) strengths from prompt features (B, F)."""
         z = (x.float() - self.mean.to(x.device)) / self.std.to(x.device)
-        return (self.margin * (z @ self.weight.to(x.device) + self.bias)).clamp(self.low, self.high)
+        return (z @ self.weight.to(x.device) + self.bias).clamp(self.low, self.high)
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {"weight": self.weight.float().contiguous(), "mean": self.mean.float().contiguous(),
                    "std": self.std.float().contiguous()}
-        meta = {"concept": self.concept, "bias": repr(float(self.bias)), "margin": repr(float(self.margin)),
+        meta = {"concept": self.concept, "bias": repr(float(self.bias)),
                 "low": repr(float(self.low)), "high": repr(float(self.high)), "info": json.dumps(self.info)}
         tmp = path.with_name(path.name + ".tmp")
         save_file(tensors, str(tmp), metadata=meta)
@@ -104,12 +97,11 @@ class StrengthPredictor:
         t = load_file(str(path))
         with safe_open(str(path), "pt") as f:
             meta = f.metadata() or {}
-        missing = {"concept", "bias", "margin", "low", "high"} - set(meta)
+        missing = {"concept", "bias", "low", "high"} - set(meta)
         if missing or set(t) != {"weight", "mean", "std"}:
             raise ValueError(f"{path} is not an eiup strength predictor (missing {sorted(missing) or 'tensors'}); "
                              "write one with `eiup calibrate --target strength`")
-        return cls(meta["concept"], t["weight"], float(meta["bias"]), t["mean"], t["std"], float(meta["margin"]),
-                   float(meta["low"]), float(meta["high"]), json.loads(meta.get("info") or "{}"))
+        return cls(meta["concept"], t["weight"], float(meta["bias"]), t["mean"], t["std"], float(meta["low"]), float(meta["high"]), json.loads(meta.get("info") or "{}"))
 
 
 def strength_predictor_path(folder: str | Path, concept: str) -> Path:
@@ -132,64 +124,64 @@ def find_strength_predictor(concept: str, model_folder: str | Path | None) -> St
     return pred
 
 
-def _fit_linear(x: torch.Tensor, y: torch.Tensor, l2: float, steps: int = 600) -> tuple[torch.Tensor, float]:
-    w = torch.zeros(x.shape[1], requires_grad=True)
-    b = torch.tensor(float(y.mean()), requires_grad=True)
-    opt = torch.optim.Adam([w, b], lr=0.02)
-    for _ in range(steps):
-        loss = under_erasing_loss(x @ w + b, y) + l2 * (w**2).sum()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return w.detach(), float(b.detach())
-
-
-def _best_constant(y: torch.Tensor) -> float:
-    grid = torch.linspace(float(y.min()), float(y.max()), 201)
-    return float(grid[int(torch.stack([under_erasing_loss(torch.full_like(y, float(c)), y) for c in grid]).argmin())])
+def _fit_linear(x: torch.Tensor, y: torch.Tensor, l2: float) -> tuple[torch.Tensor, float]:
+    """Ridge regression y ~ <w, x> + b (x standardised), closed form."""
+    xc, yc = x - x.mean(0), y - y.mean()
+    w = torch.linalg.solve(xc.T @ xc + l2 * len(y) * torch.eye(x.shape[1]), xc.T @ yc)
+    return w, float(y.mean() - x.mean(0) @ w)
 
 
 def fit_strength_predictor(concept: str, features: torch.Tensor, targets: torch.Tensor, groups: Sequence,
-                           margin: float = 1.0, folds: int = 4, seed: int = 0, info: dict | None = None,
-                           low: float = 0.25, high: float = 4.0) -> StrengthPredictor:
-    """Fit s(prompt) to the mildest erasing strengths (N,) from prompt features (N, F).
+                           erasable: torch.Tensor | None = None, coverage: float = 0.95, folds: int = 5,
+                           seed: int = 0, info: dict | None = None, low: float = 0.25,
+                           high: float = 4.0) -> StrengthPredictor:
+    """Fit s(prompt) to the mildest erasing strengths (N,) from prompt features (N, F), then lift it so that
+    ``coverage`` of held-out samples get at least their target (a split-conformal offset: the ``coverage``
+    quantile of target - prediction over ``folds``-fold cross-validation by whole ``groups``, e.g. prompts).
 
-    The linear model (with an L2 penalty from :data:`L2_CHOICES`) is kept only if it predicts held-out
-    prompts better than the best constant (``folds``-fold cross-validation over whole ``groups``, e.g. the
-    prompt of each sample; same loss); otherwise the predictor is that constant.
+    Ridge models (L2 from :data:`L2_CHOICES`) compete with a constant (the targets' ``coverage`` quantile):
+    the one with the mildest mean strength at that coverage is kept. Samples that no grid strength erases
+    (``erasable`` False) are left out of the fit: no strength buys anything there.
     """
-    x = features.float()
-    mean, std = x.mean(0), x.std(0).clamp_min(1e-3)
-    x = (x - mean) / std
-    y = targets.float()
-    labels = list(groups)
-    if len(labels) != len(y):
-        raise ValueError(f"groups has {len(labels)} entries for {len(y)} samples")
+    if not 0 < coverage < 1:
+        raise ValueError(f"coverage={coverage} must be in (0, 1), e.g. 0.95")
+    keep = torch.ones(len(targets), dtype=torch.bool) if erasable is None else erasable.bool()
+    labels = [g for g, k in zip(groups, keep.tolist()) if k]
+    x_all = features.float()
+    mean, std = x_all.mean(0), x_all.std(0).clamp_min(1e-3)
+    x, y = ((x_all - mean) / std)[keep], targets.float()[keep]
+    if len(y) < 2:
+        raise ValueError(f"{int(keep.sum())} erasable calibration samples: too few to fit (give more prompts or seeds)")
     unique = list(dict.fromkeys(labels))
     perm = torch.randperm(len(unique), generator=torch.Generator().manual_seed(seed)).tolist()
     fold_of = {unique[j]: rank % folds for rank, j in enumerate(perm)}
-    cv: dict[str, list[float]] = {"constant": [], **{f"l2={l2:g}": [] for l2 in L2_CHOICES}}
-    for k in range(min(folds, len(unique))):
-        held = torch.tensor([i for i in range(len(y)) if fold_of[labels[i]] == k])
-        kept = torch.tensor([i for i in range(len(y)) if fold_of[labels[i]] != k])
-        if len(held) == 0 or len(kept) < 2:
-            continue
-        c = _best_constant(y[kept])
-        cv["constant"].append(float(under_erasing_loss(torch.full_like(y[held], c), y[held])))
-        for l2 in L2_CHOICES:
+    fold = torch.tensor([fold_of[g] for g in labels])
+    candidates: dict[str, tuple[float, float]] = {}  # name -> (offset, mean strength at that coverage)
+    const = float(torch.quantile(y, coverage))
+    candidates["constant"] = (0.0, const)
+    for l2 in L2_CHOICES:
+        cv = torch.empty_like(y)
+        for k in range(folds):
+            held, kept = fold == k, fold != k
+            if not held.any() or kept.sum() < 2:
+                cv[held] = float(y[kept].mean()) if kept.any() else float(y.mean())
+                continue
             w, b = _fit_linear(x[kept], y[kept], l2)
-            cv[f"l2={l2:g}"].append(float(under_erasing_loss(x[held] @ w + b, y[held])))
-    scores = {name: float(np.mean(v)) for name, v in cv.items() if v}
-    best = min(scores, key=scores.get) if scores else "constant"
+            cv[held] = x[held] @ w + b
+        offset = float(torch.quantile(y - cv, coverage))
+        candidates[f"l2={l2:g}"] = (offset, float((cv + offset).clamp(low, high).mean()))
+    best = min(candidates, key=lambda name: candidates[name][1])
     if best == "constant":
-        w, b = torch.zeros(x.shape[1]), _best_constant(y)
+        w, b = torch.zeros(x.shape[1]), const
     else:
         w, b = _fit_linear(x, y, float(best.split("=")[1]))
-    fitted = x @ w + b
-    return StrengthPredictor(concept, w, b, mean, std, margin, low, high,
-                             dict(info or {}, n_samples=len(y), kind=best, cv_loss=scores,
-                                  train_loss=float(under_erasing_loss(fitted, y)),
-                                  under_erasing=float((margin * fitted < y - 1e-6).float().mean())))
+        b += candidates[best][0]
+    fitted = (x @ w + b).clamp(low, high)
+    return StrengthPredictor(concept, w, b, mean, std, low, high,
+                             dict(info or {}, n_samples=len(targets), n_erasable=len(y), kind=best, coverage=coverage,
+                                  cv_mean_strength={k: v[1] for k, v in candidates.items()},
+                                  train_under_erasing=float((fitted < y - 1e-6).float().mean()),
+                                  mean_strength=float(fitted.mean())))
 
 
 @dataclass
@@ -239,24 +231,33 @@ def collect_strengths(pipe, concept: str, prompts: Sequence[str], judge: Callabl
 def calibrate_strength(pipe, concept: str, prompts: Sequence[str], judge: Callable[[list], list[bool]],
                        seeds: Sequence[int], steps: int = 25, guidance: float = 7.5,
                        grid: Sequence[float] = DEFAULT_STRENGTH_GRID, out: str | Path | None = None,
-                       margin: float = 1.0, **erase_kwargs) -> tuple[StrengthPredictor, Path, StrengthData]:
+                       coverage: float = 0.95, **erase_kwargs) -> tuple[StrengthPredictor, Path, StrengthData]:
     """Collect (:func:`collect_strengths`), fit (:func:`fit_strength_predictor`) and save the predictor
     (default: ``<model folder>/eiup_strength_predictors/<concept>.safetensors``)."""
     grid = sorted(float(s) for s in grid)
     if not grid or grid[0] <= 0:
         raise ValueError(f"grid={grid}: give positive strengths, e.g. {list(DEFAULT_STRENGTH_GRID)}")
     data = collect_strengths(pipe, concept, prompts, judge, seeds, steps, guidance, grid, **erase_kwargs)
+    pred, path = fit_and_save(pipe, concept, data, seeds, steps, guidance, out, coverage, **erase_kwargs)
+    return pred, path, data
+
+
+def fit_and_save(pipe, concept: str, data: StrengthData, seeds: Sequence[int], steps: int, guidance: float,
+                 out: str | Path | None = None, coverage: float = 0.95, **erase_kwargs) -> tuple[StrengthPredictor, Path]:
+    """The second half of :func:`calibrate_strength`: fit the predictor to collected data and save it."""
+    grid = sorted(data.present)
     if len(data.prompts) == 0:
         raise ValueError(f"no calibration prompt shows {concept!r} in its plain images and passes the projection's "
                          "gate: give prompts that name or imply it")
     info = {"grid": grid, "steps": steps, "guidance": guidance, "seeds": [int(s) for s in seeds],
             "erase_kwargs": erase_kwargs, "n_prompts": len(set(data.prompts)),
             "unerased_at_strongest": int(sum(data.present[grid[-1]])), "mean_target": float(data.targets.mean())}
-    pred = fit_strength_predictor(concept, data.features, data.targets, data.prompts, margin=margin, info=info,
+    erasable = ~torch.tensor(data.present[grid[-1]])
+    pred = fit_strength_predictor(concept, data.features, data.targets, data.prompts, erasable, coverage, info=info,
                                   low=grid[0], high=grid[-1])
     if out is None:
         folder = getattr(pipe.config, "_name_or_path", None)
         if not folder or not Path(folder).is_dir():
             raise ValueError("the model is not a local folder: pass out=PATH for the strength predictor")
         out = strength_predictor_path(Path(folder) / STRENGTH_DIR, concept)
-    return pred, pred.save(out), data
+    return pred, pred.save(out)

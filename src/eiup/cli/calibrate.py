@@ -23,6 +23,7 @@ def calibrate(
     gate: Annotated[bool, typer.Option("--gate/--no-gate", help="Calibrate with presence gating (use the same at inference).")] = False,
     anchor: Annotated[list[str] | None, typer.Option(help="Anchors used while calibrating (repeat, or 'auto'); default none: the scale of the concept term alone.")] = None,
     unerasable: Annotated[str, typer.Option(help="Target of samples no grid scale erases: spare (0, leave them alone) or strongest (the grid's strongest scale).")] = "spare",
+    coverage: Annotated[float, typer.Option(help="--target strength: the share of calibration samples whose predicted strength must reach their mildest erasing one (cross-validated).")] = 0.95,
     steps: int = 25,
     guidance: float = 7.5,
     out: Annotated[Path | None, typer.Option(help="Predictor file (default: MODEL/eiup_scale_predictors/CONCEPT.safetensors, or eiup_strength_predictors/ for --target strength).")] = None,
@@ -48,6 +49,8 @@ def calibrate(
     if target == "strength":
         if not grid_values or not all(math.isfinite(v) and 0 < v <= 8 for v in grid_values):
             raise typer.BadParameter("strengths in (0, 8], mild to strong, e.g. 0.5,1,1.5,2", param_hint="--grid")
+        if not 0 < coverage < 1:
+            raise typer.BadParameter(f"{coverage} must be in (0, 1), e.g. 0.95", param_hint="--coverage")
         scale_only = {"--mode": mode != "single", "--gate": gate, "--anchor": anchor is not None,
                       "--unerasable": unerasable != "spare", "--concept-context": concept_context != "prompt"}
         if any(scale_only.values()):
@@ -91,7 +94,7 @@ def calibrate(
 
         try:
             pred, path, _ = calibrate_strength(pipe, concept.strip(), prompt_list, judge, seed_list, steps, guidance,
-                                               grid_values, out)
+                                               grid_values, out, coverage)
         except ValueError as e:
             raise typer.BadParameter(str(e), param_hint="--prompts") from e
         typer.echo(json.dumps({"predictor": str(path), **pred.info}, indent=2))
