@@ -99,6 +99,8 @@ def test_auto_strength_is_nan_where_the_gate_leaves_the_prompt_alone(sd1, model_
     assert s[0] == pytest.approx(1.25) and np.isnan(s[1])
     fixed = sd1(prompts, erase="red", anchor_strength=1.25, concept_context="separate", generator=[gen(), gen()], **KW)
     assert np.array_equal(out.images, fixed.images)  # a constant predictor is that fixed strength
+    alone = sd1(prompts[1], erase="red", anchor_strength="auto", concept_context="separate", generator=gen(), **KW)
+    assert np.isnan(alone.anchor_strengths["red"]).all()  # no prompt gated in: nothing projected, still reported
 
 
 @pytest.mark.parametrize("value, match", [("fast", "anchor_strength='fast'"), ("auto", "eiup calibrate --target strength")])

@@ -1219,6 +1219,8 @@ class EIUPMixin:
         strengths: dict[str, np.ndarray] = {}  # anchor_strength="auto": the predicted strength per row
         for k, (concept, plan) in enumerate(zip(config.concepts, plans)):
             if not active[k]:
+                if plan.strength_predictor is not None:
+                    strengths[concept] = np.full(edited.shape[0], np.nan, dtype=np.float32)
                 continue
             c, anchors = aligned(concept, plan.anchors)
             mean, direction = concept_directions(c, anchors)
