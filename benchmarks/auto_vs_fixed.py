@@ -73,6 +73,27 @@ def is_current(path: Path, spec: dict) -> bool:
     return path.exists() and json.loads(path.read_text()).get("made_with") == spec
 
 
+def unit_kwargs(family: str, label: str) -> dict:
+    """The erasure keyword arguments of one unit ({} for the reference, which erases nothing)."""
+    if (family, label) == REFERENCE:
+        return {}
+    _, base, _, _, knob = FAMILIES[family]
+    return dict(base, **({} if label == "preset" else {knob: label if label == "auto" else float(label)}))
+
+
+def reads_erasure_files(family: str, label: str) -> bool:
+    """Whether a unit reads the model folder's erasure files (anchors, probes, predictors): not the reference,
+    and not EIUP's concept term at a fixed scale without anchors and prompt gate."""
+    kwargs = unit_kwargs(family, label)
+    return (family, label) != REFERENCE and not (kwargs.get("anchors") == [] and kwargs.get("prompt_gate") is False
+                                                 and kwargs.get("erase_scale") != "auto")
+
+
+def unit_spec(spec: dict, family: str, label: str) -> dict:
+    """``spec`` (:func:`made_with`) without the erasure files for a unit that does not read them."""
+    return spec if reads_erasure_files(family, label) else dict(spec, erasure_files=None)
+
+
 def all_units() -> list[tuple[str, str]]:
     """Every (family, label) of the report: each family's fixed scales and own choice, then the reference."""
     return [(f, label) for f, (_, _, fixed, own, _) in FAMILIES.items() for label in labels(fixed, own)] + [REFERENCE]
@@ -90,21 +111,18 @@ def run_units(out: Path, concepts: list[str], seeds: list[int]) -> dict:
     pipe.set_progress_bar_config(disable=True)
     spec = made_with(pipe, seeds)
     todo = [(f, label, c) for c in concepts for f, label in all_units()
-            if not is_current(unit_path(out, f, label, c), spec)]
+            if not is_current(unit_path(out, f, label, c), unit_spec(spec, f, label))]
     if not todo:
         return spec
     plain = PlainImages(pipe, ConceptDetector.load(), seeds)
     for family, label, concept in todo:
-        if (family, label) == REFERENCE:
-            kwargs, rewrite = {}, rewrite_reference(concept)
-        else:
-            _, base, _, _, knob = FAMILIES[family]
-            rewrite = None
-            kwargs = dict(base, **({} if label == "preset" else {knob: label if label == "auto" else float(label)}))
+        kwargs = unit_kwargs(family, label)
+        rewrite = rewrite_reference(concept) if (family, label) == REFERENCE else None
         r = judge_setting(plain, concept, heldout_prompts(concept), heldout_negatives(concept), kwargs,
                           desc=f"{concept} {family} @{label}", rewrite=rewrite)
         write_json_atomic(unit_path(out, family, label, concept), dict(r.to_dict(), family=family, label=label,
-                                                                         kwargs=kwargs, seeds=seeds, made_with=spec))
+                                                                         kwargs=kwargs, seeds=seeds,
+                                                                         made_with=unit_spec(spec, family, label)))
     return spec
 
 
@@ -224,7 +242,7 @@ def main() -> None:
     args = ap.parse_args()
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))
     spec = run_units(args.out, args.concepts, seeds)
-    if all(is_current(unit_path(args.out, f, lab, c), spec) for c in CONCEPTS for f, lab in all_units()):
+    if all(is_current(unit_path(args.out, f, lab, c), unit_spec(spec, f, lab)) for c in CONCEPTS for f, lab in all_units()):
         report(args.out, CONCEPTS, seeds)
         print((args.out / "report.md").read_text())
 
