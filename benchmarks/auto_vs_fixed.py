@@ -8,9 +8,9 @@ anchored projection's ``anchor_strength``) and at its own choice ("auto": the sh
 predictors; "preset": the model's per-concept presets); the measures are those of
 :mod:`eiup.bench.heldout`. Writes ``results.json``, ``report.md`` and ``tradeoff.png`` (residual
 against specificity and against fidelity, mean over concepts) to ``--out``; every (setting,
-concept) is cached under ``--out/units`` (with the seeds, model and detector it was made with: a unit
-made with others is redone) so an interrupted run resumes and several processes can share the work
-(``--concepts``), e.g.:
+concept) is cached under ``--out/units`` (with the seeds, model weights, detector and, for the settings
+that read them, the model's erasure files it was made with: a unit made with others is redone) so an
+interrupted run resumes and several processes can share the work (``--concepts``), e.g.:
 
     python benchmarks/auto_vs_fixed.py --concepts red star & python benchmarks/auto_vs_fixed.py --concepts heart night; wait
     python benchmarks/auto_vs_fixed.py      # all units cached: only writes the report
