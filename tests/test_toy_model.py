@@ -277,3 +277,18 @@ def test_shipped_anchor_file_is_what_the_recipe_writes(tmp_path):
     written = json.loads(write_anchor_file(tmp_path).read_text())
     assert written == json.loads((default_model_path() / "eiup_anchors.json").read_text())
     assert written["heart"]["region"] == "map" and written["red"]["region"] == "phrases" and "region" not in written["star"]
+
+
+def test_bundled_strength_predictors_predict_within_their_grid_for_the_concepts_prompts(pipe):
+    from eiup.bench.suites import heldout_prompts
+    from eiup.strength import StrengthPredictor, STRENGTH_DIR
+
+    for concept in ("red", "star", "heart", "night"):
+        pred = StrengthPredictor.load(default_model_path() / STRENGTH_DIR / f"{concept}.safetensors")
+        assert pred.concept == concept and pred.info["grid"][0] == pred.low and pred.info["grid"][-1] == pred.high
+        s = pred.predict(pipe.encode_prompt(heldout_prompts(concept), "cpu", 1, False)[0])
+        assert bool(((s >= pred.low) & (s <= pred.high)).all())
+    out = pipe(["a drawing of a tomato", "a drawing of a lime"], erase="red", anchor_strength="auto", num_inference_steps=2,
+               generator=[torch.Generator().manual_seed(0) for _ in range(2)])
+    tomato, lime = out.anchor_strengths["red"]
+    assert 0.5 <= tomato <= 2.0 and np.isnan(lime)  # the probe gates the lime out: not projected
