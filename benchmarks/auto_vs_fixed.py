@@ -146,6 +146,10 @@ def report(out: Path, concepts: list[str], seeds: list[int]) -> dict:
                       "dominates": [f"{s:g}" for s, c in zip(fixed, curve)
                                     if dominated((c["residual"], c[measure]), (me["residual"], me[measure]))]}
             for measure in ("specificity", "as_plain_or_prompted")}
+        verdicts[family]["per_concept"] = {  # each concept against its own fixed curve: the pooled one mixes levels
+            c: {measure: above_curve((me["per_concept"][c]["residual"], me["per_concept"][c][measure]),
+                                     [(p["per_concept"][c]["residual"], p["per_concept"][c][measure]) for p in curve])
+                for measure in ("specificity", "as_plain_or_prompted")} for c in concepts}
     result = {"seeds": seeds, "concepts": concepts,
               "rows": [dict(family=f, label=lab, **v) for (f, lab), v in rows.items()], "verdicts": verdicts}
     write_json_atomic(out / "results.json", result)
@@ -183,7 +187,10 @@ def report(out: Path, concepts: list[str], seeds: list[int]) -> dict:
                   f"{v['specificity']['above_fixed_curve']:+.1%}, fidelity (as plain or as prompted) "
                   f"{v['as_plain_or_prompted']['above_fixed_curve']:+.1%}; it dominates (lower or equal residual and "
                   f"higher or equal specificity) the fixed values {v['specificity']['dominates'] or 'none'}; on residual "
-                  f"and fidelity it dominates {v['as_plain_or_prompted']['dominates'] or 'none'}.", ""]
+                  f"and fidelity it dominates {v['as_plain_or_prompted']['dominates'] or 'none'}. Per concept, against "
+                  "that concept's own fixed curve (specificity / fidelity, points): "
+                  + ", ".join(f"{c} {v['per_concept'][c]['specificity']:+.1%} / {v['per_concept'][c]['as_plain_or_prompted']:+.1%}"
+                              for c in concepts) + ".", ""]
     defaults, ref = rows[("defaults", "preset")]["per_concept"], rows[REFERENCE]["per_concept"]
     lines += ["## fidelity per concept: the defaults against the reference", "",
               "As plain or as prompted, on the images whose plain image shows the concept.", "",
