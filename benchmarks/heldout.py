@@ -36,9 +36,12 @@ def main() -> None:
                     help="calibration prompts (default) or the auto-scale check's held-out templates")
     ap.add_argument("--rewrite", action="store_true",
                     help="judge the prompts rewritten without the concept (a reference) instead of an erasure setting")
+    ap.add_argument("--oracle-strengths", default=None, metavar="S,S,...",
+                    help="instead, per prompt the mildest of these anchor strengths that erases every seed: the room a "
+                         "per-prompt strength predictor has (e.g. 0.5,0.75,1,1.25,1.5,2)")
     args = ap.parse_args()
 
-    from eiup.bench.heldout import PlainImages, judge_setting, rewrite_reference
+    from eiup.bench.heldout import PlainImages, judge_setting, rewrite_reference, strength_oracle
     from eiup.bench import suites
     from eiup.models import load_pipeline
     from eiup.toy.detect import ConceptDetector
@@ -49,6 +52,16 @@ def main() -> None:
     pipe = load_pipeline(args.model)
     pipe.set_progress_bar_config(disable=True)
     plain = PlainImages(pipe, ConceptDetector.load(), range(args.first_seed, args.first_seed + args.seeds))
+    if args.oracle_strengths:
+        grid = [float(v) for v in args.oracle_strengths.split(",") if v.strip()]
+        print(f"| concept | prompts | residual | as plain or as prompted | chosen strength per prompt |  settings: {json.dumps(kwargs)}")
+        print("|---|---|---|---|---|")
+        for concept in args.concepts:
+            r = strength_oracle(plain, concept, getattr(suites, f"{args.prompts}_prompts")(concept), grid, kwargs)
+            chosen = "; ".join(f"{p}: {s:g}" for p, s in r.chosen.items())
+            print(f"| {concept} | {len(r.chosen)} | {r.residual:.1%} (n={r.n_shown}) | {r.as_plain_or_prompted:.1%} | {chosen} |",
+                  flush=True)
+        return
     print(f"| concept | held-out prompts (+ negatives) | residual | fidelity vs plain | as plain or as prompted |"
           f" specificity | median PSNR |  settings: {'rewritten prompts' if args.rewrite else json.dumps(kwargs)}")
     print("|---|---|---|---|---|---|---|")

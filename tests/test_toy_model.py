@@ -292,3 +292,18 @@ def test_bundled_strength_predictors_predict_within_their_grid_for_the_concepts_
                generator=[torch.Generator().manual_seed(0) for _ in range(2)])
     tomato, lime = out.anchor_strengths["red"]
     assert 0.5 <= tomato <= 2.0 and np.isnan(lime)  # the probe gates the lime out: not projected
+
+
+def test_strength_oracle_picks_the_mildest_grid_strength_that_erases_every_shown_seed(pipe, detector):
+    from eiup.bench.heldout import PlainImages, strength_oracle
+
+    plain = PlainImages(pipe, detector, [900, 901])
+    grid = [0.25, 1.0, 2.0]
+    r = strength_oracle(plain, "red", ["a drawing of a tomato"], grid)
+    chosen = r.chosen["a drawing of a tomato"]
+    assert r.n_shown == 2  # both plain tomatoes are red
+    for s in grid[:grid.index(chosen) + 1]:  # every milder grid strength leaves red in some seed, the chosen one in none
+        left = share(detector, generate(pipe, "a drawing of a tomato", [900, 901], erase="red", anchor_strength=s),
+                     "color", "red")
+        assert (left > 0) == (s < chosen) or s == chosen == grid[-1]
+    assert r.residual == left

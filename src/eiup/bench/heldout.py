@@ -70,16 +70,9 @@ def judge_setting(plain: PlainImages, concept: str, positives: Sequence[str], ne
     """
     residual, kept, unharmed, same, psnr, scales, strengths = [], [], [], [], [], [], []
     for prompt in tqdm(list(positives) + list(negatives), desc=desc or concept, leave=False):
-        plain_images, plain_found = plain.get(prompt)
-        if rewrite is None:
-            out = plain.pipe([prompt] * len(plain.seeds), num_inference_steps=plain.steps, erase=[concept],
-                             generator=plain.generators(), **kwargs)
-        else:
-            out = plain.pipe([rewrite(prompt, k) for k in range(len(plain.seeds))], num_inference_steps=plain.steps,
-                             generator=plain.generators())
         role = "implicit" if prompt in positives else "specificity"
-        judged = [judge_toy(prompt, role, seed, concept, e, p, db, sim) for seed, e, p, db, sim in
-                  zip(plain.seeds, plain.detector.detect(out.images), plain_found, *psnr_ssim(out.images, plain_images))]
+        out, judged = judge_prompt(plain, concept, prompt, role, kwargs, rewrite)
+        plain_found = plain.get(prompt)[1]
         if role == "implicit":
             shown = [j for j, p in zip(judged, plain_found) if concept_present(p, concept)]
             residual += [j.residual for j in shown]
@@ -96,6 +89,58 @@ def judge_setting(plain: PlainImages, concept: str, positives: Sequence[str], ne
     return HeldoutResult(concept, mean(residual), mean(kept), mean(unharmed), mean(same),
                          float(np.median(psnr)) if psnr else float("nan"), len(residual), len(same),
                          float(np.mean(scales)) if scales else None, float(np.mean(strengths)) if strengths else None)
+
+
+def judge_prompt(plain: PlainImages, concept: str, prompt: str, role: str, kwargs: dict[str, Any],
+                 rewrite: Callable[[str, int], str] | None = None) -> tuple[Any, list]:
+    """One prompt's images under the erasure ``kwargs`` (or, with ``rewrite``, its rewritten prompts drawn
+    plainly) and their judgements against the plain images of the same seeds (:func:`judge_toy`)."""
+    plain_images, plain_found = plain.get(prompt)
+    if rewrite is None:
+        out = plain.pipe([prompt] * len(plain.seeds), num_inference_steps=plain.steps, erase=[concept],
+                         generator=plain.generators(), **kwargs)
+    else:
+        out = plain.pipe([rewrite(prompt, k) for k in range(len(plain.seeds))], num_inference_steps=plain.steps,
+                         generator=plain.generators())
+    judged = [judge_toy(prompt, role, seed, concept, e, p, db, sim) for seed, e, p, db, sim in
+              zip(plain.seeds, plain.detector.detect(out.images), plain_found, *psnr_ssim(out.images, plain_images))]
+    return out, judged
+
+
+@dataclass
+class StrengthOracle:
+    """Per prompt, the mildest grid strength that erases the concept from every seed whose plain image shows
+    it (the strongest where none does), and the figures of that choice: the room a per-prompt strength
+    predictor has (shares in [0, 1])."""
+
+    concept: str
+    chosen: dict[str, float]
+    residual: float
+    as_plain_or_prompted: float
+    n_shown: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def strength_oracle(plain: PlainImages, concept: str, positives: Sequence[str], strengths: Sequence[float],
+                    kwargs: dict[str, Any] | None = None) -> StrengthOracle:
+    """:class:`StrengthOracle` of ``positives`` over the grid ``strengths`` (other settings: ``kwargs``)."""
+    grid = sorted(float(s) for s in strengths)
+    chosen, residual, unharmed = {}, [], []
+    for prompt in tqdm(list(positives), desc=f"{concept} strength oracle", leave=False):
+        shown = [concept_present(p, concept) for p in plain.get(prompt)[1]]
+        if not any(shown):
+            continue
+        for s in grid:
+            judged = [j for j, on in zip(judge_prompt(plain, concept, prompt, "implicit",
+                                                      dict(kwargs or {}, anchor_strength=s))[1], shown) if on]
+            if not any(j.residual for j in judged) or s == grid[-1]:
+                break
+        chosen[prompt] = s
+        residual += [j.residual for j in judged]
+        unharmed += [j.unharmed for j in judged]
+    return StrengthOracle(concept, chosen, float(np.mean(residual)), float(np.mean(unharmed)), len(residual))
 
 
 def rewrite_reference(concept: str) -> Callable[[str, int], str]:
