@@ -122,6 +122,35 @@ def write_json_atomic(path: str | Path, obj: Any, indent: int | None = 2) -> Non
     atomic_write_text(path, text)
 
 
+def concept_file(folder: str | Path, concept: str) -> Path:
+    """``<folder>/<concept>.safetensors``, the concept in lower case with non-alphanumerics as ``_``: where a
+    per-concept probe or predictor lives in a model folder."""
+    safe = "".join(c if c.isalnum() else "_" for c in concept.strip().lower())
+    return Path(folder) / f"{safe}.safetensors"
+
+
+def save_tensors_atomic(path: str | Path, tensors: dict, metadata: dict[str, str]) -> Path:
+    """Write a safetensors file under its final name only once complete (parent folders created)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    tmp.replace(path)
+    return path
+
+
+def load_tensors(path: str | Path) -> tuple[dict, dict[str, str]]:
+    """A safetensors file's tensors and metadata (``{}`` when it has none)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+    return load_file(str(path)), meta
+
+
 def replace_dir(dest: str | Path, write: Callable[[Path], Any]) -> Path:
     """Replace folder `dest` with what `write(tmp)` puts in a sibling temporary folder.
 

@@ -29,8 +29,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
+
+from .io import concept_file, load_tensors, save_tensors_atomic
 
 PROBE_DIR = "eiup_prompt_probes"
 
@@ -78,25 +79,15 @@ class PromptProbe:
         return x @ self.weight.to(x.device) + self.bias
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tensors = {"weight": self.weight.float().contiguous(), "bias": torch.tensor([float(self.bias)])}
+        tensors = {"weight": self.weight.float(), "bias": torch.tensor([float(self.bias)])}
         if self.hidden is not None:
-            tensors |= {"hidden.weight": self.hidden[0].float().contiguous(), "hidden.bias": self.hidden[1].float().contiguous()}
-        save_file(tensors, str(tmp), metadata={"concept": self.concept, "features": FEATURES, "info": json.dumps(self.info)})
-        tmp.replace(path)
-        return path
+            tensors |= {"hidden.weight": self.hidden[0].float(), "hidden.bias": self.hidden[1].float()}
+        return save_tensors_atomic(path, tensors, {"concept": self.concept, "features": FEATURES, "info": json.dumps(self.info)})
 
     @classmethod
     def load(cls, path: str | Path) -> "PromptProbe":
-        from safetensors import safe_open
-
-        path = Path(path)
         try:
-            tensors = load_file(str(path))
-            with safe_open(str(path), "pt") as f:
-                meta = f.metadata() or {}
+            tensors, meta = load_tensors(path)
             weight, bias = tensors["weight"], tensors["bias"]
             hidden = (tensors["hidden.weight"], tensors["hidden.bias"]) if "hidden.weight" in tensors else None
         except Exception as e:  # noqa: BLE001 - any unreadable file gets the same advice
@@ -111,9 +102,7 @@ class PromptProbe:
         return cls(meta["concept"], weight.float(), float(bias), json.loads(meta.get("info", "{}")), hidden)
 
 
-def probe_path(folder: str | Path, concept: str) -> Path:
-    safe = "".join(c if c.isalnum() else "_" for c in concept.strip().lower())
-    return Path(folder) / f"{safe}.safetensors"
+probe_path = concept_file
 
 
 def find_probe(concept: str, model_folder: str | Path | None) -> PromptProbe | None:

@@ -18,8 +18,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
+
+from .io import concept_file, load_tensors, save_tensors_atomic
 
 PREDICTOR_DIR = "eiup_scale_predictors"
 
@@ -73,34 +74,22 @@ class ScalePredictor:
         return (self.mlp(x) * self.margin).clamp(min=self.min_scale)
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tensors = {f"mlp.{k}": v.contiguous() for k, v in self.mlp.state_dict().items()}
-        tensors.update(mean=self.mean.contiguous(), std=self.std.contiguous())
+        tensors = {f"mlp.{k}": v for k, v in self.mlp.state_dict().items()}
+        tensors.update(mean=self.mean, std=self.std)
         meta = {"concept": self.concept, "n_layers": str(self.mean.numel()), "margin": str(self.margin),
                 "min_scale": str(self.min_scale), "info": json.dumps(self.info or {})}
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(tensors, str(tmp), metadata=meta)
-        tmp.replace(path)
-        return path
+        return save_tensors_atomic(path, tensors, meta)
 
     @classmethod
     def load(cls, path: str | Path) -> "ScalePredictor":
-        from safetensors import safe_open
-
-        path = Path(path)
-        tensors = load_file(str(path))
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata()
+        tensors, meta = load_tensors(path)
         mlp = ScaleMLP(int(meta["n_layers"]))
         mlp.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("mlp.")})
         return cls(meta["concept"], mlp.eval(), tensors["mean"], tensors["std"], float(meta["margin"]),
                    float(meta["min_scale"]), json.loads(meta.get("info", "{}")))
 
 
-def predictor_path(folder: str | Path, concept: str) -> Path:
-    safe = "".join(c if c.isalnum() else "_" for c in concept.strip().lower())
-    return Path(folder) / f"{safe}.safetensors"
+predictor_path = concept_file
 
 
 def find_predictors(concepts, model_folder: str | Path | None, search: str | Path | None = None) -> list[ScalePredictor]:

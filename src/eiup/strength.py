@@ -17,11 +17,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from .io import concept_file, load_tensors, save_tensors_atomic
 from .probe import prompt_features
 
 STRENGTH_DIR = "eiup_strength_predictors"
@@ -79,24 +78,14 @@ class StrengthPredictor:
         return (z @ self.weight.to(x.device) + self.bias).clamp(self.low, self.high)
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tensors = {"weight": self.weight.float().contiguous(), "mean": self.mean.float().contiguous(),
-                   "std": self.std.float().contiguous()}
-        meta = {"concept": self.concept, "bias": repr(float(self.bias)),
-                "low": repr(float(self.low)), "high": repr(float(self.high)), "info": json.dumps(self.info)}
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(tensors, str(tmp), metadata=meta)
-        tmp.replace(path)
-        return path
+        tensors = {"weight": self.weight.float(), "mean": self.mean.float(), "std": self.std.float()}
+        return save_tensors_atomic(path, tensors, {"concept": self.concept, "bias": repr(float(self.bias)),
+                                                   "low": repr(float(self.low)), "high": repr(float(self.high)),
+                                                   "info": json.dumps(self.info)})
 
     @classmethod
     def load(cls, path: str | Path) -> "StrengthPredictor":
-        from safetensors import safe_open
-
-        t = load_file(str(path))
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
+        t, meta = load_tensors(path)
         missing = {"concept", "bias", "low", "high"} - set(meta)
         if missing or set(t) != {"weight", "mean", "std"}:
             raise ValueError(f"{path} is not an eiup strength predictor (missing {sorted(missing) or 'tensors'}); "
@@ -104,9 +93,7 @@ class StrengthPredictor:
         return cls(meta["concept"], t["weight"], float(meta["bias"]), t["mean"], t["std"], float(meta["low"]), float(meta["high"]), json.loads(meta.get("info") or "{}"))
 
 
-def strength_predictor_path(folder: str | Path, concept: str) -> Path:
-    safe = "".join(c if c.isalnum() else "_" for c in concept.strip().lower())
-    return Path(folder) / f"{safe}.safetensors"
+strength_predictor_path = concept_file
 
 
 def find_strength_predictor(concept: str, model_folder: str | Path | None) -> StrengthPredictor:
