@@ -17,6 +17,16 @@ def auto_vs_fixed():
     return module
 
 
+def test_auto_vs_fixed_units_key_on_the_erasure_files_only_where_they_are_read(auto_vs_fixed):
+    spec = {"seeds": [1], "weights": "w", "erasure_files": "e", "detector": "d"}
+    assert auto_vs_fixed.unit_kwargs("anchor strength", "1.25") == {"anchor_strength": 1.25}
+    assert auto_vs_fixed.unit_kwargs("concept term", "auto")["erase_scale"] == "auto"
+    for family, label, reads in (("concept term", "-4", False), ("concept term", "auto", True),
+                                 ("defaults", "-4", True), ("anchor strength", "auto", True),
+                                 (*auto_vs_fixed.REFERENCE, False)):
+        assert auto_vs_fixed.unit_spec(spec, family, label)["erasure_files"] == ("e" if reads else None), (family, label)
+
+
 def test_auto_vs_fixed_report_names_each_familys_own_scale_and_compares_the_defaults_with_the_reference(
         auto_vs_fixed, tmp_path):
     concepts = ["red", "night"]
@@ -32,11 +42,12 @@ def test_auto_vs_fixed_report_names_each_familys_own_scale_and_compares_the_defa
             path.write_text(json.dumps(unit))
     result = auto_vs_fixed.report(tmp_path, concepts, [5000, 5001])
     text = (tmp_path / "report.md").read_text()
-    for family, (_, _, _, own) in auto_vs_fixed.FAMILIES.items():
+    for family, (_, _, _, own, knob) in auto_vs_fixed.FAMILIES.items():
         section = text.split(f"## {family}\n")[1].split("\n## ")[0]
-        assert f"`{own}` against the fixed-scale curve" in section, family
+        assert f"`{own}` against the fixed-{knob} curve" in section and f"| {knob} |" in section, family
+        assert "Per concept, against that concept's own fixed curve" in section
     reference = text.split(f"## {auto_vs_fixed.REFERENCE[0]}\n")[1].split("\n## ")[0]
-    assert "| rewrite |" in reference and "against the fixed-scale curve" not in reference
+    assert "| rewrite |" in reference and "against the fixed-" not in reference
     rows = {(r["family"], r["label"]): r for r in result["rows"]}
     ref, defaults = rows[auto_vs_fixed.REFERENCE], rows[("defaults", "preset")]
     table = text.split("## fidelity per concept")[1]
@@ -44,4 +55,12 @@ def test_auto_vs_fixed_report_names_each_familys_own_scale_and_compares_the_defa
             f"{defaults['per_concept']['night']['as_plain_or_prompted']:.1%} |") in table
     assert f"| prompts rewritten without it | {ref['per_concept']['red']['as_plain_or_prompted']:.1%} |" in table
     assert set(result["verdicts"]) == set(auto_vs_fixed.FAMILIES)  # the reference is no family with a curve
+    per = result["verdicts"]["anchor strength"]["per_concept"]
+    from eiup.bench.heldout import above_curve
+
+    fixed = auto_vs_fixed.FAMILIES["anchor strength"][2]
+    own = lambda label: rows[("anchor strength", label)]["per_concept"]["night"]  # noqa: E731
+    expected = above_curve((own("auto")["residual"], own("auto")["as_plain_or_prompted"]),
+                           [(own(f"{v:g}")["residual"], own(f"{v:g}")["as_plain_or_prompted"]) for v in fixed])
+    assert set(per) == set(concepts) and per["night"]["as_plain_or_prompted"] == expected
     assert (tmp_path / "tradeoff.png").stat().st_size > 0
