@@ -7,7 +7,10 @@ while "a drawing of a ladybug" needs 1.25). ``anchor_strength="auto"`` predicts 
 from the prompt's features (:func:`eiup.probe.prompt_features`: the mean token embedding and the last
 token, available before denoising), with a linear model calibrated per model and concept by
 ``eiup calibrate --target strength``: for each calibration prompt and seed, the mildest grid strength
-that removes the concept (detector-judged) is the target.
+that removes the concept (detector-judged) is the target; ridge regression, lifted by a split-conformal
+offset so that a chosen share of held-out calibration samples (``coverage``) get at least their target.
+On the bundled toy model it does not beat the per-concept presets on held-out prompts, while the
+mildest erasing strength per prompt would (``benchmarks/heldout.py --oracle-strengths``, README).
 """
 
 from __future__ import annotations
@@ -90,7 +93,8 @@ class StrengthPredictor:
         if missing or set(t) != {"weight", "mean", "std"}:
             raise ValueError(f"{path} is not an eiup strength predictor (missing {sorted(missing) or 'tensors'}); "
                              "write one with `eiup calibrate --target strength`")
-        return cls(meta["concept"], t["weight"], float(meta["bias"]), t["mean"], t["std"], float(meta["low"]), float(meta["high"]), json.loads(meta.get("info") or "{}"))
+        return cls(meta["concept"], t["weight"], float(meta["bias"]), t["mean"], t["std"], float(meta["low"]),
+                   float(meta["high"]), json.loads(meta.get("info") or "{}"))
 
 
 strength_predictor_path = concept_file
