@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Rebuild everything the package ships for the toy world, on a CPU, from scratch:
 #   the pipeline (src/eiup/toy/weights/pipeline), the detector (src/eiup/toy/weights/detector.safetensors),
-#   the prompt probes and calibrated auto-scale predictors (inside the pipeline folder), and the committed reports (docs/).
+#   the prompt probes, calibrated auto-scale and auto-strength predictors (inside the pipeline folder), and the
+#   committed reports (docs/).
 # Each step resumes where an interrupted run stopped. Run from the repository root with .venv set up.
 # On this 2-core machine: data + VAE about 40 min, UNet 220 min of training steps (2 threads, nothing else
 # running; 10% of captions padded with style words past 77 tokens), detector 17 min, then 85 more minutes of UNet
-# steps from that model (fresh data, lower learning rate, same VAE), gate ~15 min, calibration ~5 min: ~6.3 h.
+# steps from that model (fresh data, lower learning rate, same VAE), gate ~15 min, scale calibration ~5 min: ~6.3 h;
+# the strength calibration adds ~50 min on one core (~25 min run two at a time).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 W=src/eiup/toy/weights
@@ -22,5 +24,9 @@ export OMP_NUM_THREADS=$THREADS
 export OMP_NUM_THREADS=1
 for c in red star heart night; do
   .venv/bin/eiup calibrate --concept "$c" --mode dual --concept-context prompt --grid=0,-2,-4,-8,-16 --seeds 3 --first-seed 7000
+done
+# the anchored projection's automatic strength: 60 random world captions per concept x 3 seeds (~13 min each)
+for c in red star heart night; do
+  .venv/bin/eiup calibrate --target strength --concept "$c" --seeds 3 --first-seed 8000
 done
 .venv/bin/eiup toy report --out docs/toy-quality
