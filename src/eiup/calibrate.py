@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .attention import ConceptAttentionRecorder
+from .io import in_model_folder
 from .scale import PREDICTOR_DIR, ScalePredictor, fit_predictor, predictor_path
 
 DEFAULT_GRID = (0.0, -2.0, -4.0, -8.0, -16.0, -32.0)
@@ -158,10 +159,7 @@ def calibrate(pipe, concept: str, prompts: Sequence[str], judge: Callable, seeds
             "unerasable": int(sum(data.present[min(grid)])), "unerasable_target": unerasable}
     pred = fit_predictor(concept, data.features, data.targets, margin=margin, info=info, groups=data.prompts)
     if out is None:
-        folder = getattr(pipe.config, "_name_or_path", None)
-        if not folder or not Path(folder).is_dir():
-            raise ValueError("the model is not a local folder: pass out=PATH for the predictor")
-        out = predictor_path(Path(folder) / PREDICTOR_DIR, concept)
+        out = predictor_path(in_model_folder(pipe, PREDICTOR_DIR, "out=PATH for the predictor"), concept)
     path = pred.save(out)
     return pred, path
 

@@ -129,6 +129,15 @@ def concept_file(folder: str | Path, concept: str) -> Path:
     return Path(folder) / f"{safe}.safetensors"
 
 
+def in_model_folder(pipe: Any, name: str, instead: str) -> Path:
+    """``<the pipeline's model folder>/<name>``, where eiup keeps what it fits for that model; a ValueError
+    naming the alternative (``instead``, e.g. "out=PATH for the predictor") when it was not loaded from one."""
+    folder = getattr(pipe.config, "_name_or_path", None)
+    if not folder or not Path(folder).is_dir():
+        raise ValueError(f"the model is not a local folder: pass {instead}")
+    return Path(folder) / name
+
+
 def save_tensors_atomic(path: str | Path, tensors: dict, metadata: dict[str, str]) -> Path:
     """Write a safetensors file under its final name only once complete (parent folders created)."""
     from safetensors.torch import save_file

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .io import concept_file, load_tensors, save_tensors_atomic
+from .io import concept_file, in_model_folder, load_tensors, save_tensors_atomic
 
 PROBE_DIR = "eiup_prompt_probes"
 
@@ -244,10 +244,7 @@ def fit_gate(pipe, judges: dict[str, Callable[[list], list[bool]]], prompts: Seq
     if len(prompts) < 4:
         raise ValueError(f"prompts: {len(prompts)} given; the gate needs prompts with and without each concept")
     if out is None:
-        folder = getattr(pipe.config, "_name_or_path", None)
-        if not folder or not Path(folder).is_dir():
-            raise ValueError("the model is not a local folder: pass out=FOLDER for the prompt probes")
-        out = Path(folder) / PROBE_DIR
+        out = in_model_folder(pipe, PROBE_DIR, "out=FOLDER for the prompt probes")
     shares = judge_plain(pipe, prompts, judges, seeds, steps, guidance)
     features = prompt_features(encode_prompts(pipe, prompts))
     fitted = []

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .io import concept_file, load_tensors, save_tensors_atomic
+from .io import concept_file, in_model_folder, load_tensors, save_tensors_atomic
 from .probe import prompt_features
 
 STRENGTH_DIR = "eiup_strength_predictors"
@@ -247,8 +247,5 @@ def fit_and_save(pipe, concept: str, data: StrengthData, seeds: Sequence[int], s
     pred = fit_strength_predictor(concept, data.features, data.targets, data.prompts, erasable, coverage, info=info,
                                   low=grid[0], high=grid[-1])
     if out is None:
-        folder = getattr(pipe.config, "_name_or_path", None)
-        if not folder or not Path(folder).is_dir():
-            raise ValueError("the model is not a local folder: pass out=PATH for the strength predictor")
-        out = strength_predictor_path(Path(folder) / STRENGTH_DIR, concept)
+        out = strength_predictor_path(in_model_folder(pipe, STRENGTH_DIR, "out=PATH for the strength predictor"), concept)
     return pred, pred.save(out)

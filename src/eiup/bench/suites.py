@@ -199,6 +199,15 @@ def heldout_negatives(concept: str) -> list[str]:
     return nouns + _HELDOUT_NEGATIVE_EXPLICIT[attribute]
 
 
+def _judged_prompts(heldout: bool) -> set[str]:
+    """Every concept's benchmark-suite and calibration prompts, and with ``heldout`` its held-out ones."""
+    held = {p.text for c in CONCEPTS for p in toy_suite(c, [0]).prompts}
+    held |= {p for c in CONCEPTS for p in calibration_prompts(c) + calibration_negatives(c)}
+    if heldout:
+        held |= {p for c in CONCEPTS for p in heldout_prompts(c) + heldout_negatives(c)}
+    return held
+
+
 def gate_prompts(n: int = 600, seed: int = 0, long_share: float = 0.2) -> list[str]:
     """Random toy-world captions for fitting prompt probes (``eiup fit-gate``), none of them a
     benchmark or calibration prompt of any concept, so the benchmark stays unseen (the world has few
@@ -208,8 +217,7 @@ def gate_prompts(n: int = 600, seed: int = 0, long_share: float = 0.2) -> list[s
 
     from ..toy.world import caption, filler_tail, random_scene
 
-    held = {p.text for c in CONCEPTS for p in toy_suite(c, [0]).prompts}
-    held |= {p for c in CONCEPTS for p in calibration_prompts(c) + calibration_negatives(c)}
+    held = _judged_prompts(heldout=False)
     rng = random.Random(seed)
     out: dict[str, None] = {}
     for _ in range(50 * n):
@@ -232,9 +240,7 @@ def strength_prompts(concept: str, n: int = 60, seed: int = 0) -> list[str]:
     from ..toy.world import caption, filler_tail, random_scene
 
     attribute, value = CONCEPTS[concept]
-    held = {p.text for c in CONCEPTS for p in toy_suite(c, [0]).prompts}
-    held |= {p for c in CONCEPTS for p in calibration_prompts(c) + calibration_negatives(c)
-             + heldout_prompts(c) + heldout_negatives(c)}
+    held = _judged_prompts(heldout=True)
     rng = random.Random(seed)
     out: dict[str, None] = {}
     for _ in range(2000 * n):

@@ -99,7 +99,7 @@ def calibrate(
             raise typer.BadParameter(str(e), param_hint="--prompts") from e
         typer.echo(json.dumps({"predictor": str(path), **pred.info}, indent=2))
         return
-    pred, path = run(pipe, concept.strip(), prompt_list, judge, list(range(first_seed, first_seed + seeds)), steps,
+    pred, path = run(pipe, concept.strip(), prompt_list, judge, seed_list, steps,
                      guidance, grid_values, "presence" if gate else None, out, mode=mode,
                      concept_context=concept_context, anchors="auto" if anchor == ["auto"] else tuple(anchor or ()),
                      unerasable=unerasable)
