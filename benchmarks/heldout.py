@@ -36,6 +36,9 @@ def main() -> None:
                     help="calibration prompts (default) or the auto-scale check's held-out templates")
     ap.add_argument("--rewrite", action="store_true",
                     help="judge the prompts rewritten without the concept (a reference) instead of an erasure setting")
+    ap.add_argument("--guard", default=None, metavar="DETECTOR",
+                    help="closed-loop erasure (guard=, eiup.guard): toy detector weights that check each image "
+                         "(the bundled guard: 'bundled'); not the detector that judges")
     ap.add_argument("--oracle-strengths", default=None, metavar="S,S,...",
                     help="instead, per prompt the mildest of these anchor strengths that erases every seed: the room a "
                          "per-prompt strength predictor has (e.g. 0.5,0.75,1,1.25,1.5,2)")
@@ -43,10 +46,16 @@ def main() -> None:
 
     from eiup.bench.heldout import PlainImages, judge_setting, rewrite_reference, strength_oracle
     from eiup.bench import suites
+    from eiup.calibrate import toy_judge
     from eiup.models import load_pipeline
     from eiup.toy.detect import ConceptDetector
 
     kwargs = json.loads(args.kwargs)
+    guard = None
+    if args.guard:
+        from eiup.toy.detect import GUARD_PATH
+
+        guard = ConceptDetector.load(GUARD_PATH if args.guard == "bundled" else args.guard)
     if args.rewrite and kwargs:
         ap.error("--rewrite judges rewritten prompts without erasure: leave out --kwargs")
     pipe = load_pipeline(args.model)
@@ -68,11 +77,14 @@ def main() -> None:
     for concept in args.concepts:
         positives = getattr(suites, f"{args.prompts}_prompts")(concept)
         negatives = getattr(suites, f"{args.prompts}_negatives")(concept)
-        r = judge_setting(plain, concept, positives, negatives, kwargs,
+        setting = dict(kwargs, guard=toy_judge(concept, guard)) if guard is not None else kwargs
+        r = judge_setting(plain, concept, positives, negatives, setting,
                           rewrite=rewrite_reference(concept) if args.rewrite else None)
-        print(f"| {concept} | {len(positives)} (+{len(negatives)}) | {r.residual:.0%} (n={r.n_shown}) | "
-              f"{r.fidelity_vs_plain:.0%} | {r.as_plain_or_prompted:.0%} | {r.specificity:.0%} (n={r.n_negative}) | "
-              f"{r.psnr_median:.1f} dB |", flush=True)
+        extra = (f" mean strength {r.mean_strength:.2f}, {r.mean_generations:.2f} generations per image |"
+                 if r.mean_generations is not None else "")
+        print(f"| {concept} | {len(positives)} (+{len(negatives)}) | {r.residual:.1%} (n={r.n_shown}) | "
+              f"{r.fidelity_vs_plain:.1%} | {r.as_plain_or_prompted:.1%} | {r.specificity:.1%} (n={r.n_negative}) | "
+              f"{r.psnr_median:.1f} dB |{extra}", flush=True)
 
 
 if __name__ == "__main__":

@@ -110,6 +110,10 @@ def test_help_lists_commands():
         (["--prompt", "x", "--images-per-prompt", "0"], "--images-per-prompt", "0 < 1"),
         (["--prompt", "x", "--batch-size", "0"], "--batch-size", "0 < 1"),
         (["--prompt", "x", "--device", "tpu"], "--device", "not cpu or cuda"),
+        (["--prompt", "x", "--guard-ladder", "0.5,1"], "--guard-ladder", "add --guard toy"),
+        (["--prompt", "x", "--guard", "magic"], "--guard", "toy, nudenet or package.module:function"),
+        (["--prompt", "x", "--guard", "toy", "--anchor-strength", "1"], "--guard", "drop --anchor-strength"),
+        (["--prompt", "x", "--guard", "toy", "--guard-ladder", "1,0.5"], "--guard-ladder", "strictly increasing"),
     ],
 )
 def test_arguments_are_checked_before_the_model(monkeypatch, args, option, text):
@@ -401,6 +405,26 @@ def test_anchors_reach_the_pipeline_and_are_recorded(tmp_path, model_dir, monkey
         result = invoke(*named, *extra, "--out", tmp_path / "bad")
         assert result.exit_code == 2 and message in result.output and "--region-rule" in result.output
     assert not (tmp_path / "bad").exists()
+
+
+def test_guard_climbs_and_the_manifest_records_each_images_outcome(tmp_path, model_dir, monkeypatch):
+    (tmp_path / "always_guard.py").write_text("def flag(images):\n    return [True] * len(images)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    base = ["generate", "-p", "a red star", "--model", model_dir, "--steps", STEPS, "--erase", "red", "--anchor", "blue",
+            "--anchor", "green", "--no-anchor-gate", "--images-per-prompt", "2", "--no-progress"]
+    res = invoke(*base, "--guard", "always_guard:flag", "--guard-ladder", "0.5,1", "--out", tmp_path / "guarded")
+    assert res.exit_code == 0, res.output
+    assert "the guard still sees an erased concept in 2 image(s)" in flat(res.output)
+    lines = [json.loads(x) for x in (tmp_path / "guarded" / "manifest.jsonl").read_text().splitlines()]
+    assert [x["outcome"] for x in lines] == [{"guard_flagged": True, "generations": 2, "anchor_strength": {"red": 1.0}}] * 2
+    rec = json.loads((tmp_path / "guarded" / "run.json").read_text())
+    assert rec["settings"]["guard"] == "always_guard:flag" and rec["settings"]["guard_ladder"] == [0.5, 1.0]
+    assert all(i["outcome"]["generations"] == 2 for i in rec["images"])
+    assert invoke(*base, "--anchor-strength", "1", "--out", tmp_path / "fixed").exit_code == 0
+    for a, b in zip(sorted((tmp_path / "guarded").glob("*.png")), sorted((tmp_path / "fixed").glob("*.png"))):
+        assert np.array_equal(pixels(a), pixels(b))  # the top rung from the same noise is the fixed strength's image
+    res = invoke(*base[:9], "--guard", "always_guard:flag", "--anchor", "none", "--out", tmp_path / "bad")
+    assert res.exit_code == 2 and "--anchor none" in flat(res.output)
 
 
 def test_anchor_auto_reads_the_model_folder_and_none_switches_off(tmp_path, model_dir):

@@ -522,6 +522,8 @@ class GenerationSettings:
     save_original: bool = False
     use_row_erase: bool = True
     allow_amplify: bool = False
+    guard: str | None = None  # closed-loop erasure (eiup.guard): 'toy', 'nudenet' or 'module:function'
+    guard_ladder: tuple[float, ...] | None = None  # the strengths the guard climbs; None: eiup.guard.DEFAULT_LADDER
 
 
 @dataclass(frozen=True)
@@ -572,6 +574,8 @@ class ImageJob:
             **({"anchor_region": settings.anchor_region}
                if erasing and settings.anchors and settings.anchor_region is not None else {}),
             **({"prompt_gate": settings.prompt_gate} if erasing else {}),
+            **({"guard": settings.guard, "guard_ladder": None if settings.guard_ladder is None
+                else list(settings.guard_ladder)} if erasing and settings.guard else {}),
             "original": bool(settings.save_original and erasing),
         }
 
@@ -784,16 +788,19 @@ class OutputDir:
         return rec is not None and _normal(rec.get("spec")) == _normal(job.spec(settings))
 
     # -- writing
-    def save(self, job: ImageJob, settings: GenerationSettings, image, original=None) -> dict:
-        """Write the image (and its original) atomically, then append the manifest line."""
+    def save(self, job: ImageJob, settings: GenerationSettings, image, original=None, outcome: dict | None = None) -> dict:
+        """Write the image (and its original) atomically, then append the manifest line (with ``outcome``:
+        what the erasure decided for this image, e.g. the guard's strength and flag)."""
         spec = job.spec(settings)
-        embedded = json.dumps({"spec": spec, "file": job.filename, "case": job.row.case}, ensure_ascii=False)
+        embedded = json.dumps({"spec": spec, "file": job.filename, "case": job.row.case,
+                               **({"outcome": outcome} if outcome else {})}, ensure_ascii=False)
         if original is not None:
             save_png_atomic(self.path / job.original_filename, original, {PNG_TEXT_KEY: embedded})
         save_png_atomic(self.path / job.filename, image, {PNG_TEXT_KEY: embedded})
-        return self._record(job, settings, spec, has_original=original is not None)
+        return self._record(job, settings, spec, has_original=original is not None, outcome=outcome)
 
-    def _record(self, job: ImageJob, settings: GenerationSettings, spec: dict, has_original: bool | None = None) -> dict:
+    def _record(self, job: ImageJob, settings: GenerationSettings, spec: dict, has_original: bool | None = None,
+                outcome: dict | None = None) -> dict:
         if has_original is None:
             has_original = bool(spec.get("original"))
         st = (self.path / job.filename).stat()
@@ -809,6 +816,7 @@ class OutputDir:
             "sha256": _sha256(self.path / job.filename),
             "finished": _now(),
             "spec": spec,
+            **({"outcome": outcome} if outcome else {}),
         }
         append_jsonl(self.manifest_path, rec)
         self.records[job.filename] = rec
@@ -895,6 +903,7 @@ def run_record(settings: GenerationSettings, jobs: Sequence[ImageJob], out: Outp
             "guidance": job.guidance,
             "erase": list(job.erase),
             "sha256": rec.get("sha256") if rec else None,
+            **({"outcome": rec["outcome"]} if rec and rec.get("outcome") else {}),
         })
     return {
         "eiup_run": 1,
@@ -907,6 +916,32 @@ def run_record(settings: GenerationSettings, jobs: Sequence[ImageJob], out: Outp
         "images_done": sum(i["done"] for i in images),
         "images": images,
     }
+
+
+class _GuardCache:
+    """One guard per set of erased concepts (:func:`eiup.guard.load_guard`), loaded on first use."""
+
+    def __init__(self, spec: str | None):
+        self.spec, self.guards = spec, {}
+
+    def get(self, concepts: Sequence[str]):
+        from .guard import load_guard
+
+        key = tuple(concepts)
+        if key not in self.guards:
+            self.guards[key] = load_guard(self.spec, key)
+        return self.guards[key]
+
+
+def _outcome(result: Any, i: int) -> dict | None:
+    """What the erasure decided for image ``i`` of a call, worth keeping beside it (guard: strength, flag)."""
+    attempts = getattr(result, "guard_attempts", None)
+    if attempts is None:
+        return None
+    strengths = {c: (round(float(v[i]), 4) if math.isfinite(float(v[i])) else None)
+                 for c, v in (result.anchor_strengths or {}).items()}
+    return {"guard_flagged": bool(result.guard_flagged[i]), "generations": int(attempts[i]),
+            "anchor_strength": strengths}
 
 
 def generate_to_dir(
@@ -939,6 +974,7 @@ def generate_to_dir(
         )
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=True)
+    guards = _GuardCache(settings.guard)
     with OutputDir(out_dir) as out:
         todo = out.pending(jobs, settings)
         skipped = len(jobs) - len(todo)
@@ -983,6 +1019,10 @@ def generate_to_dir(
                             kwargs["allow_amplify"] = True
                         if want_original:
                             kwargs["return_original"] = True
+                        if settings.guard:
+                            kwargs["guard"] = guards.get(batch[0].erase)
+                            if settings.guard_ladder is not None:
+                                kwargs["guard_ladder"] = list(settings.guard_ladder)
                     elif pipeline_supports_erase(pipe):
                         kwargs["erase"] = None
                     try:
@@ -999,7 +1039,8 @@ def generate_to_dir(
                             f"the pipeline returned {len(images)} images ({len(originals)} originals) for {len(batch)} prompts"
                         )
                     for i, job in enumerate(batch):
-                        out.save(job, settings, images[i], originals[i] if want_original else None)
+                        out.save(job, settings, images[i], originals[i] if want_original else None,
+                                 _outcome(result, i))
                         generated += 1
                         bar.update(1)
             status = "complete"

@@ -153,6 +153,21 @@ def _anchor_strength(value: Any, name: str) -> float:
 
 
 @dataclass(frozen=True)
+class RowStrengths:
+    """Per-image projection strengths given by the caller (``anchor_strength=[s0, s1, ...]``), answering like a
+    strength predictor."""
+
+    values: tuple[float, ...]
+
+    def predict(self, prompt_embeds: torch.Tensor) -> torch.Tensor:
+        """(B,) the given strengths (B must be the call's number of images)."""
+        if prompt_embeds.shape[0] != len(self.values):
+            raise EraseConfigError(f"anchor_strength has {len(self.values)} values but the call makes "
+                                   f"{prompt_embeds.shape[0]} images; give one per image or one number")
+        return torch.tensor(self.values, dtype=torch.float32)
+
+
+@dataclass(frozen=True)
 class AnchorPlan:
     """How one concept is projected: its anchors, the strength (for prompts that name the concept:
     ``named_strength``, default the same), the model's preset scale (or None), and other words that
@@ -226,7 +241,8 @@ class EraseConfig:
         anchor_strength: s of the anchored projection (1 removes the concept's component, larger
             values push past the anchors), in (0, 8]. ``None``: with ``anchors="auto"`` the model's
             preset for the concept when its ``eiup_anchors.json`` gives one, else
-            :data:`DEFAULT_ANCHOR_STRENGTH`. ``"auto"``: predicted per prompt and concept from the
+            :data:`DEFAULT_ANCHOR_STRENGTH`. A sequence: one strength per image of the call (for every
+            concept; what :mod:`eiup.guard` escalates). ``"auto"``: predicted per prompt and concept from the
             prompt's text embedding by the model folder's calibrated strength predictor
             (``eiup_strength_predictors/``, :mod:`eiup.strength`, ``eiup calibrate --target strength``),
             for prompts that name the concept and prompts that imply it alike.
@@ -300,6 +316,11 @@ class EraseConfig:
                 raise EraseConfigError(f"anchor_strength={self.anchor_strength!r}: give a number in "
                                        f"(0, {MAX_ANCHOR_STRENGTH:g}] or 'auto'")
             set_(self, "anchor_strength", AUTO)
+        elif isinstance(self.anchor_strength, (list, tuple, np.ndarray)):  # one per image
+            if len(self.anchor_strength) == 0:
+                raise EraseConfigError("anchor_strength=[]: give one strength per image, one number, or 'auto'")
+            set_(self, "anchor_strength", tuple(_anchor_strength(v, f"anchor_strength[{i}]")
+                                                for i, v in enumerate(self.anchor_strength)))
         elif self.anchor_strength is not None:  # None: the model's preset for the concept, else the default
             set_(self, "anchor_strength", _anchor_strength(self.anchor_strength, "anchor_strength"))
         if self.anchor_protect is not None:  # None: the model's preset, else none
@@ -382,6 +403,11 @@ class EraseConfig:
         """Whether the scale is predicted per image (``erase_scale="auto"``)."""
         return isinstance(self.erase_scale, str) and self.erase_scale.strip().lower() == AUTO
 
+    @property
+    def strength_per_image(self) -> bool:
+        """Whether the projection strength varies per image (``anchor_strength="auto"`` or a sequence)."""
+        return self.anchor_strength == AUTO or isinstance(self.anchor_strength, tuple)
+
     def _scales(self, scale: Any, n: int) -> tuple[float, ...]:
         scale = DEFAULT_ERASE_SCALE if scale is None else scale
         if isinstance(scale, str):
@@ -432,8 +458,12 @@ class EIUPPipelineOutput(BaseOutput):
         heatmaps: ``{concept: float32 array (images, H, W) in [0, 1]}`` when ``return_heatmaps=True``.
         erase_scales: ``{concept: float32 array (images,)}``, the scales predicted with
             ``erase_scale="auto"``.
-        anchor_strengths: ``{concept: float32 array (images,)}``, the projection strengths predicted with
-            ``anchor_strength="auto"`` (NaN where the gate left the prompt alone).
+        anchor_strengths: ``{concept: float32 array (images,)}``, the projection strengths per image with
+            ``anchor_strength="auto"``, one strength per image or ``guard=`` (NaN where the gate left the
+            prompt alone).
+        guard_flagged: With ``guard=``: per image, whether the guard still sees a concept in it (at the
+            ladder's top, or where the gate left the prompt alone): what a product should withhold.
+        guard_attempts: With ``guard=``: per image, how many times it was generated (int array).
     """
 
     images: Any
@@ -442,6 +472,8 @@ class EIUPPipelineOutput(BaseOutput):
     heatmaps: dict[str, np.ndarray] | None = None
     erase_scales: dict[str, np.ndarray] | None = None
     anchor_strengths: dict[str, np.ndarray] | None = None
+    guard_flagged: list[bool] | None = None
+    guard_attempts: np.ndarray | None = None
 
 
 @contextlib.contextmanager
@@ -472,6 +504,13 @@ def _row_prompts(call: dict[str, Any]) -> list[str] | None:
         return None
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     return [p for p in prompts for _ in range(int(call.get("num_images_per_prompt") or 1))]
+
+
+def _image_count(call: dict[str, Any], row_prompts: list[str] | None) -> int:
+    """How many images the call makes."""
+    if row_prompts is not None:
+        return len(row_prompts)
+    return int(call["prompt_embeds"].shape[0]) * int(call.get("num_images_per_prompt") or 1)
 
 
 @functools.lru_cache(maxsize=256)
@@ -574,6 +613,8 @@ class EIUPMixin:
         anchor_region: bool | None = None,
         prompt_gate: bool | None = None,
         scale_predictors: Any = None,
+        guard: Callable[[Any], Sequence[bool]] | None = None,
+        guard_ladder: Sequence[float] | None = None,
         **kwargs: Any,
     ) -> EIUPPipelineOutput | tuple:
         """Generate images with the concepts in ``erase`` suppressed.
@@ -617,6 +658,13 @@ class EIUPMixin:
             scale_predictors: With ``erase_scale="auto"``: a folder of calibrated predictors
                 (``CONCEPT.safetensors``), one predictor file, or a list of
                 :class:`eiup.scale.ScalePredictor`; default ``<model folder>/eiup_scale_predictors``.
+            guard: Closed-loop erasure (:mod:`eiup.guard`): a callable ``images -> list[bool]`` (True: an
+                erased concept is still shown). Every image is generated at the first strength of
+                ``guard_ladder`` and, while the guard still sees the concept and the projection acts on it,
+                again from the same starting noise at the next one. The output reports each image's
+                strength, its number of generations and whether the guard still flags it. Needs prompt
+                text and anchors (the projection's strength is what climbs); replaces ``anchor_strength``.
+            guard_ladder: The strengths the guard climbs (default :data:`eiup.guard.DEFAULT_LADDER`).
             *args: Positional arguments of the parent ``__call__``.
             **kwargs: Keyword arguments of the parent ``__call__``. In dual mode the step
                 callback's tensors hold both branches (``[original..., erased...]``).
@@ -655,6 +703,10 @@ class EIUPMixin:
         call = self._bind_call(args, kwargs)
         if concept_context is None and erase_config is None and call.get("prompt") is None:
             config = dataclasses.replace(config, concept_context="separate")  # the default needs the prompt text
+        if guard is not None or guard_ladder is not None:
+            return self._guarded(call, config, guard, guard_ladder, return_original=return_original,
+                                 return_heatmaps=return_heatmaps, concept_recorder=concept_recorder,
+                                 scale_predictors=scale_predictors)
         return_dict = call.get("return_dict", True)
         call["return_dict"] = True
 
@@ -678,6 +730,9 @@ class EIUPMixin:
                                    "1.x/2.x) or drop anchor_region")
         probes = self._prompt_probes(config, projecting)
         row_prompts = _row_prompts(call)
+        if isinstance(config.anchor_strength, tuple) and len(config.anchor_strength) != _image_count(call, row_prompts):
+            raise EraseConfigError(f"anchor_strength has {len(config.anchor_strength)} values but the call makes "
+                                   f"{_image_count(call, row_prompts)} images; give one per image or one number")
         named = (_concepts_named(row_prompts, config.concepts, [plan.aliases for plan in anchor_plans or []])
                  if projecting or any(probes) else None)
         height, width = self._resolve_hw(call)
@@ -789,9 +844,31 @@ class EIUPMixin:
         result = self._finish(images, nsfw, original_images, heat, return_dict, return_original)
         if predictors is not None and return_dict:
             result.erase_scales = ctx.predicted_scales
-        if config.anchor_strength == AUTO and return_dict:
+        if config.strength_per_image and return_dict:
             result.anchor_strengths = anchor_strengths
         return result
+
+    def _guarded(self, call: dict[str, Any], config: EraseConfig, guard: Any, ladder: Any, **erase_kwargs: Any) -> Any:
+        """``guard=``: checked here, before any model work, then :func:`eiup.guard.guarded_call`."""
+        from .guard import DEFAULT_LADDER, check_ladder, guarded_call
+
+        if not callable(guard):
+            raise EraseConfigError(f"guard={guard!r} must be a callable images -> list[bool] (True: the concept is "
+                                   "still shown), e.g. eiup.calibrate.toy_judge('red', ConceptDetector.load(GUARD))")
+        try:
+            ladder = check_ladder(DEFAULT_LADDER if ladder is None else ladder, MAX_ANCHOR_STRENGTH)
+        except ValueError as e:
+            raise EraseConfigError(str(e)) from None
+        if config.anchor_strength is not None:
+            raise EraseConfigError("guard= chooses each image's anchor_strength from guard_ladder; drop anchor_strength")
+        if not config.concepts:
+            raise EraseConfigError("guard= needs concepts to erase: pass erase=[...]")
+        if _row_prompts(call) is None:
+            raise EraseConfigError("guard= needs the prompt text, not prompt_embeds: pass prompt=...")
+        if not config.anchor_spec or not any(plan.anchors for plan in self._anchor_plans(config)):
+            raise EraseConfigError("guard= climbs the anchored projection's strength, which this call does not make: "
+                                   "give anchors (anchors='auto' with a model folder that lists the concept, or a list)")
+        return guarded_call(self, guard, ladder, call, config, **erase_kwargs)
 
     @torch.no_grad()
     def prompt_features(self, prompts: Sequence[str]) -> torch.Tensor:
@@ -1027,7 +1104,7 @@ class EIUPMixin:
                 return [AnchorPlan((), DEFAULT_ANCHOR_STRENGTH)] * len(config.concepts)
             raise EraseConfigError("anchors are supported on SD 1.x/2.x pipelines (one CLIP text encoder); drop anchors here")
         spec = config.anchor_spec
-        strength = None if config.anchor_strength == AUTO else config.anchor_strength
+        strength = None if config.strength_per_image else config.anchor_strength
         if spec == AUTO:  # quiet about a model without an anchor file only when "auto" is just the default
             plans = self._model_anchor_plans(config.concepts, strength, quiet_without_file=config.anchors is None)
         else:
@@ -1041,6 +1118,9 @@ class EIUPMixin:
         if config.anchor_strength == AUTO:
             plans = [dataclasses.replace(plan, strength_predictor=self._strength_predictor(concept)) if plan.anchors
                      else plan for concept, plan in zip(config.concepts, plans)]
+        elif isinstance(config.anchor_strength, tuple):
+            given = RowStrengths(config.anchor_strength)
+            plans = [dataclasses.replace(plan, strength_predictor=given) if plan.anchors else plan for plan in plans]
         limit = self.tokenizer.model_max_length
         for name, words in (("anchors", (a for plan in plans for a in plan.anchors)),
                             ("anchor_protect", (a for plan in plans for a in plan.protect))):

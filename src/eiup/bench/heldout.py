@@ -35,7 +35,8 @@ class HeldoutResult:
     n_shown: int
     n_negative: int
     mean_scale: float | None = None  # the mean predicted scale over positives (erase_scale="auto"), else None
-    mean_strength: float | None = None  # the mean predicted strength over projected positives (anchor_strength="auto")
+    mean_strength: float | None = None  # the mean strength over projected positives (per image: "auto" or guard=)
+    mean_generations: float | None = None  # guard=: the mean number of generations per image, positives and negatives
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -68,11 +69,13 @@ def judge_setting(plain: PlainImages, concept: str, positives: Sequence[str], ne
     With ``rewrite`` (prompt, k -> prompt) the k-th seed's image is instead generated without erasure
     from the rewritten prompt (e.g. :func:`rewrite_reference`): a reference judged exactly like a setting.
     """
-    residual, kept, unharmed, same, psnr, scales, strengths = [], [], [], [], [], [], []
+    residual, kept, unharmed, same, psnr, scales, strengths, generations = [], [], [], [], [], [], [], []
     for prompt in tqdm(list(positives) + list(negatives), desc=desc or concept, leave=False):
         role = "implicit" if prompt in positives else "specificity"
         out, judged = judge_prompt(plain, concept, prompt, role, kwargs, rewrite)
         plain_found = plain.get(prompt)[1]
+        if getattr(out, "guard_attempts", None) is not None:
+            generations += [int(a) for a in out.guard_attempts]
         if role == "implicit":
             shown = [j for j, p in zip(judged, plain_found) if concept_present(p, concept)]
             residual += [j.residual for j in shown]
@@ -88,7 +91,8 @@ def judge_setting(plain: PlainImages, concept: str, positives: Sequence[str], ne
     mean = lambda xs: float(np.mean(xs)) if xs else float("nan")  # noqa: E731
     return HeldoutResult(concept, mean(residual), mean(kept), mean(unharmed), mean(same),
                          float(np.median(psnr)) if psnr else float("nan"), len(residual), len(same),
-                         float(np.mean(scales)) if scales else None, float(np.mean(strengths)) if strengths else None)
+                         float(np.mean(scales)) if scales else None, float(np.mean(strengths)) if strengths else None,
+                         float(np.mean(generations)) if generations else None)
 
 
 def judge_prompt(plain: PlainImages, concept: str, prompt: str, role: str, kwargs: dict[str, Any],

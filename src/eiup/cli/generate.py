@@ -86,6 +86,14 @@ def generate(
     prompt_gate: bool = typer.Option(
         True, "--prompt-gate/--no-prompt-gate", help="Apply the concept term only to prompts that name the concept "
         "or, by the model's prompt probe (eiup fit-gate), imply it; other prompts come out as without erasure."),
+    guard: Optional[str] = typer.Option(
+        None, "--guard", help="Closed-loop erasure: check each erased image and generate it again from the same noise "
+        "at the next --guard-ladder strength while the concept is still seen. 'toy' (the toy model's guard detector, "
+        "trained apart from the one that judges), 'nudenet', or 'package.module:function' (images -> list[bool]). "
+        "Replaces --anchor-strength; the manifest records each image's strength and whether the guard still flags it."),
+    guard_ladder: Optional[str] = typer.Option(
+        None, "--guard-ladder", help="The strengths --guard climbs, comma-separated and increasing. "
+        "Default: 0.5,0.75,1,1.25,1.5,2 (eiup.guard.DEFAULT_LADDER)."),
     allow_amplify: bool = typer.Option(False, "--allow-amplify", help="Allow a positive --scale (amplifies the concepts)."),
     mode: Optional[str] = typer.Option(
         None, "--mode", help="single (fast, one branch) or dual (the paper's: keeps the original layout, ~2x cost). "
@@ -175,6 +183,24 @@ def generate(
         if not (math.isfinite(strength) and 0 < strength <= MAX_ANCHOR_STRENGTH):
             raise _bad(f"{anchor_strength} is outside (0, {MAX_ANCHOR_STRENGTH:g}]; 1 removes the concept from the "
                        "prompt tokens", "--anchor-strength")
+    ladder = None
+    if guard_ladder is not None and guard is None:
+        raise _bad("--guard-ladder is the strengths --guard climbs; add --guard toy (or nudenet, module:function)",
+                   "--guard-ladder")
+    if guard is not None:
+        from eiup.guard import check_ladder
+        from eiup.pipeline import MAX_ANCHOR_STRENGTH
+
+        guard = guard.strip()
+        if guard not in ("toy", "nudenet") and ":" not in guard:
+            raise _bad(f"{guard!r}: use toy, nudenet or package.module:function", "--guard")
+        if strength is not None:
+            raise _bad("--guard chooses each image's strength from --guard-ladder; drop --anchor-strength", "--guard")
+        if guard_ladder is not None:
+            try:
+                ladder = check_ladder([v for v in guard_ladder.split(",") if v.strip()], MAX_ANCHOR_STRENGTH)
+            except ValueError as e:
+                raise _bad(str(e).replace("guard_ladder=", ""), "--guard-ladder") from None
     if steps < 1:
         raise _bad(f"{steps} < 1", "--steps")
     if not math.isfinite(guidance) or guidance < 0:
@@ -247,7 +273,7 @@ def generate(
         concept_context=concept_context or default_context,
         anchors=anchors, anchor_strength=strength, anchor_protect=protected, anchor_in_context=in_context,
         anchor_region=region, anchor_gate=anchor_gate,
-        prompt_gate=prompt_gate,
+        prompt_gate=prompt_gate, guard=guard, guard_ladder=ladder,
         negative_prompt=negative_prompt, images_per_prompt=images_per_prompt,
         save_original=save_original, use_row_erase=not ignore_erase_target, allow_amplify=allow_amplify,
     )
@@ -255,6 +281,8 @@ def generate(
         jobs = eio.plan_jobs(rows, settings)
     except ValueError as e:
         raise _bad(str(e), "--seed") from None
+    if guard is not None and not settings.anchors:
+        raise _bad("--guard climbs the anchored projection's strength; drop --anchor none", "--guard")
     if save_original and not any(j.erase for j in jobs):
         typer.echo("Warning: --save-original has no effect without concepts to erase.", err=True)
 
@@ -300,3 +328,8 @@ def generate(
         raise _fail(f"interrupted; rerun the same command to finish (finished images are kept in {out})", 130)
     typer.echo(f"Generated {report.generated}, skipped {report.skipped} already done: {report.total} images in "
                f"{out} (settings: {out / eio.RUN_RECORD_NAME})", err=True)
+    flagged = [r["file"] for r in report.record["images"] if (r.get("outcome") or {}).get("guard_flagged")]
+    if flagged:
+        typer.echo(f"Warning: the guard still sees an erased concept in {len(flagged)} image(s) at the ladder's top "
+                   f"(or where the prompt gate left the prompt alone): {', '.join(flagged[:5])}"
+                   f"{' ...' if len(flagged) > 5 else ''} (manifest: outcome.guard_flagged)", err=True)

@@ -173,6 +173,9 @@ def default_detector_path() -> Path:
     return Path(__file__).parent / "weights" / "detector.safetensors"
 
 
+GUARD_PATH = Path(__file__).parent / "weights" / "guard.safetensors"  # a second detector, trained apart: guard=, not judging
+
+
 def to_tensor(images) -> torch.Tensor:
     """Images as a float tensor (N,3,64,64) in [0, 1]."""
     if isinstance(images, torch.Tensor):

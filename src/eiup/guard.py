@@ -1,0 +1,139 @@
+"""Closed-loop erasure: a guard checks every erased image, and the images in which it still sees the
+concept are generated again from the same starting noise at the next strength of a ladder.
+
+The projection's strength (``anchor_strength``) is what trades erasure against fidelity on the toy
+model: too weak and the concept survives, too strong and the image changes more than the concept.
+Which strength a prompt and seed needs is not known in advance (the presets and
+``anchor_strength="auto"`` guess it per concept or per prompt); a guard looks at the result. Every
+image starts at the mildest rung and climbs only while the guard still sees the concept, so each
+image gets about the mildest strength that erases it. A guard is any callable ``images ->
+list[bool]`` (True: the concept is still shown), e.g. :func:`eiup.calibrate.toy_judge` with the toy
+model's guard detector, NudeNet, or a product's own safety classifier; it should not be the detector
+that judges the benchmark.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+DEFAULT_LADDER = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0)
+
+Guard = Callable[[Any], Sequence[bool]]
+
+
+def check_ladder(ladder: Any, limit: float) -> tuple[float, ...]:
+    """The ladder as increasing strengths in (0, ``limit``], or a ValueError naming the fix."""
+    try:
+        values = tuple(float(v) for v in ladder)
+    except (TypeError, ValueError):
+        raise ValueError(f"guard_ladder={ladder!r}: give increasing strengths, e.g. {list(DEFAULT_LADDER)}") from None
+    if not values or not all(np.isfinite(v) and 0 < v <= limit for v in values) or list(values) != sorted(set(values)):
+        raise ValueError(f"guard_ladder={list(values)}: give strictly increasing strengths in (0, {limit:g}], "
+                         f"e.g. {list(DEFAULT_LADDER)}")
+    return values
+
+
+def climb(rungs: np.ndarray, rows: Sequence[int], flagged: Sequence[bool], top: int) -> np.ndarray:
+    """The ``rows`` to generate again: flagged by the guard and below the ladder's ``top`` rung (their rung raised by one)."""
+    again = np.array([i for i, f in zip(rows, flagged) if f and rungs[i] < top], dtype=int)
+    rungs[again] += 1
+    return again
+
+
+def load_guard(spec: str, concepts: Sequence[str]) -> Guard:
+    """A guard for ``concepts`` (flags an image where any of them is shown): ``"toy"`` (the toy model's guard
+    detector, :data:`eiup.toy.detect.GUARD_PATH`, trained apart from the detector that judges the benchmark),
+    ``"nudenet"``, or ``"package.module:function"`` (a callable images -> list[bool])."""
+    from .calibrate import load_judge, toy_judge
+
+    if spec == "toy":
+        from .toy.detect import GUARD_PATH, ConceptDetector
+
+        detector = ConceptDetector.load(GUARD_PATH)
+        judges = [toy_judge(c, detector) for c in concepts]
+    else:
+        judges = [load_judge(spec, c) for c in concepts]
+    if len(judges) == 1:
+        return judges[0]
+    return lambda images: [any(flags) for flags in zip(*(judge(images) for judge in judges))]
+
+
+def _rows(value: Any, n_prompts: int, per_prompt: int, name: str) -> list:
+    """A per-prompt argument (one value or one per prompt) as one value per image."""
+    values = [value] * n_prompts if value is None or isinstance(value, str) else list(value)
+    if len(values) != n_prompts:
+        raise ValueError(f"{name} has {len(values)} entries for {n_prompts} prompts; give one or one per prompt")
+    return [v for v in values for _ in range(per_prompt)]
+
+
+def _assemble(per_row: list, like: Any) -> Any:
+    if isinstance(like, np.ndarray):
+        return np.stack(per_row)
+    if isinstance(like, torch.Tensor):
+        return torch.stack(per_row)
+    return per_row
+
+
+def guarded_call(pipe: Any, guard: Guard, ladder: Sequence[float], call: dict[str, Any], config: Any,
+                 return_original: bool = False, **erase_kwargs: Any) -> Any:
+    """Generate ``call`` (the parent pipeline's arguments) with the erasure ``config``, every image from the
+    mildest rung of ``ladder`` up, again at the next rung while ``guard`` still sees the concept in it (the
+    pipeline's ``guard=`` argument, which validates everything first; :class:`eiup.pipeline.EIUPPipelineOutput`)."""
+    from diffusers.utils.torch_utils import randn_tensor
+
+    from .pipeline import EIUPPipelineOutput, _row_prompts
+
+    prompts = _row_prompts(call)
+    per_prompt = int(call.get("num_images_per_prompt") or 1)
+    n = len(prompts)
+    negatives = _rows(call.get("negative_prompt"), n // per_prompt, per_prompt, "negative_prompt")
+    return_dict = call.get("return_dict", True)
+    latents, generator = call.get("latents"), call.get("generator")
+    height, width = pipe._resolve_hw(call)
+    shape = (n, pipe.unet.config.in_channels, int(height) // pipe.vae_scale_factor, int(width) // pipe.vae_scale_factor)
+    if latents is None:  # drawn once, as the pipeline draws them: every rung starts from the same noise
+        latents = randn_tensor(shape, generator=generator, device=pipe._execution_device, dtype=pipe.unet.dtype)
+    elif tuple(latents.shape) != shape:
+        raise ValueError(f"latents has shape {tuple(latents.shape)}, the call needs {shape}")
+    rest = {k: v for k, v in call.items() if k not in ("prompt", "negative_prompt", "latents", "generator", "return_dict")}
+
+    rungs = np.zeros(n, dtype=int)
+    attempts = np.zeros(n, dtype=int)
+    images, nsfw, flagged = [None] * n, [None] * n, [False] * n
+    keyed: dict[str, dict[str, list]] = {"heatmaps": {}, "erase_scales": {}, "anchor_strengths": {}}
+    originals, like, todo = None, None, np.arange(n)
+    while len(todo):
+        out = pipe(prompt=[prompts[i] for i in todo], latents=latents[torch.as_tensor(todo)],
+                   negative_prompt=None if call.get("negative_prompt") is None else [negatives[i] for i in todo],
+                   **{**rest, "num_images_per_prompt": 1}, erase_config=config,
+                   anchor_strength=[ladder[r] for r in rungs[todo]],
+                   return_original=return_original and originals is None, **erase_kwargs)
+        if originals is None:
+            originals = out.original_images
+        like = out.images
+        seen = [bool(f) for f in guard(out.images)]
+        if len(seen) != len(todo):
+            raise ValueError(f"the guard answered {len(seen)} flags for {len(todo)} images; it must answer one per image")
+        projected = np.zeros(len(todo), dtype=bool)  # rows the gate left alone: no strength changes them
+        for values in (out.anchor_strengths or {}).values():
+            projected |= np.isfinite(values)
+        for j, i in enumerate(todo):
+            images[i], flagged[i] = out.images[j], seen[j]
+            nsfw[i] = None if out.nsfw_content_detected is None else out.nsfw_content_detected[j]
+            attempts[i] += 1
+            for field, per_concept in keyed.items():
+                for concept, values in (getattr(out, field) or {}).items():
+                    per_concept.setdefault(concept, [None] * n)[i] = values[j]
+        todo = climb(rungs, todo, [s and p for s, p in zip(seen, projected)], len(ladder) - 1)
+    stack = lambda field: {c: np.stack(v) for c, v in keyed[field].items()} or None  # noqa: E731
+    result = EIUPPipelineOutput(
+        images=_assemble(images, like), nsfw_content_detected=None if all(f is None for f in nsfw) else nsfw,
+        original_images=originals, heatmaps=stack("heatmaps"), erase_scales=stack("erase_scales"),
+        anchor_strengths=stack("anchor_strengths"), guard_flagged=flagged, guard_attempts=attempts)
+    if return_dict:
+        return result
+    return (result.images, result.nsfw_content_detected) + ((originals,) if return_original else ())

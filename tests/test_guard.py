@@ -1,0 +1,97 @@
+"""Closed-loop erasure (eiup.guard): per-image strengths, the ladder the guard climbs, and its checks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from eiup import EraseConfigError
+from eiup.guard import DEFAULT_LADDER, check_ladder, climb
+
+KW = dict(num_inference_steps=3, output_type="np", concept_context="separate")
+ANCHORS = '{"red": {"anchors": ["blue", "green"], "strength": 1.0}}'
+PROMPTS = ["a red tree", "a red house", "a red car"]
+
+
+def gens(n: int = 3) -> list[torch.Generator]:
+    return [torch.Generator().manual_seed(10 + i) for i in range(n)]
+
+
+class Scripted:
+    """A guard that flags the images whose index (in the whole call) is listed, per attempt, and records calls."""
+
+    def __init__(self, flags_per_call: list[list[bool]]):
+        self.flags, self.sizes = list(flags_per_call), []
+
+    def __call__(self, images):
+        self.sizes.append(len(images))
+        return self.flags.pop(0)
+
+
+def test_ladder_must_be_strictly_increasing_positive_strengths():
+    assert check_ladder([0.5, 1, 2], 8.0) == (0.5, 1.0, 2.0)
+    for bad in ([], [1, 0.5], [0.5, 0.5], [0, 1], [1, float("nan")], [1, 9], "fast"):
+        with pytest.raises(ValueError, match="guard_ladder"):
+            check_ladder(bad, 8.0)
+
+
+def test_climb_raises_only_flagged_rows_below_the_top():
+    rungs = np.array([0, 2, 1, 0])
+    again = climb(rungs, [0, 1, 2, 3], [True, True, False, True], top=2)
+    assert again.tolist() == [0, 3] and rungs.tolist() == [1, 2, 1, 1]
+
+
+def test_per_image_strengths_equal_separate_fixed_calls(sd1, model_folder):
+    (model_folder / "eiup_anchors.json").write_text(ANCHORS)
+    kw = dict(erase="red", anchor_gate=False, prompt_gate=False, **KW)
+    out = sd1(PROMPTS[:2], anchor_strength=[0.5, 2.0], generator=gens(2), **kw)
+    np.testing.assert_array_equal(out.anchor_strengths["red"], [0.5, 2.0])
+    for k, s in enumerate((0.5, 2.0)):
+        alone = sd1(PROMPTS[k], anchor_strength=s, generator=gens(2)[k], **kw).images[0]
+        assert np.allclose(out.images[k], alone, atol=1e-5)
+    assert not np.allclose(out.images[0], sd1(PROMPTS[0], anchor_strength=2.0, generator=gens(1), **kw).images[0], atol=1e-4)
+    with pytest.raises(EraseConfigError, match="2 values but the call makes 3 images"):
+        sd1(PROMPTS, anchor_strength=[0.5, 2.0], **kw)
+    with pytest.raises(EraseConfigError, match=r"anchor_strength\[1\]"):
+        sd1(PROMPTS[:2], anchor_strength=[0.5, -1], **kw)
+
+
+def test_guard_climbs_flagged_images_from_the_same_noise(sd1, model_folder):
+    (model_folder / "eiup_anchors.json").write_text(ANCHORS)
+    ladder = [0.5, 1.0, 2.0]
+    guard = Scripted([[True, False, True], [False, True], [True]])  # image 0 clears at 1.0, image 2 reaches the top
+    out = sd1(PROMPTS, erase="red", guard=guard, guard_ladder=ladder, generator=gens(), **KW)
+    assert guard.sizes == [3, 2, 1]
+    assert out.guard_attempts.tolist() == [2, 1, 3] and out.guard_flagged == [False, False, True]
+    np.testing.assert_array_equal(out.anchor_strengths["red"], [1.0, 0.5, 2.0])
+    fixed = sd1(PROMPTS, erase="red", anchor_strength=[1.0, 0.5, 2.0], generator=gens(), **KW)
+    np.testing.assert_allclose(out.images, fixed.images, atol=1e-5)  # each image as drawn at its strength
+
+
+def test_guard_leaves_images_the_gate_did_not_project_and_reports_them(sd1, model_folder):
+    (model_folder / "eiup_anchors.json").write_text(ANCHORS)
+    prompts = ["a red tree", "a tree house"]  # the second is nearer an anchor than the concept: not projected
+    guard = Scripted([[True, True], [False]])
+    out = sd1(prompts, erase="red", guard=guard, generator=gens(2), **KW)
+    assert guard.sizes == [2, 1] and out.guard_attempts.tolist() == [2, 1]
+    assert out.guard_flagged == [False, True]  # still flagged: the product withholds it
+    assert out.anchor_strengths["red"][0] == DEFAULT_LADDER[1] and np.isnan(out.anchor_strengths["red"][1])
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(guard="toy"), "must be a callable"),
+    (dict(guard=lambda im: [False] * len(im), anchor_strength=1.0), "drop anchor_strength"),
+    (dict(guard=lambda im: [False] * len(im), guard_ladder=[2, 1]), "guard_ladder"),
+    (dict(guard=lambda im: [False] * len(im), anchors=[]), "give anchors"),
+])
+def test_bad_guard_arguments_are_refused_before_model_work(sd1, model_folder, kwargs, match):
+    (model_folder / "eiup_anchors.json").write_text(ANCHORS)
+    with pytest.raises(EraseConfigError, match=match):
+        sd1(PROMPTS, erase="red", **KW, **kwargs)
+
+
+def test_a_guard_answering_the_wrong_number_of_flags_is_an_error(sd1, model_folder):
+    (model_folder / "eiup_anchors.json").write_text(ANCHORS)
+    with pytest.raises(ValueError, match="one per image"):
+        sd1(PROMPTS, erase="red", guard=lambda images: [True], **KW)
