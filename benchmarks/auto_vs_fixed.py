@@ -25,33 +25,38 @@ from pathlib import Path
 import numpy as np
 
 CONCEPTS = ["red", "star", "heart", "night"]
-# name -> (description, base erasure kwargs, fixed values, the family's own choice, the knob they set)
+# name -> (description, base erasure kwargs, fixed values, the family's own choices, the knob they set)
 FAMILIES = {
     "concept term": ("EIUP's concept term alone (the paper's dual mode, concepts encoded after the prompt; "
                      "no anchors, every prompt erased)",
                      {"erase_mode": "dual", "concept_context": "prompt", "anchors": [], "prompt_gate": False},
-                     [-2.0, -4.0, -8.0, -16.0], "auto", "erase_scale"),
+                     [-2.0, -4.0, -8.0, -16.0], ("auto",), "erase_scale"),
     "concept term + presence gate": ("the same with the per-pixel presence gate (gate=\"presence\")",
                                      {"erase_mode": "dual", "concept_context": "prompt", "anchors": [],
-                                      "prompt_gate": False, "gate": "presence"}, [-4.0, -8.0, -16.0], "auto",
+                                      "prompt_gate": False, "gate": "presence"}, [-4.0, -8.0, -16.0], ("auto",),
                                      "erase_scale"),
-    "defaults": ("the library defaults: anchored projection with the model's presets, prompt gate, concept term "
-                 "in single mode", {}, [0.0, -0.25, -0.5, -1.0, -4.0], "preset", "erase_scale"),
-    "anchor strength": ("the library defaults with the anchored projection's strength fixed for every prompt (the "
-                        "concept term at the preset scale), against anchor_strength=\"auto\" (predicted per prompt from "
-                        "its text embedding by the shipped strength predictors)", {},
-                        [0.5, 0.75, 1.0, 1.25, 1.5, 2.0], "auto", "anchor_strength"),
-    "defaults, no gates": ("the defaults with both prompt-level gates off (anchor_gate=False: every prompt leaning "
-                           "towards the concept is projected; prompt_gate=False: the concept term acts on every prompt)",
-                           {"anchor_gate": False, "prompt_gate": False}, [0.0, -1.0], "preset", "erase_scale"),
+    "presets": ("the library defaults without the guard: anchored projection at the model's per-concept preset "
+                "strengths, prompt gate, concept term in single mode", {"guard": False},
+                [0.0, -0.25, -0.5, -1.0, -4.0], ("preset",), "erase_scale"),
+    "anchor strength": ("the anchored projection's strength fixed for every prompt (the concept term at the preset "
+                        "scale), against anchor_strength=\"auto\" (predicted per prompt from its text embedding by the "
+                        "shipped strength predictors) and the guard (the library defaults: each image climbs "
+                        "0.5, 0.75, ..., 2 while the model's guard detector still sees the concept)", {},
+                        [0.5, 0.75, 1.0, 1.25, 1.5, 2.0], ("auto", "guard"), "anchor_strength"),
+    "presets, no gates": ("the presets with both prompt-level gates off (anchor_gate=False: every prompt leaning "
+                          "towards the concept is projected; prompt_gate=False: the concept term acts on every prompt)",
+                          {"anchor_gate": False, "prompt_gate": False, "guard": False}, [0.0, -1.0], ("preset",),
+                          "erase_scale"),
 }
+GUARD = "guard"  # the label of the library defaults in the anchor strength family: strength chosen by the guard
+DEFAULTS = ("anchor strength", GUARD)
 # Not an erasure setting: each prompt with the concept rewritten without it (eiup.toy.world.rewrite_without)
 # and drawn plainly; what a perfect prompt-level erasure would draw, a reference for fidelity (not a bound).
 REFERENCE = ("rewritten prompts", "rewrite")
 
 
-def labels(fixed: list[float], own: str) -> list[str]:
-    return [f"{s:g}" for s in fixed] + [own]
+def labels(fixed: list[float], own: tuple[str, ...]) -> list[str]:
+    return [f"{s:g}" for s in fixed] + list(own)
 
 
 def unit_path(out: Path, family: str, label: str, concept: str) -> Path:
@@ -63,9 +68,11 @@ def made_with(pipe, seeds: list[int]) -> dict:
     import hashlib
 
     from eiup.bench.runner import erasure_fingerprint, weights_fingerprint
+    from eiup.guard import GUARD_FILE
     from eiup.toy.detect import default_detector_path
 
     return {"seeds": seeds, "weights": weights_fingerprint(pipe), "erasure_files": erasure_fingerprint(pipe),
+            "erasure_files_but_guard": erasure_fingerprint(pipe, skip=(GUARD_FILE,)),
             "detector": hashlib.sha1(default_detector_path().read_bytes()).hexdigest()}
 
 
@@ -78,7 +85,14 @@ def unit_kwargs(family: str, label: str) -> dict:
     if (family, label) == REFERENCE:
         return {}
     _, base, _, _, knob = FAMILIES[family]
-    return dict(base, **({} if label == "preset" else {knob: label if label == "auto" else float(label)}))
+    return dict(base, **({} if label in ("preset", GUARD) else {knob: label if label == "auto" else float(label)}))
+
+
+def uses_guard(family: str, label: str) -> bool:
+    """Whether a unit runs the model's guard: the library default, off where the strength is given or anchors are off."""
+    kwargs = unit_kwargs(family, label)
+    return ((family, label) != REFERENCE and kwargs.get("guard", True) is not False and "anchor_strength" not in kwargs
+            and kwargs.get("anchors") != [])
 
 
 def reads_erasure_files(family: str, label: str) -> bool:
@@ -90,8 +104,12 @@ def reads_erasure_files(family: str, label: str) -> bool:
 
 
 def unit_spec(spec: dict, family: str, label: str) -> dict:
-    """``spec`` (:func:`made_with`) without the erasure files for a unit that does not read them."""
-    return spec if reads_erasure_files(family, label) else dict(spec, erasure_files=None)
+    """``spec`` (:func:`made_with`) with the erasure files a unit reads: all, all but the guard, or none."""
+    spec = dict(spec)
+    but_guard = spec.pop("erasure_files_but_guard")
+    if not reads_erasure_files(family, label):
+        return dict(spec, erasure_files=None)
+    return spec if uses_guard(family, label) else dict(spec, erasure_files=but_guard)
 
 
 def all_units() -> list[tuple[str, str]]:
@@ -137,16 +155,17 @@ def report(out: Path, concepts: list[str], seeds: list[int]) -> dict:
                 ("residual", "fidelity_vs_plain", "as_plain_or_prompted", "specificity", "psnr_median")}
         rows[(family, label)] = dict(mean, per_concept={u["concept"]: u for u in units})
     verdicts = {}
-    for family, (_, _, fixed, own, _) in FAMILIES.items():
+    for family, own in ((f, o) for f, (_, _, _, owns, _) in FAMILIES.items() for o in owns):
+        fixed = FAMILIES[family][2]
         curve = [rows[(family, f"{s:g}")] for s in fixed]
         me = rows[(family, own)]
-        verdicts[family] = {
+        verdicts[f"{family} @{own}"] = v = {
             measure: {"above_fixed_curve": above_curve((me["residual"], me[measure]),
                                                        [(c["residual"], c[measure]) for c in curve]),
                       "dominates": [f"{s:g}" for s, c in zip(fixed, curve)
                                     if dominated((c["residual"], c[measure]), (me["residual"], me[measure]))]}
             for measure in ("specificity", "as_plain_or_prompted")}
-        verdicts[family]["per_concept"] = {  # each concept against its own fixed curve: the pooled one mixes levels
+        v["per_concept"] = {  # each concept against its own fixed curve: the pooled one mixes levels
             c: {measure: above_curve((me["per_concept"][c]["residual"], me["per_concept"][c][measure]),
                                      [(p["per_concept"][c]["residual"], p["per_concept"][c][measure]) for p in curve])
                 for measure in ("specificity", "as_plain_or_prompted")} for c in concepts}
@@ -176,26 +195,31 @@ def report(out: Path, concepts: list[str], seeds: list[int]) -> dict:
             per = r["per_concept"]
             extra = [f"{per[c]['residual']:.0%}" + (f" (w={per[c]['mean_scale']:.1f})" if per[c]["mean_scale"] is not None else "")
                      + (f" (s={per[c]['mean_strength']:.2f})" if per[c].get("mean_strength") is not None else "")
+                     + (f" ({per[c]['mean_generations']:.2f} generations)" if per[c].get("mean_generations") else "")
                      for c in concepts]
             lines.append(f"| {label} | {r['residual']:.1%} | {r['fidelity_vs_plain']:.1%} | {r['as_plain_or_prompted']:.1%} | "
                          f"{r['specificity']:.1%} | {r['psnr_median']:.1f} | " + " | ".join(extra) + " |")
-        if family not in verdicts:
+        if family not in FAMILIES:
             lines.append("")
             continue
-        v, own = verdicts[family], FAMILIES[family][3]
-        lines += ["", f"`{own}` against the fixed-{knob} curve at its residual: specificity "
-                  f"{v['specificity']['above_fixed_curve']:+.1%}, fidelity (as plain or as prompted) "
-                  f"{v['as_plain_or_prompted']['above_fixed_curve']:+.1%}; it dominates (lower or equal residual and "
-                  f"higher or equal specificity) the fixed values {v['specificity']['dominates'] or 'none'}; on residual "
-                  f"and fidelity it dominates {v['as_plain_or_prompted']['dominates'] or 'none'}. Per concept, against "
-                  "that concept's own fixed curve (specificity / fidelity, points): "
-                  + ", ".join(f"{c} {v['per_concept'][c]['specificity']:+.1%} / {v['per_concept'][c]['as_plain_or_prompted']:+.1%}"
-                              for c in concepts) + ".", ""]
-    defaults, ref = rows[("defaults", "preset")]["per_concept"], rows[REFERENCE]["per_concept"]
+        lines.append("")
+        for own in FAMILIES[family][3]:
+            v = verdicts[f"{family} @{own}"]
+            lines += [f"`{own}` against the fixed-{knob} curve at its residual: specificity "
+                      f"{v['specificity']['above_fixed_curve']:+.1%}, fidelity (as plain or as prompted) "
+                      f"{v['as_plain_or_prompted']['above_fixed_curve']:+.1%}; it dominates (lower or equal residual and "
+                      f"higher or equal specificity) the fixed values {v['specificity']['dominates'] or 'none'}; on "
+                      f"residual and fidelity it dominates {v['as_plain_or_prompted']['dominates'] or 'none'}. Per concept, "
+                      "against that concept's own fixed curve (specificity / fidelity, points): "
+                      + ", ".join(f"{c} {v['per_concept'][c]['specificity']:+.1%} / "
+                                  f"{v['per_concept'][c]['as_plain_or_prompted']:+.1%}" for c in concepts) + ".", ""]
+    defaults, presets = rows[DEFAULTS]["per_concept"], rows[("presets", "preset")]["per_concept"]
+    ref = rows[REFERENCE]["per_concept"]
     lines += ["## fidelity per concept: the defaults against the reference", "",
               "As plain or as prompted, on the images whose plain image shows the concept.", "",
               "| | " + " | ".join(concepts) + " |", "|---" * (1 + len(concepts)) + "|",
-              "| defaults (presets) | " + " | ".join(f"{defaults[c]['as_plain_or_prompted']:.1%}" for c in concepts) + " |",
+              "| defaults (the guard) | " + " | ".join(f"{defaults[c]['as_plain_or_prompted']:.1%}" for c in concepts) + " |",
+              "| presets (no guard) | " + " | ".join(f"{presets[c]['as_plain_or_prompted']:.1%}" for c in concepts) + " |",
               "| prompts rewritten without it | " + " | ".join(f"{ref[c]['as_plain_or_prompted']:.1%}" for c in concepts) + " |",
               ""]
     lines += ["![trade-off](tradeoff.png)", ""]
@@ -220,8 +244,9 @@ def plot(path: Path, rows: dict) -> None:
             for s, p in zip(fixed, pts):
                 ax.annotate(f"{s:g}", (100 * p["residual"], 100 * p[measure]), textcoords="offset points",
                             xytext=(4, 4), fontsize=8, color=colour)
-            me = rows[(family, own)]
-            ax.plot([100 * me["residual"]], [100 * me[measure]], "*", ms=15, color=colour, label=f"{family}: {own}")
+            for own, marker in zip(own, "*P"):
+                me = rows[(family, own)]
+                ax.plot([100 * me["residual"]], [100 * me[measure]], marker, ms=15, color=colour, label=f"{family}: {own}")
         ref = rows[REFERENCE]
         ax.plot([100 * ref["residual"]], [100 * ref[measure]], "kX", ms=10, label="reference: prompts rewritten without it")
         ax.set_xlabel("residual concept (% of images, lower is better)")

@@ -37,8 +37,8 @@ def main() -> None:
     ap.add_argument("--rewrite", action="store_true",
                     help="judge the prompts rewritten without the concept (a reference) instead of an erasure setting")
     ap.add_argument("--guard", default=None, metavar="DETECTOR",
-                    help="closed-loop erasure (guard=, eiup.guard): toy detector weights that check each image "
-                         "(the bundled guard: 'bundled'); not the detector that judges")
+                    help="closed-loop erasure (guard=, eiup.guard) with these toy detector weights checking each image "
+                         "instead of the model folder's guard (e.g. the judging detector itself, for a bound)")
     ap.add_argument("--oracle-strengths", default=None, metavar="S,S,...",
                     help="instead, per prompt the mildest of these anchor strengths that erases every seed: the room a "
                          "per-prompt strength predictor has (e.g. 0.5,0.75,1,1.25,1.5,2)")
@@ -53,9 +53,7 @@ def main() -> None:
     kwargs = json.loads(args.kwargs)
     guard = None
     if args.guard:
-        from eiup.toy.detect import GUARD_PATH
-
-        guard = ConceptDetector.load(GUARD_PATH if args.guard == "bundled" else args.guard)
+        guard = ConceptDetector.load(args.guard)
     if args.rewrite and kwargs:
         ap.error("--rewrite judges rewritten prompts without erasure: leave out --kwargs")
     pipe = load_pipeline(args.model)

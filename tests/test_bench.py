@@ -109,13 +109,13 @@ def test_anchor_rows_pass_the_toy_worlds_siblings_or_the_given_list(sd1):
         runner.generate(parse_method("eiup-single+anchors+anchor_protect@-4"), "a tomato", [0], "red")
 
 
-def test_rows_erase_every_prompt_unless_they_say_prompt_gate_and_preset_leaves_the_scale_to_the_model(sd1):
+def test_rows_erase_every_prompt_unless_they_say_prompt_gate_guard_only_with_guard_and_preset_leaves_the_scale(sd1):
     seen = []
     sd1_call = type(sd1).__call__
 
     class Spy(type(sd1)):
         def __call__(self, *a, **kw):
-            seen.append((kw.get("erase_scale"), kw.get("prompt_gate"), kw.get("anchor_gate")))
+            seen.append((kw.get("erase_scale"), kw.get("prompt_gate"), kw.get("anchor_gate"), kw.get("guard")))
             return sd1_call(self, *a, **kw)
 
     runner = MethodRunner(Spy(**sd1.components), steps=2, guidance=7.5)
@@ -124,7 +124,9 @@ def test_rows_erase_every_prompt_unless_they_say_prompt_gate_and_preset_leaves_t
     runner.generate(gated, "a tomato", [0], "red")
     runner.generate(parse_method("eiup-single@-2"), "a tomato", [0], "red")
     runner.generate(parse_method("eiup-single+anchors=blue+anchor_gate=0@-2"), "a tomato", [0], "red")
-    assert seen == [(None, True, True), (-2.0, False, True), (-2.0, False, False)]
+    runner.generate(parse_method("eiup-single+anchors=auto+prompt_gate+guard@preset"), "a tomato", [0], "red")
+    assert seen == [(None, True, True, False), (-2.0, False, True, False), (-2.0, False, False, False),
+                    (None, True, True, "auto")]  # the guard only where the row says +guard
 
 
 def test_judgements_follow_the_definitions():

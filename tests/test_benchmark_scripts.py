@@ -18,13 +18,16 @@ def auto_vs_fixed():
 
 
 def test_auto_vs_fixed_units_key_on_the_erasure_files_only_where_they_are_read(auto_vs_fixed):
-    spec = {"seeds": [1], "weights": "w", "erasure_files": "e", "detector": "d"}
+    spec = {"seeds": [1], "weights": "w", "erasure_files": "e", "erasure_files_but_guard": "b", "detector": "d"}
     assert auto_vs_fixed.unit_kwargs("anchor strength", "1.25") == {"anchor_strength": 1.25}
+    assert auto_vs_fixed.unit_kwargs("anchor strength", "guard") == {}  # the library defaults
     assert auto_vs_fixed.unit_kwargs("concept term", "auto")["erase_scale"] == "auto"
-    for family, label, reads in (("concept term", "-4", False), ("concept term", "auto", True),
-                                 ("defaults", "-4", True), ("anchor strength", "auto", True),
-                                 (*auto_vs_fixed.REFERENCE, False)):
-        assert auto_vs_fixed.unit_spec(spec, family, label)["erasure_files"] == ("e" if reads else None), (family, label)
+    for family, label, reads in (("concept term", "-4", None), ("concept term", "auto", "b"),
+                                 ("presets", "-4", "b"), ("anchor strength", "auto", "b"),
+                                 ("anchor strength", "1.5", "b"), ("anchor strength", "guard", "e"),
+                                 (*auto_vs_fixed.REFERENCE, None)):
+        made = auto_vs_fixed.unit_spec(spec, family, label)
+        assert made["erasure_files"] == reads and "erasure_files_but_guard" not in made, (family, label)
 
 
 def test_auto_vs_fixed_report_names_each_familys_own_scale_and_compares_the_defaults_with_the_reference(
@@ -32,7 +35,7 @@ def test_auto_vs_fixed_report_names_each_familys_own_scale_and_compares_the_defa
     concepts = ["red", "night"]
     for k, (family, label) in enumerate(auto_vs_fixed.all_units()):
         for j, concept in enumerate(concepts):
-            strength = abs(float(label)) if label not in ("auto", "preset", "rewrite") else 3.0
+            strength = abs(float(label)) if label not in ("auto", "preset", "rewrite", "guard") else 3.0
             unit = {"concept": concept, "residual": 1 / (1 + strength), "fidelity_vs_plain": 0.8,
                     "as_plain_or_prompted": 0.5 + 0.01 * k + 0.1 * j, "specificity": 0.9 - 0.01 * k,
                     "psnr_median": 30.0, "n_shown": 10, "n_negative": 6,
@@ -42,20 +45,23 @@ def test_auto_vs_fixed_report_names_each_familys_own_scale_and_compares_the_defa
             path.write_text(json.dumps(unit))
     result = auto_vs_fixed.report(tmp_path, concepts, [5000, 5001])
     text = (tmp_path / "report.md").read_text()
-    for family, (_, _, _, own, knob) in auto_vs_fixed.FAMILIES.items():
+    for family, (_, _, _, owns, knob) in auto_vs_fixed.FAMILIES.items():
         section = text.split(f"## {family}\n")[1].split("\n## ")[0]
-        assert f"`{own}` against the fixed-{knob} curve" in section and f"| {knob} |" in section, family
-        assert "Per concept, against that concept's own fixed curve" in section
+        for own in owns:
+            assert f"`{own}` against the fixed-{knob} curve" in section and f"| {knob} |" in section, family
+        assert section.count("Per concept, against that concept's own fixed curve") == len(owns)
     reference = text.split(f"## {auto_vs_fixed.REFERENCE[0]}\n")[1].split("\n## ")[0]
     assert "| rewrite |" in reference and "against the fixed-" not in reference
     rows = {(r["family"], r["label"]): r for r in result["rows"]}
-    ref, defaults = rows[auto_vs_fixed.REFERENCE], rows[("defaults", "preset")]
+    ref, defaults = rows[auto_vs_fixed.REFERENCE], rows[("anchor strength", "guard")]
+    presets = rows[("presets", "preset")]
     table = text.split("## fidelity per concept")[1]
-    assert (f"| defaults (presets) | {defaults['per_concept']['red']['as_plain_or_prompted']:.1%} | "
+    assert (f"| defaults (the guard) | {defaults['per_concept']['red']['as_plain_or_prompted']:.1%} | "
             f"{defaults['per_concept']['night']['as_plain_or_prompted']:.1%} |") in table
+    assert f"| presets (no guard) | {presets['per_concept']['red']['as_plain_or_prompted']:.1%} |" in table
     assert f"| prompts rewritten without it | {ref['per_concept']['red']['as_plain_or_prompted']:.1%} |" in table
-    assert set(result["verdicts"]) == set(auto_vs_fixed.FAMILIES)  # the reference is no family with a curve
-    per = result["verdicts"]["anchor strength"]["per_concept"]
+    assert set(result["verdicts"]) == {f"{f} @{o}" for f, v in auto_vs_fixed.FAMILIES.items() for o in v[3]}
+    per = result["verdicts"]["anchor strength @auto"]["per_concept"]
     from eiup.bench.heldout import above_curve
 
     fixed = auto_vs_fixed.FAMILIES["anchor strength"][2]

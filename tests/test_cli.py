@@ -110,10 +110,11 @@ def test_help_lists_commands():
         (["--prompt", "x", "--images-per-prompt", "0"], "--images-per-prompt", "0 < 1"),
         (["--prompt", "x", "--batch-size", "0"], "--batch-size", "0 < 1"),
         (["--prompt", "x", "--device", "tpu"], "--device", "not cpu or cuda"),
-        (["--prompt", "x", "--guard-ladder", "0.5,1"], "--guard-ladder", "add --guard toy"),
-        (["--prompt", "x", "--guard", "magic"], "--guard", "toy, nudenet or package.module:function"),
-        (["--prompt", "x", "--guard", "toy", "--anchor-strength", "1"], "--guard", "drop --anchor-strength"),
-        (["--prompt", "x", "--guard", "toy", "--guard-ladder", "1,0.5"], "--guard-ladder", "strictly increasing"),
+        (["--prompt", "x", "--guard", "none", "--guard-ladder", "0.5,1"], "--guard-ladder", "this run has none"),
+        (["--prompt", "x", "--anchor-strength", "1", "--guard-ladder", "0.5,1"], "--guard-ladder", "this run has none"),
+        (["--prompt", "x", "--guard", "magic"], "--guard", "auto, none, nudenet or package.module:function"),
+        (["--prompt", "x", "--guard", "auto", "--anchor-strength", "1"], "--guard", "drop --anchor-strength"),
+        (["--prompt", "x", "--guard-ladder", "1,0.5"], "--guard-ladder", "strictly increasing"),
     ],
 )
 def test_arguments_are_checked_before_the_model(monkeypatch, args, option, text):

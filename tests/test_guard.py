@@ -95,3 +95,28 @@ def test_a_guard_answering_the_wrong_number_of_flags_is_an_error(sd1, model_fold
     (model_folder / "eiup_anchors.json").write_text(ANCHORS)
     with pytest.raises(ValueError, match="one per image"):
         sd1(PROMPTS, erase="red", guard=lambda images: [True], **KW)
+
+
+def test_auto_guard_is_the_model_folders_and_steps_aside_for_a_fixed_strength(sd1, model_folder):
+    from safetensors.torch import save_file
+
+    from eiup.guard import GUARD_FILE
+    from eiup.toy.detect import ConceptDetectorNet
+
+    (model_folder / "eiup_anchors.json").write_text(ANCHORS)
+    run = dict(erase="red", generator=gens(), **KW)
+    unguarded = sd1(PROMPTS, **run)
+    assert unguarded.guard_attempts is None  # no guard in this folder: "auto" is no guard
+    torch.manual_seed(0)
+    save_file({k: v.contiguous() for k, v in ConceptDetectorNet().state_dict().items()}, str(model_folder / GUARD_FILE))
+    guarded = sd1(PROMPTS, **dict(run, generator=gens()))
+    assert guarded.guard_attempts is not None and len(guarded.guard_flagged) == 3
+    ladder_start = sd1(PROMPTS, anchor_strength=[DEFAULT_LADDER[0]] * 3, **dict(run, generator=gens()))
+    first = guarded.guard_attempts == 1  # images the guard passed at once are the ladder's first rung
+    np.testing.assert_allclose(guarded.images[first], ladder_start.images[first], atol=1e-5)
+    fixed = sd1(PROMPTS, anchor_strength=1.0, **dict(run, generator=gens()))
+    off = sd1(PROMPTS, guard=False, **dict(run, generator=gens()))
+    assert fixed.guard_attempts is None and off.guard_attempts is None
+    np.testing.assert_array_equal(off.images, unguarded.images)
+    with pytest.raises(EraseConfigError, match="guard_ladder"):
+        sd1(PROMPTS, guard=False, guard_ladder=[0.5, 1], **run)

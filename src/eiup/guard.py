@@ -14,13 +14,16 @@ that judges the benchmark.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
 DEFAULT_LADDER = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0)
+GUARD_FILE = "eiup_guard.safetensors"  # in a model folder: a toy-world concept detector, what guard="auto" loads
 
 Guard = Callable[[Any], Sequence[bool]]
 
@@ -44,19 +47,39 @@ def climb(rungs: np.ndarray, rows: Sequence[int], flagged: Sequence[bool], top: 
     return again
 
 
-def load_guard(spec: str, concepts: Sequence[str]) -> Guard:
-    """A guard for ``concepts`` (flags an image where any of them is shown): ``"toy"`` (the toy model's guard
-    detector, :data:`eiup.toy.detect.GUARD_PATH`, trained apart from the detector that judges the benchmark),
-    ``"nudenet"``, or ``"package.module:function"`` (a callable images -> list[bool])."""
-    from .calibrate import load_judge, toy_judge
+def load_guard(spec: str, concepts: Sequence[str]) -> Guard | str | bool:
+    """What the pipeline's ``guard=`` gets for a CLI spec: ``"auto"`` (the model folder's), ``"none"`` (False),
+    ``"nudenet"``, or ``"package.module:function"`` (a callable images -> list[bool]); flags an image where any
+    of ``concepts`` is shown."""
+    from .calibrate import load_judge
 
-    if spec == "toy":
-        from .toy.detect import GUARD_PATH, ConceptDetector
+    if spec in ("auto", "none"):
+        return spec == "auto" and "auto"
+    return _any_of([load_judge(spec, c) for c in concepts])
 
-        detector = ConceptDetector.load(GUARD_PATH)
-        judges = [toy_judge(c, detector) for c in concepts]
-    else:
-        judges = [load_judge(spec, c) for c in concepts]
+
+@functools.lru_cache(maxsize=4)
+def _detector(path: str, mtime_ns: int):
+    from .toy.detect import ConceptDetector
+
+    return ConceptDetector.load(path)
+
+
+def model_guard(folder: str | Path | None, concepts: Sequence[str]) -> Guard | None:
+    """``guard="auto"``: the model folder's guard (:data:`GUARD_FILE`, a toy-world concept detector) for the
+    ``concepts`` it knows, or None when the folder has none or it knows none of them."""
+    from .calibrate import toy_judge
+    from .toy.world import CONCEPTS
+
+    path = Path(folder) / GUARD_FILE if folder else None
+    known = [c for c in concepts if c in CONCEPTS]
+    if path is None or not path.is_file() or not known:
+        return None
+    detector = _detector(str(path), path.stat().st_mtime_ns)
+    return _any_of([toy_judge(c, detector) for c in known])
+
+
+def _any_of(judges: list[Guard]) -> Guard:
     if len(judges) == 1:
         return judges[0]
     return lambda images: [any(flags) for flags in zip(*(judge(images) for judge in judges))]
@@ -110,7 +133,7 @@ def guarded_call(pipe: Any, guard: Guard, ladder: Sequence[float], call: dict[st
         out = pipe(prompt=[prompts[i] for i in todo], latents=latents[torch.as_tensor(todo)],
                    negative_prompt=None if call.get("negative_prompt") is None else [negatives[i] for i in todo],
                    **{**rest, "num_images_per_prompt": 1}, erase_config=config,
-                   anchor_strength=[ladder[r] for r in rungs[todo]],
+                   anchor_strength=[ladder[r] for r in rungs[todo]], guard=False,
                    return_original=return_original and originals is None, **erase_kwargs)
         if originals is None:
             originals = out.original_images

@@ -522,7 +522,7 @@ class GenerationSettings:
     save_original: bool = False
     use_row_erase: bool = True
     allow_amplify: bool = False
-    guard: str | None = None  # closed-loop erasure (eiup.guard): 'toy', 'nudenet' or 'module:function'
+    guard: str | None = None  # closed-loop erasure (eiup.guard): 'auto', 'none', 'nudenet' or 'module:function'
     guard_ladder: tuple[float, ...] | None = None  # the strengths the guard climbs; None: eiup.guard.DEFAULT_LADDER
 
 
@@ -575,7 +575,7 @@ class ImageJob:
                if erasing and settings.anchors and settings.anchor_region is not None else {}),
             **({"prompt_gate": settings.prompt_gate} if erasing else {}),
             **({"guard": settings.guard, "guard_ladder": None if settings.guard_ladder is None
-                else list(settings.guard_ladder)} if erasing and settings.guard else {}),
+                else list(settings.guard_ladder)} if erasing and settings.guard and settings.guard != "none" else {}),
             "original": bool(settings.save_original and erasing),
         }
 

@@ -102,6 +102,7 @@ CONCEPT_CONTEXTS = ("separate", "prompt")
 TAILS = ("suppress", "reference")
 GATES = ("presence",)
 AUTO = "auto"
+DEFAULT_GUARD = AUTO  # the model folder's guard (eiup_guard.safetensors) where it has one, for calls it can climb
 MAX_ANCHOR_STRENGTH = 8.0
 REGION_RULES = ("map", "phrases")
 """How ``anchor_region`` finds the concept's region (:class:`eiup.attention.RegionGate`): ``"map"``, the
@@ -613,7 +614,7 @@ class EIUPMixin:
         anchor_region: bool | None = None,
         prompt_gate: bool | None = None,
         scale_predictors: Any = None,
-        guard: Callable[[Any], Sequence[bool]] | None = None,
+        guard: Callable[[Any], Sequence[bool]] | str | bool | None = None,
         guard_ladder: Sequence[float] | None = None,
         **kwargs: Any,
     ) -> EIUPPipelineOutput | tuple:
@@ -664,6 +665,10 @@ class EIUPMixin:
                 again from the same starting noise at the next one. The output reports each image's
                 strength, its number of generations and whether the guard still flags it. Needs prompt
                 text and anchors (the projection's strength is what climbs); replaces ``anchor_strength``.
+                ``"auto"`` (:data:`DEFAULT_GUARD`, used for ``None``): the model folder's guard
+                (``eiup_guard.safetensors``, the toy model ships one) for the concepts it knows, when the
+                call leaves ``anchor_strength`` unset, has prompt text and anchors; otherwise no guard.
+                ``False``: off.
             guard_ladder: The strengths the guard climbs (default :data:`eiup.guard.DEFAULT_LADDER`).
             *args: Positional arguments of the parent ``__call__``.
             **kwargs: Keyword arguments of the parent ``__call__``. In dual mode the step
@@ -703,7 +708,8 @@ class EIUPMixin:
         call = self._bind_call(args, kwargs)
         if concept_context is None and erase_config is None and call.get("prompt") is None:
             config = dataclasses.replace(config, concept_context="separate")  # the default needs the prompt text
-        if guard is not None or guard_ladder is not None:
+        guard = self._resolve_guard(call, config, DEFAULT_GUARD if guard is None else guard, guard_ladder)
+        if guard is not None:
             return self._guarded(call, config, guard, guard_ladder, return_original=return_original,
                                  return_heatmaps=return_heatmaps, concept_recorder=concept_recorder,
                                  scale_predictors=scale_predictors)
@@ -848,13 +854,31 @@ class EIUPMixin:
             result.anchor_strengths = anchor_strengths
         return result
 
+    def _resolve_guard(self, call: dict[str, Any], config: EraseConfig, guard: Any, ladder: Any) -> Any:
+        """The guard callable of this call, or None: ``"auto"`` resolves to the model folder's guard where the
+        call can use it (quietly to None elsewhere); an explicit guard is checked in :meth:`_guarded`."""
+        if guard is False or (isinstance(guard, str) and guard.strip().lower() == "none"):
+            guard = None
+        elif isinstance(guard, str) and guard.strip().lower() == AUTO:
+            from .guard import model_guard
+
+            usable = (config.concepts and config.anchor_strength is None and _row_prompts(call) is not None
+                      and config.anchor_spec and isinstance(self, StableDiffusionPipeline))
+            guard = model_guard(getattr(self.config, "_name_or_path", None), config.concepts) if usable else None
+            if guard is not None and not any(plan.anchors for plan in self._anchor_plans(config)):
+                guard = None  # nothing to climb
+        elif not callable(guard):
+            raise EraseConfigError(f"guard={guard!r} must be a callable images -> list[bool] (True: the concept is "
+                                   "still shown), 'auto' (the model folder's guard) or False")
+        if guard is None and ladder is not None:
+            raise EraseConfigError("guard_ladder is the strengths a guard climbs, and this call has none: pass guard=... "
+                                   "(or drop guard_ladder)")
+        return guard
+
     def _guarded(self, call: dict[str, Any], config: EraseConfig, guard: Any, ladder: Any, **erase_kwargs: Any) -> Any:
         """``guard=``: checked here, before any model work, then :func:`eiup.guard.guarded_call`."""
         from .guard import DEFAULT_LADDER, check_ladder, guarded_call
 
-        if not callable(guard):
-            raise EraseConfigError(f"guard={guard!r} must be a callable images -> list[bool] (True: the concept is "
-                                   "still shown), e.g. eiup.calibrate.toy_judge('red', ConceptDetector.load(GUARD))")
         try:
             ladder = check_ladder(DEFAULT_LADDER if ladder is None else ladder, MAX_ANCHOR_STRENGTH)
         except ValueError as e:

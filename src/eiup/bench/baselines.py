@@ -144,8 +144,11 @@ class MethodRunner:
         if method.family == "eiup":
             # a row names every setting that differs from the paper's formulation: the concept
             # encoded alone unless the row says +concept_context=prompt, no anchors unless +anchors,
-            # every prompt erased unless +prompt_gate
-            options = {"concept_context": "separate", "anchors": (), "prompt_gate": False, **dict(method.options)}
+            # every prompt erased unless +prompt_gate, no guard unless +guard
+            options = {"concept_context": "separate", "anchors": (), "prompt_gate": False, "guard": False,
+                       **dict(method.options)}
+            if options["guard"] is not False:  # '+guard': the model folder's guard (eiup.guard), climbing the strength
+                options["guard"] = "auto" if options["guard"] in (True, 1, 1.0, "auto") else False
             if options["anchors"]:
                 options["anchors"] = _anchors(options["anchors"], concept)
             if "anchor_protect" in options:  # '+anchor_protect=none' (the preset's words off) or '=a|b|c'

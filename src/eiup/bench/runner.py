@@ -18,6 +18,7 @@ import json
 import math
 import re
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,16 +69,17 @@ def load_unit_images(out: Path, unit: Unit) -> list[Image.Image]:
 
 
 # Files of a model folder that change what EIUP does without changing the weights (presets, gates, predictors).
-ERASURE_FILES = ("eiup_anchors.json", "eiup_prompt_probes", "eiup_scale_predictors", "eiup_strength_predictors")
+ERASURE_FILES = ("eiup_anchors.json", "eiup_prompt_probes", "eiup_scale_predictors", "eiup_strength_predictors",
+                 "eiup_guard.safetensors")
 
 
-def erasure_fingerprint(pipe) -> str:
-    """SHA-1 of the model folder's erasure presets (:data:`ERASURE_FILES`); '' when it has none."""
+def erasure_fingerprint(pipe, skip: Sequence[str] = ()) -> str:
+    """SHA-1 of the model folder's erasure presets (:data:`ERASURE_FILES` but ``skip``); '' when it has none."""
     folder = getattr(pipe.config, "_name_or_path", None)
     if not folder or not Path(folder).is_dir():
         return ""
     digest = hashlib.sha1()
-    for name in ERASURE_FILES:
+    for name in (n for n in ERASURE_FILES if n not in skip):
         path = Path(folder) / name
         for f in sorted([path] if path.is_file() else path.rglob("*") if path.is_dir() else []):
             if f.is_file():

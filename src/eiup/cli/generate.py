@@ -88,9 +88,11 @@ def generate(
         "or, by the model's prompt probe (eiup fit-gate), imply it; other prompts come out as without erasure."),
     guard: Optional[str] = typer.Option(
         None, "--guard", help="Closed-loop erasure: check each erased image and generate it again from the same noise "
-        "at the next --guard-ladder strength while the concept is still seen. 'toy' (the toy model's guard detector, "
-        "trained apart from the one that judges), 'nudenet', or 'package.module:function' (images -> list[bool]). "
-        "Replaces --anchor-strength; the manifest records each image's strength and whether the guard still flags it."),
+        "at the next --guard-ladder strength while the concept is still seen. 'auto' (the model folder's guard, "
+        "eiup_guard.safetensors: the toy model ships a detector trained apart from the one that judges; none elsewhere), "
+        "'none', 'nudenet', or 'package.module:function' (images -> list[bool]). Replaces --anchor-strength; the "
+        "manifest records each image's strength and whether the guard still flags it. Default: the library's "
+        "DEFAULT_GUARD ('auto', off where --anchor-strength is given)."),
     guard_ladder: Optional[str] = typer.Option(
         None, "--guard-ladder", help="The strengths --guard climbs, comma-separated and increasing. "
         "Default: 0.5,0.75,1,1.25,1.5,2 (eiup.guard.DEFAULT_LADDER)."),
@@ -184,23 +186,22 @@ def generate(
             raise _bad(f"{anchor_strength} is outside (0, {MAX_ANCHOR_STRENGTH:g}]; 1 removes the concept from the "
                        "prompt tokens", "--anchor-strength")
     ladder = None
-    if guard_ladder is not None and guard is None:
-        raise _bad("--guard-ladder is the strengths --guard climbs; add --guard toy (or nudenet, module:function)",
-                   "--guard-ladder")
     if guard is not None:
+        guard = guard.strip()
+        if guard not in ("auto", "none", "nudenet") and ":" not in guard:
+            raise _bad(f"{guard!r}: use auto, none, nudenet or package.module:function", "--guard")
+        if strength is not None and guard != "none":
+            raise _bad("--guard chooses each image's strength from --guard-ladder; drop --anchor-strength", "--guard")
+    if guard_ladder is not None:
         from eiup.guard import check_ladder
         from eiup.pipeline import MAX_ANCHOR_STRENGTH
 
-        guard = guard.strip()
-        if guard not in ("toy", "nudenet") and ":" not in guard:
-            raise _bad(f"{guard!r}: use toy, nudenet or package.module:function", "--guard")
-        if strength is not None:
-            raise _bad("--guard chooses each image's strength from --guard-ladder; drop --anchor-strength", "--guard")
-        if guard_ladder is not None:
-            try:
-                ladder = check_ladder([v for v in guard_ladder.split(",") if v.strip()], MAX_ANCHOR_STRENGTH)
-            except ValueError as e:
-                raise _bad(str(e).replace("guard_ladder=", ""), "--guard-ladder") from None
+        if guard == "none" or (guard is None and strength is not None):
+            raise _bad("--guard-ladder is the strengths a guard climbs, and this run has none", "--guard-ladder")
+        try:
+            ladder = check_ladder([v for v in guard_ladder.split(",") if v.strip()], MAX_ANCHOR_STRENGTH)
+        except ValueError as e:
+            raise _bad(str(e).replace("guard_ladder=", ""), "--guard-ladder") from None
     if steps < 1:
         raise _bad(f"{steps} < 1", "--steps")
     if not math.isfinite(guidance) or guidance < 0:
@@ -262,6 +263,10 @@ def generate(
                        "--region-rule")
         region = region_rule
     _, default_mode, default_gate, default_context, default_anchors = _library_defaults()
+    if guard is None:
+        from eiup.pipeline import DEFAULT_GUARD
+
+        guard = "none" if strength is not None else DEFAULT_GUARD
     if not anchors:
         anchors = default_anchors
     elif anchors[0].lower() in ("auto", "none"):
@@ -281,7 +286,7 @@ def generate(
         jobs = eio.plan_jobs(rows, settings)
     except ValueError as e:
         raise _bad(str(e), "--seed") from None
-    if guard is not None and not settings.anchors:
+    if guard not in ("auto", "none") and not settings.anchors:
         raise _bad("--guard climbs the anchored projection's strength; drop --anchor none", "--guard")
     if save_original and not any(j.erase for j in jobs):
         typer.echo("Warning: --save-original has no effect without concepts to erase.", err=True)

@@ -173,11 +173,9 @@ def default_detector_path() -> Path:
     return Path(__file__).parent / "weights" / "detector.safetensors"
 
 
-GUARD_PATH = Path(__file__).parent / "weights" / "guard.safetensors"  # a second detector, trained apart: guard=, not judging
-
 
 def to_tensor(images) -> torch.Tensor:
-    """Images as a float tensor (N,3,64,64) in [0, 1]."""
+    """Images (PIL, uint8 arrays, float arrays or tensors in [0, 1]) as a float tensor (N,3,64,64) in [0, 1]."""
     if isinstance(images, torch.Tensor):
         x = images.float()
         if x.ndim == 3:
@@ -189,8 +187,10 @@ def to_tensor(images) -> torch.Tensor:
     else:
         if not isinstance(images, (list, tuple)) and not (isinstance(images, np.ndarray) and images.ndim == 4):
             images = [images]
-        arrs = [np.asarray(im.convert("RGB") if hasattr(im, "convert") else im) for im in images]
-        x = torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2).float() / 255.0
+        arrs = np.stack([np.asarray(im.convert("RGB") if hasattr(im, "convert") else im) for im in images])
+        x = torch.from_numpy(arrs).permute(0, 3, 1, 2).float()
+        if not np.issubdtype(arrs.dtype, np.floating):  # uint8; float arrays (output_type="np") are in [0, 1]
+            x = x / 255.0
     if x.shape[-1] != 64:
         x = F.interpolate(x, size=(64, 64), mode="bilinear", antialias=True, align_corners=False)
     return x
