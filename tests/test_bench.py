@@ -257,6 +257,10 @@ def test_run_resumes_and_writes_the_report(tmp_path, monkeypatch):
     assert calls[n_units + 1:] == ["eiup-single@-2"] * len(suite.prompts)
     run_benchmark(pipe, ColourDetector(), [suite], methods, tmp_path, steps=2, guidance=5.0)
     assert len(calls) == n_units + 1 + len(suite.prompts)  # nothing left to do
+    (model / "eiup_guard.safetensors").write_bytes(b"guard")  # read only by rows saying +guard: nothing redone
+    run_benchmark(pipe, ColourDetector(), [suite], methods, tmp_path, steps=2, guidance=5.0)
+    assert len(calls) == n_units + 1 + len(suite.prompts)
+    (model / "eiup_guard.safetensors").unlink()
     run_benchmark(pipe, ColourDetector(), [suite], methods[:1], tmp_path, steps=3, guidance=5.0)
     assert calls[-len(suite.prompts):] == ["plain"] * len(suite.prompts)
     # weights replaced in the model folder (say a fine-tuned decoder): every unit is redone, once

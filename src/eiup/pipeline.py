@@ -667,7 +667,8 @@ class EIUPMixin:
                 text and anchors (the projection's strength is what climbs); replaces ``anchor_strength``.
                 ``"auto"`` (:data:`DEFAULT_GUARD`, used for ``None``): the model folder's guard
                 (``eiup_guard.safetensors``, the toy model ships one) for the concepts it knows, when the
-                call leaves ``anchor_strength`` unset, has prompt text and anchors; otherwise no guard.
+                call leaves ``anchor_strength`` unset, has prompt text and anchors and asks for images (not
+                latents); otherwise no guard. A callable gets the images in the call's ``output_type``.
                 ``False``: off.
             guard_ladder: The strengths the guard climbs (default :data:`eiup.guard.DEFAULT_LADDER`).
             *args: Positional arguments of the parent ``__call__``.
@@ -863,7 +864,8 @@ class EIUPMixin:
             from .guard import model_guard
 
             usable = (config.concepts and config.anchor_strength is None and _row_prompts(call) is not None
-                      and config.anchor_spec and isinstance(self, StableDiffusionPipeline))
+                      and config.anchor_spec and isinstance(self, StableDiffusionPipeline)
+                      and call.get("output_type") != "latent")  # the model's guard reads images
             guard = model_guard(getattr(self.config, "_name_or_path", None), config.concepts) if usable else None
             if guard is not None and not any(plan.anchors for plan in self._anchor_plans(config)):
                 guard = None  # nothing to climb

@@ -115,13 +115,14 @@ def weights_fingerprint(pipe, sample: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def unit_spec(unit: Unit, steps: int, guidance: float, fingerprint: str, weights: str = "") -> dict:
-    """What a unit's images depend on besides its method, prompt and seeds (compared on resume)."""
+def unit_spec(unit: Unit, steps: int, guidance: float, fingerprints: tuple[str, str], weights: str = "") -> dict:
+    """What a unit's images depend on besides its method, prompt and seeds (compared on resume); ``fingerprints``:
+    of the model's erasure files with and without the guard, which only rows saying ``+guard`` read."""
     spec = {"steps": steps, "guidance": guidance}
     if weights:
         spec["weights"] = weights
     if unit.method.family == "eiup":
-        spec["erasure_files"] = fingerprint
+        spec["erasure_files"] = fingerprints[0] if dict(unit.method.options).get("guard") else fingerprints[1]
     return spec
 
 
@@ -138,7 +139,10 @@ def run_units(pipe, detector, units: list[Unit], out: Path, steps: int, guidance
     """Generate and detect every unit of this process that has no record yet, or one made with other
     settings (steps, guidance, the model folder's weights or its erasure presets: those units are redone)."""
     runner = MethodRunner(pipe, steps, guidance)
-    fingerprint, weights = erasure_fingerprint(pipe), weights_fingerprint(pipe)
+    from ..guard import GUARD_FILE
+
+    fingerprint = (erasure_fingerprint(pipe), erasure_fingerprint(pipe, skip=(GUARD_FILE,)))
+    weights = weights_fingerprint(pipe)
     mine = [u for k, u in enumerate(units) if k % num_processes == process_index]
     todo = [u for u in mine if not _is_done(unit_paths(out, u)[1], unit_spec(u, steps, guidance, fingerprint, weights))]
     stale = sum(unit_paths(out, u)[1].exists() for u in todo)
