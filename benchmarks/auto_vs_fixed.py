@@ -41,7 +41,8 @@ FAMILIES = {
     "anchor strength": ("the anchored projection's strength fixed for every prompt (the concept term at the preset "
                         "scale), against anchor_strength=\"auto\" (predicted per prompt from its text embedding by the "
                         "shipped strength predictors) and the guard (the library defaults: each image climbs "
-                        "0.5, 0.75, ..., 2 while the model's guard detector still sees the concept)", {},
+                        "0.5, 0.75, ..., 2 while the model's guard, a second detector, still sees the concept or sees the "
+                        "rest of the image changed against the one drawn without erasure)", {},
                         [0.5, 0.75, 1.0, 1.25, 1.5, 2.0], ("auto", "guard"), "anchor_strength"),
     "presets, no gates": ("the presets with both prompt-level gates off (anchor_gate=False: every prompt leaning "
                           "towards the concept is projected; prompt_gate=False: the concept term acts on every prompt)",

@@ -9,6 +9,9 @@ benchmark suites; seeds 3000.. (the benchmark uses 0..19). The measures are thos
     python benchmarks/heldout.py                                          # the library defaults
     python benchmarks/heldout.py --kwargs '{"anchors": [], "erase_scale": -4}'   # EIUP in context alone
     python benchmarks/heldout.py --rewrite       # the reference: each prompt rewritten without the concept
+    python benchmarks/heldout.py --kwargs '{"guard": false}'               # the presets, without the guard
+    python benchmarks/heldout.py --guard src/eiup/toy/weights/detector.safetensors \
+        --judge src/eiup/toy/weights/pipeline/eiup_guard.safetensors     # the two detectors' roles swapped
 
 ``--prompts heldout`` takes the auto-scale check's prompts instead (:func:`eiup.bench.suites.heldout_prompts`,
 other templates; ``benchmarks/auto_vs_fixed.py`` uses seeds 5000..). ``--rewrite`` judges no erasure
@@ -39,6 +42,12 @@ def main() -> None:
     ap.add_argument("--guard", default=None, metavar="DETECTOR",
                     help="closed-loop erasure (guard=, eiup.guard) with these toy detector weights checking each image "
                          "instead of the model folder's guard (e.g. the judging detector itself, for a bound)")
+    ap.add_argument("--guard-threshold", type=float, default=None,
+                    help="with --guard: flag where the concept's probability reaches this (default: the detector's reading)")
+    ap.add_argument("--guard-no-keep", action="store_true",
+                    help="with --guard: climb only while the concept is seen (not also while the rest of the image changed)")
+    ap.add_argument("--judge", default=None, metavar="DETECTOR",
+                    help="toy detector weights that judge the images (default: the bundled detector)")
     ap.add_argument("--oracle-strengths", default=None, metavar="S,S,...",
                     help="instead, per prompt the mildest of these anchor strengths that erases every seed: the room a "
                          "per-prompt strength predictor has (e.g. 0.5,0.75,1,1.25,1.5,2)")
@@ -46,7 +55,7 @@ def main() -> None:
 
     from eiup.bench.heldout import PlainImages, judge_setting, rewrite_reference, strength_oracle
     from eiup.bench import suites
-    from eiup.calibrate import toy_judge
+    from eiup.guard import ToyGuard
     from eiup.models import load_pipeline
     from eiup.toy.detect import ConceptDetector
 
@@ -58,7 +67,7 @@ def main() -> None:
         ap.error("--rewrite judges rewritten prompts without erasure: leave out --kwargs")
     pipe = load_pipeline(args.model)
     pipe.set_progress_bar_config(disable=True)
-    plain = PlainImages(pipe, ConceptDetector.load(), range(args.first_seed, args.first_seed + args.seeds))
+    plain = PlainImages(pipe, ConceptDetector.load(args.judge), range(args.first_seed, args.first_seed + args.seeds))
     if args.oracle_strengths:
         grid = [float(v) for v in args.oracle_strengths.split(",") if v.strip()]
         print(f"| concept | prompts | residual | as plain or as prompted | chosen strength per prompt |  settings: {json.dumps(kwargs)}")
@@ -75,7 +84,9 @@ def main() -> None:
     for concept in args.concepts:
         positives = getattr(suites, f"{args.prompts}_prompts")(concept)
         negatives = getattr(suites, f"{args.prompts}_negatives")(concept)
-        setting = dict(kwargs, guard=toy_judge(concept, guard)) if guard is not None else kwargs
+        setting = kwargs
+        if guard is not None:
+            setting = dict(kwargs, guard=ToyGuard(guard, [concept], args.guard_threshold, keep=not args.guard_no_keep))
         r = judge_setting(plain, concept, positives, negatives, setting,
                           rewrite=rewrite_reference(concept) if args.rewrite else None)
         extra = (f" mean strength {r.mean_strength:.2f}, {r.mean_generations:.2f} generations per image |"

@@ -120,3 +120,54 @@ def test_auto_guard_is_the_model_folders_and_steps_aside_for_a_fixed_strength(sd
     np.testing.assert_array_equal(off.images, unguarded.images)
     with pytest.raises(EraseConfigError, match="guard_ladder"):
         sd1(PROMPTS, guard=False, guard_ladder=[0.5, 1], **run)
+
+
+class Harming(Scripted):
+    """A scripted guard that also says, per attempt, which clean images changed against the originals."""
+
+    def __init__(self, flags_per_call, harmed_per_call):
+        super().__init__(flags_per_call)
+        self.harm, self.originals = list(harmed_per_call), []
+
+    def harmed(self, images, originals):
+        self.originals.append(np.asarray(originals))
+        return self.harm.pop(0)
+
+
+def test_a_guard_that_checks_the_rest_keeps_the_first_clean_unharmed_rung_else_the_first_clean(sd1, model_folder):
+    (model_folder / "eiup_anchors.json").write_text(ANCHORS)
+    ladder = [0.5, 1.0, 2.0]
+    guard = Harming([[False, False, True], [False, False], [True]], [[True, False, False], [False, True], [False]])
+    out = sd1(PROMPTS, erase="red", guard=guard, guard_ladder=ladder, generator=gens(), return_original=True, **KW)
+    # image 0: clean but harmed at 0.5, clean and unharmed at 1.0; image 1: clean and unharmed at 0.5;
+    # image 2: seen at 0.5, clean but harmed at 1.0 (kept), seen again at 2.0
+    assert guard.sizes == [3, 2, 1] and out.guard_attempts.tolist() == [2, 1, 3]
+    np.testing.assert_array_equal(out.anchor_strengths["red"], [1.0, 0.5, 1.0])
+    assert out.guard_flagged == [False, False, False]
+    fixed = sd1(PROMPTS, erase="red", anchor_strength=[1.0, 0.5, 1.0], generator=gens(), **KW)
+    np.testing.assert_allclose(out.images, fixed.images, atol=1e-5)
+    plain = sd1(PROMPTS, generator=gens(), **KW).images
+    np.testing.assert_allclose(guard.originals[0], plain, atol=1e-5)  # compared with the images drawn without erasure
+    np.testing.assert_allclose(out.original_images, plain, atol=1e-5)
+
+
+def test_the_toy_guard_reads_its_concepts_and_compares_the_rest_with_the_original():
+    from eiup.guard import ToyGuard
+    from eiup.toy.detect import ConceptDetector
+    from eiup.toy.render import render
+    from eiup.toy.world import Obj, Scene
+
+    def image(color, shape, background="white"):
+        return render(Scene((Obj(color, shape),), background, layout_seed=5)).image
+
+    guard = ToyGuard(ConceptDetector.load(), ["red"])
+    assert guard([image("red", "circle"), image("blue", "circle")]) == [True, False]
+    originals = [image("red", "circle")] * 3
+    assert guard.harmed([image("blue", "circle"), image("blue", "square"), image("blue", "circle", "black")],
+                        originals) == [False, True, True]  # the colour may change, not the shape or background
+    night = ToyGuard(ConceptDetector.load(), ["night"])
+    assert night.harmed([image("red", "circle", "white"), image("blue", "circle", "white")],
+                        [image("red", "circle", "black")] * 2) == [False, True]
+    assert ToyGuard(ConceptDetector.load(), ["red"], keep=False).harmed is None
+    with pytest.raises(ValueError, match="the toy guard knows"):
+        ToyGuard(ConceptDetector.load(), ["nudity"])

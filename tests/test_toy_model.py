@@ -307,3 +307,24 @@ def test_strength_oracle_picks_the_mildest_grid_strength_that_erases_every_shown
                      "color", "red")
         assert (left > 0) == (s < chosen) or s == chosen == grid[-1]
     assert r.residual == left
+
+
+def test_the_bundled_guard_draws_each_tomato_at_the_mildest_rung_it_passes(pipe, detector):
+    """The default guard (the model folder's second detector) climbs per image; the judging detector agrees."""
+    from eiup.guard import DEFAULT_LADDER, model_guard
+
+    out = pipe(["a tomato"] * len(SEEDS), num_inference_steps=STEPS, erase=["red"],
+               generator=[torch.Generator().manual_seed(s) for s in SEEDS])
+    strengths, attempts = out.anchor_strengths["red"], out.guard_attempts
+    assert attempts is not None and not any(out.guard_flagged)
+    assert [DEFAULT_LADDER[a - 1] for a in attempts] == strengths.tolist()
+    assert strengths.min() < json.loads((default_model_path() / "eiup_anchors.json").read_text())["red"]["strength"]
+    assert share(detector, out.images, "color", "red") <= 1 / len(SEEDS)
+    guard = model_guard(default_model_path(), ["red"])
+    assert not any(guard(out.images))
+    milder = [s for s, a in zip(SEEDS, attempts) if a > 1]  # one rung below, the guard still saw red
+    if milder:
+        below = pipe(["a tomato"] * len(milder), num_inference_steps=STEPS, erase=["red"],
+                     anchor_strength=[DEFAULT_LADDER[a - 2] for a in attempts if a > 1],
+                     generator=[torch.Generator().manual_seed(s) for s in milder])
+        assert all(guard(below.images))

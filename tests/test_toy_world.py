@@ -215,3 +215,20 @@ def test_training_on_from_a_pipeline_refuses_a_work_folder_with_another_vae(tmp_
     train_toy_model(tmp_path / "run", cfg)  # a from-scratch run: its own VAE
     with pytest.raises(ValueError, match="already holds a run with another VAE"):
         train_toy_model(tmp_path / "run", ToyTrainConfig(**{**cfg.__dict__, "init_from": str(default_model_path())}))
+
+
+def test_a_judge_with_a_threshold_flags_by_the_concepts_probability():
+    from eiup.calibrate import toy_judge
+    from eiup.toy.detect import ConceptDetector
+    from eiup.toy.world import Obj, Scene
+
+    images = [render(Scene((Obj(c, "circle"),), "white", layout_seed=3)).image for c in ("red", "orange", "blue")]
+    detector = ConceptDetector.load()
+    found = detector.detect(images)
+    assert [d.has("color", "red") for d in found] == toy_judge("red", detector)(images)
+    scores = [d.score("color", "red") for d in found]
+    assert scores[0] > 0.5 > scores[2]  # red reads red; blue does not
+    for t in (0.0, 0.3, 0.99, 1.01):
+        assert toy_judge("red", detector, threshold=t)(images) == [s >= t for s in scores]
+    assert toy_judge("red", detector, threshold=0.0)(images) == [True] * 3
+    assert found[0].score("background", "white") == pytest.approx(float(found[0].background_scores.max()))

@@ -36,8 +36,9 @@ class ConstantScale:
         return torch.full(concept_means.shape[:-1], float(self.value))
 
 
-def toy_judge(concept: str, detector=None) -> Callable[[list], list[bool]]:
-    """Concept present? according to the toy detector."""
+def toy_judge(concept: str, detector=None, threshold: float | None = None) -> Callable[[list], list[bool]]:
+    """Concept present? according to the toy detector: its reading (the most likely value), or with
+    ``threshold``, whether the concept's probability reaches it (lower: more recall, for a guard)."""
     from .toy.detect import ConceptDetector
     from .toy.world import CONCEPTS
 
@@ -45,7 +46,9 @@ def toy_judge(concept: str, detector=None) -> Callable[[list], list[bool]]:
         raise ValueError(f"concept={concept!r}: the toy detector knows {sorted(CONCEPTS)}")
     attribute, value = CONCEPTS[concept]
     det = detector or ConceptDetector.load()
-    return lambda images: [d.has(attribute, value) for d in det.detect(images)]
+    if threshold is None:
+        return lambda images: [d.has(attribute, value) for d in det.detect(images)]
+    return lambda images: [d.score(attribute, value) >= threshold for d in det.detect(images)]
 
 
 def load_judge(spec: str, concept: str) -> Callable[[list], list[bool]]:

@@ -59,24 +59,64 @@ def load_guard(spec: str, concepts: Sequence[str]) -> Guard | str | bool:
 
 
 @functools.lru_cache(maxsize=4)
-def _detector(path: str, mtime_ns: int):
+def _detector(path: str, mtime_ns: int) -> tuple[Any, float | None]:
+    """The guard detector and its threshold (the file's ``threshold`` metadata; None: its reading)."""
+    from safetensors import safe_open
+
     from .toy.detect import ConceptDetector
 
-    return ConceptDetector.load(path)
+    with safe_open(path, "pt") as f:
+        threshold = (f.metadata() or {}).get("threshold")
+    return ConceptDetector.load(path), None if threshold is None else float(threshold)
+
+
+class ToyGuard:
+    """A toy-world guard: flags an image where one of ``concepts`` is seen by ``detector`` (its probability
+    reaching ``threshold``; None: the detector's reading), and, with ``keep``, finds it harmed where the rest of
+    the image differs from the one drawn without erasure (object count, background unless erased, colour and
+    shape of each object but the erased attribute: :func:`eiup.bench.metrics.kept_from_plain`; not checked when
+    the concepts are of several attributes)."""
+
+    def __init__(self, detector: Any, concepts: Sequence[str], threshold: float | None = None, keep: bool = True):
+        from .calibrate import toy_judge
+        from .toy.world import CONCEPTS
+
+        unknown = [c for c in concepts if c not in CONCEPTS]
+        if unknown or not concepts:
+            raise ValueError(f"concepts={list(concepts)}: the toy guard knows {sorted(CONCEPTS)}")
+        self.detector, self.concepts, self.threshold, self.keep = detector, list(concepts), threshold, keep
+        self._judges = [toy_judge(c, detector, threshold) for c in concepts]
+        if not keep:
+            self.harmed = None
+
+    def __call__(self, images: Any) -> list[bool]:
+        return _any_of(self._judges)(images)
+
+    def harmed(self, images: Any, originals: Any) -> list[bool]:
+        """Per image: the rest of it changed against ``originals`` (for any of the concepts' attributes)."""
+        from .bench.metrics import kept_from_plain
+        from .toy.world import CONCEPTS
+
+        attributes = {CONCEPTS[c][0] for c in self.concepts}
+        if len(attributes) > 1:  # concepts of several attributes: what may change is not one attribute; no check
+            return [False] * len(images)
+        (a,) = attributes
+        found, plain = self.detector.detect(images), self.detector.detect(originals)
+        return [not kept_from_plain(d, p, None if a == "background" else a, a == "background") for d, p in zip(found, plain)]
 
 
 def model_guard(folder: str | Path | None, concepts: Sequence[str]) -> Guard | None:
-    """``guard="auto"``: the model folder's guard (:data:`GUARD_FILE`, a toy-world concept detector) for the
-    ``concepts`` it knows, or None when the folder has none or it knows none of them."""
-    from .calibrate import toy_judge
+    """``guard="auto"``: the model folder's guard (:data:`GUARD_FILE`, a toy-world concept detector, flagging an
+    image where a concept's probability reaches the file's ``threshold`` metadata) for the ``concepts`` it knows,
+    or None when the folder has none or it knows none of them."""
     from .toy.world import CONCEPTS
 
     path = Path(folder) / GUARD_FILE if folder else None
     known = [c for c in concepts if c in CONCEPTS]
     if path is None or not path.is_file() or not known:
         return None
-    detector = _detector(str(path), path.stat().st_mtime_ns)
-    return _any_of([toy_judge(c, detector) for c in known])
+    detector, threshold = _detector(str(path), path.stat().st_mtime_ns)
+    return ToyGuard(detector, known, threshold)
 
 
 def _any_of(judges: list[Guard]) -> Guard:
@@ -105,7 +145,12 @@ def guarded_call(pipe: Any, guard: Guard, ladder: Sequence[float], call: dict[st
                  return_original: bool = False, **erase_kwargs: Any) -> Any:
     """Generate ``call`` (the parent pipeline's arguments) with the erasure ``config``, every image from the
     mildest rung of ``ladder`` up, again at the next rung while ``guard`` still sees the concept in it (the
-    pipeline's ``guard=`` argument, which validates everything first; :class:`eiup.pipeline.EIUPPipelineOutput`)."""
+    pipeline's ``guard=`` argument, which validates everything first; :class:`eiup.pipeline.EIUPPipelineOutput`).
+
+    A guard with a ``harmed(images, originals) -> list[bool]`` method (:class:`ToyGuard`) also climbs past
+    rungs that erase the concept but change the rest of the image (against the image drawn without
+    erasure, one more generation per image); an image keeps the first rung that is clean and unharmed,
+    else the first clean one, else the top."""
     from diffusers.utils.torch_utils import randn_tensor
 
     from .pipeline import EIUPPipelineOutput, _row_prompts
@@ -124,39 +169,47 @@ def guarded_call(pipe: Any, guard: Guard, ladder: Sequence[float], call: dict[st
         raise ValueError(f"latents has shape {tuple(latents.shape)}, the call needs {shape}")
     rest = {k: v for k, v in call.items() if k not in ("prompt", "negative_prompt", "latents", "generator", "return_dict")}
 
+    def draw(rows: Sequence[int], **kwargs: Any) -> Any:
+        return pipe(prompt=[prompts[i] for i in rows], latents=latents[torch.as_tensor(rows)],
+                    negative_prompt=None if call.get("negative_prompt") is None else [negatives[i] for i in rows],
+                    **{**rest, "num_images_per_prompt": 1}, **kwargs)
+
+    harmed = getattr(guard, "harmed", None)  # a guard that also compares each image with the one drawn without erasure
+    originals = draw(range(n), erase=None).images if harmed is not None or return_original else None
     rungs = np.zeros(n, dtype=int)
     attempts = np.zeros(n, dtype=int)
-    images, nsfw, flagged = [None] * n, [None] * n, [False] * n
+    rank = np.full(n, -1)  # of the attempt kept per image: 2 clean and unharmed, 1 clean (the first), 0 flagged (the last)
+    images, nsfw = [None] * n, [None] * n
     keyed: dict[str, dict[str, list]] = {"heatmaps": {}, "erase_scales": {}, "anchor_strengths": {}}
-    originals, like, todo = None, None, np.arange(n)
+    like, todo = None, np.arange(n)
     while len(todo):
-        out = pipe(prompt=[prompts[i] for i in todo], latents=latents[torch.as_tensor(todo)],
-                   negative_prompt=None if call.get("negative_prompt") is None else [negatives[i] for i in todo],
-                   **{**rest, "num_images_per_prompt": 1}, erase_config=config,
-                   anchor_strength=[ladder[r] for r in rungs[todo]], guard=False,
-                   return_original=return_original and originals is None, **erase_kwargs)
-        if originals is None:
-            originals = out.original_images
+        out = draw(todo, erase_config=config, anchor_strength=[ladder[r] for r in rungs[todo]], guard=False,
+                   **erase_kwargs)
         like = out.images
         seen = [bool(f) for f in guard(out.images)]
         if len(seen) != len(todo):
             raise ValueError(f"the guard answered {len(seen)} flags for {len(todo)} images; it must answer one per image")
+        bad = [bool(f) for f in harmed(out.images, [originals[i] for i in todo])] if harmed else [False] * len(todo)
         projected = np.zeros(len(todo), dtype=bool)  # rows the gate left alone: no strength changes them
         for values in (out.anchor_strengths or {}).values():
             projected |= np.isfinite(values)
         for j, i in enumerate(todo):
-            images[i], flagged[i] = out.images[j], seen[j]
-            nsfw[i] = None if out.nsfw_content_detected is None else out.nsfw_content_detected[j]
             attempts[i] += 1
-            for field, per_concept in keyed.items():
-                for concept, values in (getattr(out, field) or {}).items():
-                    per_concept.setdefault(concept, [None] * n)[i] = values[j]
-        todo = climb(rungs, todo, [s and p for s, p in zip(seen, projected)], len(ladder) - 1)
+            now = 0 if seen[j] else 1 if bad[j] else 2
+            if now > rank[i] or now == rank[i] == 0:
+                rank[i] = now
+                images[i] = out.images[j]
+                nsfw[i] = None if out.nsfw_content_detected is None else out.nsfw_content_detected[j]
+                for field, per_concept in keyed.items():
+                    for concept, values in (getattr(out, field) or {}).items():
+                        per_concept.setdefault(concept, [None] * n)[i] = values[j]
+        todo = climb(rungs, todo, [(s or b) and p for s, b, p in zip(seen, bad, projected)], len(ladder) - 1)
     stack = lambda field: {c: np.stack(v) for c, v in keyed[field].items()} or None  # noqa: E731
     result = EIUPPipelineOutput(
         images=_assemble(images, like), nsfw_content_detected=None if all(f is None for f in nsfw) else nsfw,
-        original_images=originals, heatmaps=stack("heatmaps"), erase_scales=stack("erase_scales"),
-        anchor_strengths=stack("anchor_strengths"), guard_flagged=flagged, guard_attempts=attempts)
+        original_images=_assemble(originals, like) if return_original else None, heatmaps=stack("heatmaps"),
+        erase_scales=stack("erase_scales"), anchor_strengths=stack("anchor_strengths"),
+        guard_flagged=[bool(r == 0) for r in rank], guard_attempts=attempts)
     if return_dict:
         return result
-    return (result.images, result.nsfw_content_detected) + ((originals,) if return_original else ())
+    return (result.images, result.nsfw_content_detected) + ((result.original_images,) if return_original else ())

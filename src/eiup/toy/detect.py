@@ -82,6 +82,7 @@ class DetectedObject:
     center: tuple[float, float]  # (x, y) in [0, 1]
     confidence: dict[str, float] = field(default_factory=dict)
     mask: np.ndarray | None = field(default=None, repr=False)  # (16, 16) bool grid cells
+    scores: dict[str, np.ndarray] = field(default_factory=dict, repr=False)  # per head: probability of each value
 
     def attributes(self) -> dict[str, str]:
         return {"color": self.color, "shape": self.shape, "pattern": self.pattern}
@@ -92,12 +93,21 @@ class Detection:
     objects: list[DetectedObject]
     background: str
     background_confidence: float
+    background_scores: np.ndarray | None = field(default=None, repr=False)  # probability of each background
 
     def has(self, attribute: str, value: str) -> bool:
         """True if the image shows `value` for `attribute` ('background' or an object attribute)."""
         if attribute == "background":
             return self.background == value
         return any(getattr(o, attribute) == value for o in self.objects)
+
+    def score(self, attribute: str, value: str) -> float:
+        """How likely the image shows `value` for `attribute`: the background's probability, or the highest of
+        its objects' (0 without objects)."""
+        if attribute == "background":
+            return float(self.background_scores[BACKGROUNDS.index(value)])
+        index = HEADS[attribute].index(value)
+        return max((float(o.scores[attribute][index]) for o in self.objects), default=0.0)
 
     def to_dict(self) -> dict:
         return {
@@ -127,19 +137,20 @@ def decode(cells: torch.Tensor, bg_logits: torch.Tensor, min_cells: int = 3) -> 
             if comp.sum() < min_cells:
                 continue
             weight = obj_prob[b] * comp
-            attrs, conf = {}, {}
+            attrs, conf, scores = {}, {}, {}
             for name, values in HEADS.items():
                 votes = (probs[name][b] * weight[None]).sum((1, 2)) / weight.sum()
                 attrs[name] = values[int(votes.argmax())]
                 conf[name] = float(votes.max())
+                scores[name] = votes
             ys, xs = np.nonzero(comp)
             objects.append(DetectedObject(
                 **attrs, area=float(comp.sum()) / comp.size, confidence=conf,
-                center=(float(xs.mean() + 0.5) / GRID, float(ys.mean() + 0.5) / GRID), mask=comp,
+                center=(float(xs.mean() + 0.5) / GRID, float(ys.mean() + 0.5) / GRID), mask=comp, scores=scores,
             ))
         objects.sort(key=lambda o: o.center)
         k = int(bg_prob[b].argmax())
-        out.append(Detection(objects, BACKGROUNDS[k], float(bg_prob[b, k])))
+        out.append(Detection(objects, BACKGROUNDS[k], float(bg_prob[b, k]), bg_prob[b]))
     return out
 
 
