@@ -44,6 +44,8 @@ def main() -> None:
                          "instead of the model folder's guard (e.g. the judging detector itself, for a bound)")
     ap.add_argument("--guard-threshold", type=float, default=None,
                     help="with --guard: flag where the concept's probability reaches this (default: the detector's reading)")
+    ap.add_argument("--guard-milder-threshold", type=float, default=None,
+                    help="with --guard: a draw milder than the preset counts as seen where the probability reaches this")
     ap.add_argument("--guard-no-keep", action="store_true",
                     help="with --guard: climb only while the concept is seen (not also while the rest of the image changed)")
     ap.add_argument("--judge", default=None, metavar="DETECTOR",
@@ -86,7 +88,8 @@ def main() -> None:
         negatives = getattr(suites, f"{args.prompts}_negatives")(concept)
         setting = kwargs
         if guard is not None:
-            setting = dict(kwargs, guard=ToyGuard(guard, [concept], args.guard_threshold, keep=not args.guard_no_keep))
+            setting = dict(kwargs, guard=ToyGuard(guard, [concept], args.guard_threshold, keep=not args.guard_no_keep,
+                                                  milder_threshold=args.guard_milder_threshold))
         r = judge_setting(plain, concept, positives, negatives, setting,
                           rewrite=rewrite_reference(concept) if args.rewrite else None)
         extra = (f" mean strength {r.mean_strength:.2f}, {r.mean_generations:.2f} generations per image |"

@@ -413,15 +413,16 @@ def test_guard_climbs_and_the_manifest_records_each_images_outcome(tmp_path, mod
     monkeypatch.syspath_prepend(str(tmp_path))
     base = ["generate", "-p", "a red star", "--model", model_dir, "--steps", STEPS, "--erase", "red", "--anchor", "blue",
             "--anchor", "green", "--no-anchor-gate", "--images-per-prompt", "2", "--no-progress"]
-    res = invoke(*base, "--guard", "always_guard:flag", "--guard-ladder", "0.5,1", "--out", tmp_path / "guarded")
+    # anchors given without a strength: the library's 3, then up the ladder's stronger rungs
+    res = invoke(*base, "--guard", "always_guard:flag", "--guard-ladder", "0.5,1,4,5", "--out", tmp_path / "guarded")
     assert res.exit_code == 0, res.output
     assert "the guard still sees an erased concept in 2 image(s)" in flat(res.output)
     lines = [json.loads(x) for x in (tmp_path / "guarded" / "manifest.jsonl").read_text().splitlines()]
-    assert [x["outcome"] for x in lines] == [{"guard_flagged": True, "generations": 2, "anchor_strength": {"red": 1.0}}] * 2
+    assert [x["outcome"] for x in lines] == [{"guard_flagged": True, "generations": 3, "anchor_strength": {"red": 5.0}}] * 2
     rec = json.loads((tmp_path / "guarded" / "run.json").read_text())
-    assert rec["settings"]["guard"] == "always_guard:flag" and rec["settings"]["guard_ladder"] == [0.5, 1.0]
-    assert all(i["outcome"]["generations"] == 2 for i in rec["images"])
-    assert invoke(*base, "--anchor-strength", "1", "--out", tmp_path / "fixed").exit_code == 0
+    assert rec["settings"]["guard"] == "always_guard:flag" and rec["settings"]["guard_ladder"] == [0.5, 1.0, 4.0, 5.0]
+    assert all(i["outcome"]["generations"] == 3 for i in rec["images"])
+    assert invoke(*base, "--anchor-strength", "5", "--out", tmp_path / "fixed").exit_code == 0
     for a, b in zip(sorted((tmp_path / "guarded").glob("*.png")), sorted((tmp_path / "fixed").glob("*.png"))):
         assert np.array_equal(pixels(a), pixels(b))  # the top rung from the same noise is the fixed strength's image
     res = invoke(*base[:9], "--guard", "always_guard:flag", "--anchor", "none", "--out", tmp_path / "bad")

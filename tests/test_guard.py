@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from eiup import EraseConfigError
-from eiup.guard import DEFAULT_LADDER, check_ladder, climb
+from eiup.guard import DEFAULT_LADDER, Walk, check_ladder
 
 KW = dict(num_inference_steps=3, output_type="np", concept_context="separate")
 ANCHORS = '{"red": {"anchors": ["blue", "green"], "strength": 1.0}}'
@@ -36,10 +36,21 @@ def test_ladder_must_be_strictly_increasing_positive_strengths():
             check_ladder(bad, 8.0)
 
 
-def test_climb_raises_only_flagged_rows_below_the_top():
-    rungs = np.array([0, 2, 1, 0])
-    again = climb(rungs, [0, 1, 2, 3], [True, True, False, True], top=2)
-    assert again.tolist() == [0, 3] and rungs.tolist() == [1, 2, 1, 1]
+def test_a_walk_goes_up_while_seen_down_while_harmed_and_stops_where_milder_shows_the_concept():
+    rungs = [0.5, 1.0, 1.25, 2.0]
+    up = Walk(rungs, 1.25)
+    assert up.step(seen=True, harmed=False) and up.strength == 2.0
+    assert not up.step(seen=True, harmed=False)  # the top: over
+    down = Walk(rungs, 1.25)
+    assert down.step(seen=False, harmed=True) and down.strength == 1.0
+    assert down.step(seen=False, harmed=True) and down.strength == 0.5
+    assert not down.step(seen=False, harmed=True)  # the bottom
+    back = Walk(rungs, 1.25)
+    assert back.step(seen=False, harmed=True) and not back.step(seen=True, harmed=False)  # milder leaks: over
+    assert not Walk(rungs, 1.25).step(seen=False, harmed=False)  # clean and unharmed at once
+    climbing = Walk(rungs, 0.5)
+    assert climbing.step(True, False) and not climbing.step(False, True)  # going up: the first clean draw ends it
+    assert not Walk(rungs, 0.5).milder and down.milder
 
 
 def test_per_image_strengths_equal_separate_fixed_calls(sd1, model_folder):
@@ -57,16 +68,19 @@ def test_per_image_strengths_equal_separate_fixed_calls(sd1, model_folder):
         sd1(PROMPTS[:2], anchor_strength=[0.5, -1], **kw)
 
 
-def test_guard_climbs_flagged_images_from_the_same_noise(sd1, model_folder):
-    (model_folder / "eiup_anchors.json").write_text(ANCHORS)
+def test_guard_starts_at_the_preset_and_climbs_flagged_images_from_the_same_noise(sd1, model_folder):
+    (model_folder / "eiup_anchors.json").write_text(ANCHORS)  # the preset: strength 1
     ladder = [0.5, 1.0, 2.0]
-    guard = Scripted([[True, False, True], [False, True], [True]])  # image 0 clears at 1.0, image 2 reaches the top
+    guard = Scripted([[True, False, True], [False, True]])  # image 0 clears at 2.0, image 2 is still seen at the top
     out = sd1(PROMPTS, erase="red", guard=guard, guard_ladder=ladder, generator=gens(), **KW)
-    assert guard.sizes == [3, 2, 1]
-    assert out.guard_attempts.tolist() == [2, 1, 3] and out.guard_flagged == [False, False, True]
-    np.testing.assert_array_equal(out.anchor_strengths["red"], [1.0, 0.5, 2.0])
-    fixed = sd1(PROMPTS, erase="red", anchor_strength=[1.0, 0.5, 2.0], generator=gens(), **KW)
+    assert guard.sizes == [3, 2]
+    assert out.guard_attempts.tolist() == [2, 1, 2] and out.guard_flagged == [False, False, True]
+    np.testing.assert_array_equal(out.anchor_strengths["red"], [2.0, 1.0, 2.0])
+    fixed = sd1(PROMPTS, erase="red", anchor_strength=[2.0, 1.0, 2.0], generator=gens(), **KW)
     np.testing.assert_allclose(out.images, fixed.images, atol=1e-5)  # each image as drawn at its strength
+    preset = sd1(PROMPTS, erase="red", guard=False, generator=gens(), **KW)
+    np.testing.assert_array_equal(preset.anchor_strengths["red"], [1.0] * 3)
+    np.testing.assert_allclose(out.images[1], preset.images[1], atol=1e-5)  # passed at once: the preset's image
 
 
 def test_guard_leaves_images_the_gate_did_not_project_and_reports_them(sd1, model_folder):
@@ -76,7 +90,7 @@ def test_guard_leaves_images_the_gate_did_not_project_and_reports_them(sd1, mode
     out = sd1(prompts, erase="red", guard=guard, generator=gens(2), **KW)
     assert guard.sizes == [2, 1] and out.guard_attempts.tolist() == [2, 1]
     assert out.guard_flagged == [False, True]  # still flagged: the product withholds it
-    assert out.anchor_strengths["red"][0] == DEFAULT_LADDER[1] and np.isnan(out.anchor_strengths["red"][1])
+    assert out.anchor_strengths["red"][0] == 1.25 and np.isnan(out.anchor_strengths["red"][1])  # one rung above 1
 
 
 @pytest.mark.parametrize("kwargs, match", [
@@ -111,9 +125,8 @@ def test_auto_guard_is_the_model_folders_and_steps_aside_for_a_fixed_strength(sd
     save_file({k: v.contiguous() for k, v in ConceptDetectorNet().state_dict().items()}, str(model_folder / GUARD_FILE))
     guarded = sd1(PROMPTS, **dict(run, generator=gens()))
     assert guarded.guard_attempts is not None and len(guarded.guard_flagged) == 3
-    ladder_start = sd1(PROMPTS, anchor_strength=[DEFAULT_LADDER[0]] * 3, **dict(run, generator=gens()))
-    first = guarded.guard_attempts == 1  # images the guard passed at once are the ladder's first rung
-    np.testing.assert_allclose(guarded.images[first], ladder_start.images[first], atol=1e-5)
+    first = guarded.guard_attempts == 1  # images the guard passed at once are the preset's
+    np.testing.assert_allclose(guarded.images[first], unguarded.images[first], atol=1e-5)
     fixed = sd1(PROMPTS, anchor_strength=1.0, **dict(run, generator=gens()))
     off = sd1(PROMPTS, guard=False, **dict(run, generator=gens()))
     assert fixed.guard_attempts is None and off.guard_attempts is None
@@ -134,17 +147,17 @@ class Harming(Scripted):
         return self.harm.pop(0)
 
 
-def test_a_guard_that_checks_the_rest_keeps_the_first_clean_unharmed_rung_else_the_first_clean(sd1, model_folder):
-    (model_folder / "eiup_anchors.json").write_text(ANCHORS)
+def test_a_guard_that_checks_the_rest_walks_down_from_harm_and_keeps_the_first_clean_draw(sd1, model_folder):
+    (model_folder / "eiup_anchors.json").write_text(ANCHORS)  # the preset: strength 1
     ladder = [0.5, 1.0, 2.0]
-    guard = Harming([[False, False, True], [False, False], [True]], [[True, False, False], [False, True], [False]])
+    guard = Harming([[False, False, True], [False, True, False]], [[True, True, False], [False, False, True]])
     out = sd1(PROMPTS, erase="red", guard=guard, guard_ladder=ladder, generator=gens(), return_original=True, **KW)
-    # image 0: clean but harmed at 0.5, clean and unharmed at 1.0; image 1: clean and unharmed at 0.5;
-    # image 2: seen at 0.5, clean but harmed at 1.0 (kept), seen again at 2.0
-    assert guard.sizes == [3, 2, 1] and out.guard_attempts.tolist() == [2, 1, 3]
-    np.testing.assert_array_equal(out.anchor_strengths["red"], [1.0, 0.5, 1.0])
+    # image 0: clean but harmed at 1, clean and unharmed at 0.5; image 1: clean but harmed at 1, seen at 0.5
+    # (milder leaks: the first clean draw is kept); image 2: seen at 1, clean but harmed at the top (kept)
+    assert guard.sizes == [3, 3] and out.guard_attempts.tolist() == [2, 2, 2]
+    np.testing.assert_array_equal(out.anchor_strengths["red"], [0.5, 1.0, 2.0])
     assert out.guard_flagged == [False, False, False]
-    fixed = sd1(PROMPTS, erase="red", anchor_strength=[1.0, 0.5, 1.0], generator=gens(), **KW)
+    fixed = sd1(PROMPTS, erase="red", anchor_strength=[0.5, 1.0, 2.0], generator=gens(), **KW)
     np.testing.assert_allclose(out.images, fixed.images, atol=1e-5)
     plain = sd1(PROMPTS, generator=gens(), **KW).images
     np.testing.assert_allclose(guard.originals[0], plain, atol=1e-5)  # compared with the images drawn without erasure
@@ -168,6 +181,31 @@ def test_the_toy_guard_reads_its_concepts_and_compares_the_rest_with_the_origina
     night = ToyGuard(ConceptDetector.load(), ["night"])
     assert night.harmed([image("red", "circle", "white"), image("blue", "circle", "white")],
                         [image("red", "circle", "black")] * 2) == [False, True]
-    assert ToyGuard(ConceptDetector.load(), ["red"], keep=False).harmed is None
+    assert ToyGuard(ConceptDetector.load(), ["red"], keep=False).harmed is None and guard.doubt is None
+    doubting = ToyGuard(ConceptDetector.load(), ["red"], milder_threshold=0.05)
+    pair = [image("red", "circle"), image("blue", "circle")]
+    scores = [d.score("color", "red") for d in ConceptDetector.load().detect(pair)]
+    assert doubting.doubt(pair) == [s >= 0.05 for s in scores] and doubting.doubt(pair)[0]
     with pytest.raises(ValueError, match="the toy guard knows"):
         ToyGuard(ConceptDetector.load(), ["nudity"])
+
+
+class Doubting(Harming):
+    """... and which clean images it doubts."""
+
+    def __init__(self, flags_per_call, harmed_per_call, doubts_per_call):
+        super().__init__(flags_per_call, harmed_per_call)
+        self.doubts = list(doubts_per_call)
+
+    def doubt(self, images):
+        return self.doubts.pop(0)
+
+
+def test_a_milder_draw_the_guard_doubts_counts_as_seen(sd1, model_folder):
+    (model_folder / "eiup_anchors.json").write_text(ANCHORS)  # the preset: strength 1
+    guard = Doubting([[False, False, False], [False, False]], [[True, True, False], [False, False]],
+                     [[True, False]])  # asked only about draws milder than the first
+    out = sd1(PROMPTS, erase="red", guard=guard, guard_ladder=[0.5, 1.0, 2.0], generator=gens(), **KW)
+    assert guard.sizes == [3, 2] and out.guard_attempts.tolist() == [2, 2, 1] and guard.doubts == []
+    np.testing.assert_array_equal(out.anchor_strengths["red"], [1.0, 0.5, 1.0])  # image 0's milder draw doubted
+    assert out.guard_flagged == [False, False, False]

@@ -309,22 +309,28 @@ def test_strength_oracle_picks_the_mildest_grid_strength_that_erases_every_shown
     assert r.residual == left
 
 
-def test_the_bundled_guard_draws_each_tomato_at_the_mildest_rung_it_passes(pipe, detector):
-    """The default guard (the model folder's second detector) climbs per image; the judging detector agrees."""
+def test_the_bundled_guard_keeps_the_presets_images_it_passes_and_the_judge_agrees(pipe, detector):
+    """The default guard (the model folder's second detector) starts from the preset and moves per image."""
     from eiup.guard import DEFAULT_LADDER, model_guard
 
-    out = pipe(["a tomato"] * len(SEEDS), num_inference_steps=STEPS, erase=["red"],
-               generator=[torch.Generator().manual_seed(s) for s in SEEDS])
+    gens = lambda: [torch.Generator().manual_seed(s) for s in SEEDS]  # noqa: E731
+    prompts = ["a tomato"] * 4 + ["an image of a first aid kit in the fog"] * 4
+    out = pipe(prompts, num_inference_steps=STEPS, erase=["red"], generator=gens(), output_type="np",
+               concept_context="separate")
     strengths, attempts = out.anchor_strengths["red"], out.guard_attempts
-    assert attempts is not None and not any(out.guard_flagged)
-    assert [DEFAULT_LADDER[a - 1] for a in attempts] == strengths.tolist()
-    assert strengths.min() < json.loads((default_model_path() / "eiup_anchors.json").read_text())["red"]["strength"]
-    assert share(detector, out.images, "color", "red") <= 1 / len(SEEDS)
-    guard = model_guard(default_model_path(), ["red"])
-    assert not any(guard(out.images))
-    milder = [s for s, a in zip(SEEDS, attempts) if a > 1]  # one rung below, the guard still saw red
-    if milder:
-        below = pipe(["a tomato"] * len(milder), num_inference_steps=STEPS, erase=["red"],
-                     anchor_strength=[DEFAULT_LADDER[a - 2] for a in attempts if a > 1],
-                     generator=[torch.Generator().manual_seed(s) for s in milder])
-        assert all(guard(below.images))
+    preset = json.loads((default_model_path() / "eiup_anchors.json").read_text())["red"]["strength"]
+    assert attempts is not None and not any(out.guard_flagged) and set(strengths) <= set(DEFAULT_LADDER) | {preset}
+    as_uint8 = (out.images * 255).round().astype(np.uint8)
+    assert share(detector, as_uint8, "color", "red") <= 1 / len(SEEDS)
+    assert not any(model_guard(default_model_path(), ["red"])(as_uint8))
+    unguarded = pipe(prompts, num_inference_steps=STEPS, erase=["red"], generator=gens(), output_type="np",
+                     concept_context="separate", guard=False)
+    first = strengths == preset  # kept their first draw (passed at once, or nothing better on the walk)
+    assert (attempts == 1).any() and first[attempts == 1].all() and attempts.max() > 1  # the fog: the preset harms
+    np.testing.assert_allclose(out.images[first], unguarded.images[first], atol=1e-4)
+    moved = ~first
+    if moved.any():  # drawn again and kept (tests/test_guard.py checks this on scripted guards): at its own strength
+        fixed = pipe([p for p, m in zip(prompts, moved) if m], num_inference_steps=STEPS, erase=["red"],
+                     generator=[g for g, m in zip(gens(), moved) if m], anchor_strength=strengths[moved].tolist(),
+                     output_type="np", concept_context="separate")
+        np.testing.assert_allclose(out.images[moved], fixed.images, atol=1e-4)

@@ -1,15 +1,17 @@
-"""Closed-loop erasure: a guard checks every erased image, and the images in which it still sees the
-concept are generated again from the same starting noise at the next strength of a ladder.
+"""Closed-loop erasure: a guard checks every erased image; an image in which it still sees the concept is
+drawn again from the same starting noise one strength up a ladder, and, with a guard that also compares
+the image with the one drawn without erasure, an image that lost more than the concept one strength down.
 
 The projection's strength (``anchor_strength``) is what trades erasure against fidelity on the toy
 model: too weak and the concept survives, too strong and the image changes more than the concept.
 Which strength a prompt and seed needs is not known in advance (the presets and
 ``anchor_strength="auto"`` guess it per concept or per prompt); a guard looks at the result. Every
-image starts at the mildest rung and climbs only while the guard still sees the concept, so each
-image gets about the mildest strength that erases it. A guard is any callable ``images ->
-list[bool]`` (True: the concept is still shown), e.g. :func:`eiup.calibrate.toy_judge` with the toy
-model's guard detector, NudeNet, or a product's own safety classifier; it should not be the detector
-that judges the benchmark.
+image is first drawn as the call would draw it without a guard (the model's preset), so the guard
+only changes images it finds wanting: up the ladder while it sees the concept, down while the image is
+clean but harmed, stopping where a milder strength shows the concept again. A guard is any callable
+``images -> list[bool]`` (True: the concept is still shown), e.g. NudeNet or a product's own safety
+classifier, optionally with ``harmed(images, originals) -> list[bool]`` (:class:`ToyGuard`, the toy
+model's: a second concept detector). It should not be the detector that judges the benchmark.
 """
 
 from __future__ import annotations
@@ -40,13 +42,6 @@ def check_ladder(ladder: Any, limit: float) -> tuple[float, ...]:
     return values
 
 
-def climb(rungs: np.ndarray, rows: Sequence[int], flagged: Sequence[bool], top: int) -> np.ndarray:
-    """The ``rows`` to generate again: flagged by the guard and below the ladder's ``top`` rung (their rung raised by one)."""
-    again = np.array([i for i, f in zip(rows, flagged) if f and rungs[i] < top], dtype=int)
-    rungs[again] += 1
-    return again
-
-
 def load_guard(spec: str, concepts: Sequence[str]) -> Guard | str | bool:
     """What the pipeline's ``guard=`` gets for a CLI spec: ``"auto"`` (the model folder's), ``"none"`` (False),
     ``"nudenet"``, or ``"package.module:function"`` (a callable images -> list[bool]); flags an image where any
@@ -59,25 +54,29 @@ def load_guard(spec: str, concepts: Sequence[str]) -> Guard | str | bool:
 
 
 @functools.lru_cache(maxsize=4)
-def _detector(path: str, mtime_ns: int) -> tuple[Any, float | None]:
-    """The guard detector and its threshold (the file's ``threshold`` metadata; None: its reading)."""
+def _detector(path: str, mtime_ns: int) -> tuple[Any, float | None, float | None]:
+    """The guard detector and its thresholds (the file's ``threshold`` and ``milder_threshold`` metadata; None:
+    its reading, no doubt)."""
     from safetensors import safe_open
 
     from .toy.detect import ConceptDetector
 
     with safe_open(path, "pt") as f:
-        threshold = (f.metadata() or {}).get("threshold")
-    return ConceptDetector.load(path), None if threshold is None else float(threshold)
+        meta = f.metadata() or {}
+    number = lambda key: None if meta.get(key) is None else float(meta[key])  # noqa: E731
+    return ConceptDetector.load(path), number("threshold"), number("milder_threshold")
 
 
 class ToyGuard:
     """A toy-world guard: flags an image where one of ``concepts`` is seen by ``detector`` (its probability
-    reaching ``threshold``; None: the detector's reading), and, with ``keep``, finds it harmed where the rest of
-    the image differs from the one drawn without erasure (object count, background unless erased, colour and
-    shape of each object but the erased attribute: :func:`eiup.bench.metrics.kept_from_plain`; not checked when
-    the concepts are of several attributes)."""
+    reaching ``threshold``; None: the detector's reading), doubts it where the probability reaches
+    ``milder_threshold`` (a stricter bar for drawing an image milder than the preset), and, with ``keep``,
+    finds it harmed where the rest of the image differs from the one drawn without erasure (object count,
+    background unless erased, colour and shape of each object but the erased attribute:
+    :func:`eiup.bench.metrics.kept_from_plain`; not checked when the concepts are of several attributes)."""
 
-    def __init__(self, detector: Any, concepts: Sequence[str], threshold: float | None = None, keep: bool = True):
+    def __init__(self, detector: Any, concepts: Sequence[str], threshold: float | None = None, keep: bool = True,
+                 milder_threshold: float | None = None):
         from .calibrate import toy_judge
         from .toy.world import CONCEPTS
 
@@ -88,9 +87,17 @@ class ToyGuard:
         self._judges = [toy_judge(c, detector, threshold) for c in concepts]
         if not keep:
             self.harmed = None
+        if milder_threshold is None:
+            self.doubt = None
+        else:
+            self._doubts = _any_of([toy_judge(c, detector, milder_threshold) for c in concepts])
 
     def __call__(self, images: Any) -> list[bool]:
         return _any_of(self._judges)(images)
+
+    def doubt(self, images: Any) -> list[bool]:
+        """Per image: a concept's probability reaches ``milder_threshold`` (a milder draw is accepted only below it)."""
+        return self._doubts(images)
 
     def harmed(self, images: Any, originals: Any) -> list[bool]:
         """Per image: the rest of it changed against ``originals`` (for any of the concepts' attributes)."""
@@ -106,23 +113,53 @@ class ToyGuard:
 
 
 def model_guard(folder: str | Path | None, concepts: Sequence[str]) -> Guard | None:
-    """``guard="auto"``: the model folder's guard (:data:`GUARD_FILE`, a toy-world concept detector, flagging an
-    image where a concept's probability reaches the file's ``threshold`` metadata) for the ``concepts`` it knows,
-    or None when the folder has none or it knows none of them."""
+    """``guard="auto"``: the model folder's guard (:data:`GUARD_FILE`, a toy-world concept detector; the file's
+    ``threshold`` and ``milder_threshold`` metadata go to :class:`ToyGuard`) for the ``concepts`` it knows, or
+    None when the folder has none or it knows none of them."""
     from .toy.world import CONCEPTS
 
     path = Path(folder) / GUARD_FILE if folder else None
     known = [c for c in concepts if c in CONCEPTS]
     if path is None or not path.is_file() or not known:
         return None
-    detector, threshold = _detector(str(path), path.stat().st_mtime_ns)
-    return ToyGuard(detector, known, threshold)
+    detector, threshold, milder = _detector(str(path), path.stat().st_mtime_ns)
+    return ToyGuard(detector, known, threshold, milder_threshold=milder)
 
 
 def _any_of(judges: list[Guard]) -> Guard:
     if len(judges) == 1:
         return judges[0]
     return lambda images: [any(flags) for flags in zip(*(judge(images) for judge in judges))]
+
+
+class Walk:
+    """One image's path along the rungs: from the strength it was first drawn with, up while the guard sees the
+    concept, down (with a guard that checks the rest) while the image is clean but harmed; it stops at the
+    first clean image going up, where a milder rung is not clean (``seen``: for a milder draw, also the
+    guard's doubt), at the ends, or at a clean unharmed image."""
+
+    def __init__(self, rungs: Sequence[float], start: float):
+        self.rungs, self.at, self.direction = list(rungs), list(rungs).index(start), 0
+
+    @property
+    def strength(self) -> float:
+        return self.rungs[self.at]
+
+    @property
+    def milder(self) -> bool:
+        """Whether the current draw is milder than the first."""
+        return self.direction < 0
+
+    def step(self, seen: bool, harmed: bool) -> bool:
+        """Move after an image (the guard's answers); False when the walk is over."""
+        if self.direction == 0:
+            if not seen and not harmed:
+                return False
+            self.direction = 1 if seen else -1
+        elif seen != (self.direction > 0) or not (seen or harmed):  # up: until clean; down: while clean but harmed
+            return False
+        self.at += self.direction
+        return 0 <= self.at < len(self.rungs)
 
 
 def _rows(value: Any, n_prompts: int, per_prompt: int, name: str) -> list:
@@ -143,14 +180,13 @@ def _assemble(per_row: list, like: Any) -> Any:
 
 def guarded_call(pipe: Any, guard: Guard, ladder: Sequence[float], call: dict[str, Any], config: Any,
                  return_original: bool = False, **erase_kwargs: Any) -> Any:
-    """Generate ``call`` (the parent pipeline's arguments) with the erasure ``config``, every image from the
-    mildest rung of ``ladder`` up, again at the next rung while ``guard`` still sees the concept in it (the
-    pipeline's ``guard=`` argument, which validates everything first; :class:`eiup.pipeline.EIUPPipelineOutput`).
-
-    A guard with a ``harmed(images, originals) -> list[bool]`` method (:class:`ToyGuard`) also climbs past
-    rungs that erase the concept but change the rest of the image (against the image drawn without
-    erasure, one more generation per image); an image keeps the first rung that is clean and unharmed,
-    else the first clean one, else the top."""
+    """Generate ``call`` (the parent pipeline's arguments) with the erasure ``config`` as the pipeline's
+    ``guard=`` argument asks (it validates everything first; :class:`eiup.pipeline.EIUPPipelineOutput`):
+    each image the projection acts on walks the rungs of ``ladder`` (and its own first strength) from the
+    strength the call gives it, up while ``guard`` sees the concept, and with a guard that has
+    ``harmed(images, originals)`` (one more generation per image: the originals), down while it is clean
+    but harmed (:class:`Walk`). An image keeps its first clean and unharmed draw, else its first clean
+    one, else the last."""
     from diffusers.utils.torch_utils import randn_tensor
 
     from .pipeline import EIUPPipelineOutput, _row_prompts
@@ -175,24 +211,31 @@ def guarded_call(pipe: Any, guard: Guard, ladder: Sequence[float], call: dict[st
                     **{**rest, "num_images_per_prompt": 1}, **kwargs)
 
     harmed = getattr(guard, "harmed", None)  # a guard that also compares each image with the one drawn without erasure
+    doubt = getattr(guard, "doubt", None)  # ... and may doubt an image it reads clean (for milder draws)
     originals = draw(range(n), erase=None).images if harmed is not None or return_original else None
-    rungs = np.zeros(n, dtype=int)
     attempts = np.zeros(n, dtype=int)
-    rank = np.full(n, -1)  # of the attempt kept per image: 2 clean and unharmed, 1 clean (the first), 0 flagged (the last)
+    rank = np.full(n, -1)  # of the attempt kept per image: 2 clean and unharmed, 1 clean (the first), 0 seen (the last)
     images, nsfw = [None] * n, [None] * n
     keyed: dict[str, dict[str, list]] = {"heatmaps": {}, "erase_scales": {}, "anchor_strengths": {}}
+    walks: dict[int, Walk] = {}
     like, todo = None, np.arange(n)
     while len(todo):
-        out = draw(todo, erase_config=config, anchor_strength=[ladder[r] for r in rungs[todo]], guard=False,
-                   **erase_kwargs)
+        if not walks:  # the first draw: every image at the strength the call gives it without a guard
+            out = draw(todo, erase_config=config, guard=False, **erase_kwargs)
+        else:
+            out = draw(todo, erase_config=config, anchor_strength=[walks[i].strength for i in todo], guard=False,
+                       **erase_kwargs)
         like = out.images
         seen = [bool(f) for f in guard(out.images)]
         if len(seen) != len(todo):
             raise ValueError(f"the guard answered {len(seen)} flags for {len(todo)} images; it must answer one per image")
         bad = [bool(f) for f in harmed(out.images, [originals[i] for i in todo])] if harmed else [False] * len(todo)
-        projected = np.zeros(len(todo), dtype=bool)  # rows the gate left alone: no strength changes them
+        milder = [i in walks and walks[i].milder for i in todo]
+        if doubt is not None and any(milder):  # a milder draw than the first counts as seen where the guard doubts
+            seen = [s or (m and d) for s, m, d in zip(seen, milder, doubt(out.images))]
+        given = np.full(len(todo), np.nan)  # per image, the strength it was drawn with (NaN: the gate left it alone)
         for values in (out.anchor_strengths or {}).values():
-            projected |= np.isfinite(values)
+            given = np.fmax(given, values)
         for j, i in enumerate(todo):
             attempts[i] += 1
             now = 0 if seen[j] else 1 if bad[j] else 2
@@ -203,7 +246,9 @@ def guarded_call(pipe: Any, guard: Guard, ladder: Sequence[float], call: dict[st
                 for field, per_concept in keyed.items():
                     for concept, values in (getattr(out, field) or {}).items():
                         per_concept.setdefault(concept, [None] * n)[i] = values[j]
-        todo = climb(rungs, todo, [(s or b) and p for s, b, p in zip(seen, bad, projected)], len(ladder) - 1)
+            if i not in walks and np.isfinite(given[j]):
+                walks[i] = Walk(sorted(set(ladder) | {float(given[j])}), float(given[j]))
+        todo = np.array([i for j, i in enumerate(todo) if i in walks and walks[i].step(seen[j], bad[j])], dtype=int)
     stack = lambda field: {c: np.stack(v) for c, v in keyed[field].items()} or None  # noqa: E731
     result = EIUPPipelineOutput(
         images=_assemble(images, like), nsfw_content_detected=None if all(f is None for f in nsfw) else nsfw,

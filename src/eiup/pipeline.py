@@ -459,8 +459,9 @@ class EIUPPipelineOutput(BaseOutput):
         heatmaps: ``{concept: float32 array (images, H, W) in [0, 1]}`` when ``return_heatmaps=True``.
         erase_scales: ``{concept: float32 array (images,)}``, the scales predicted with
             ``erase_scale="auto"``.
-        anchor_strengths: ``{concept: float32 array (images,)}``, the projection strengths per image with
-            ``anchor_strength="auto"``, one strength per image or ``guard=`` (NaN where the gate left the
+        anchor_strengths: ``{concept: float32 array (images,)}``, the anchored projection's strength per
+            image (the preset, ``named_strength`` for prompts naming the concept, the prediction of
+            ``anchor_strength="auto"``, the given one, or the guard's choice; NaN where the gate left the
             prompt alone).
         guard_flagged: With ``guard=``: per image, whether the guard still sees a concept in it (at the
             ladder's top, or where the gate left the prompt alone): what a product should withhold.
@@ -660,11 +661,13 @@ class EIUPMixin:
                 (``CONCEPT.safetensors``), one predictor file, or a list of
                 :class:`eiup.scale.ScalePredictor`; default ``<model folder>/eiup_scale_predictors``.
             guard: Closed-loop erasure (:mod:`eiup.guard`): a callable ``images -> list[bool]`` (True: an
-                erased concept is still shown). Every image is generated at the first strength of
-                ``guard_ladder`` and, while the guard still sees the concept and the projection acts on it,
-                again from the same starting noise at the next one. The output reports each image's
-                strength, its number of generations and whether the guard still flags it. Needs prompt
-                text and anchors (the projection's strength is what climbs); replaces ``anchor_strength``.
+                erased concept is still shown), optionally with ``harmed(images, originals) -> list[bool]``.
+                Every image is drawn as without a guard (the model's preset strength), then, where the
+                projection acts on it, again from the same starting noise one rung of ``guard_ladder``
+                stronger while the guard sees the concept, or milder while the image is clean but
+                harmed. The output reports each image's strength, its number of generations and whether
+                the guard still flags it. Needs prompt text and anchors (the projection's strength is what
+                moves); replaces ``anchor_strength``.
                 ``"auto"`` (:data:`DEFAULT_GUARD`, used for ``None``): the model folder's guard
                 (``eiup_guard.safetensors``, the toy model ships one) for the concepts it knows, when the
                 call leaves ``anchor_strength`` unset, has prompt text and anchors and asks for images (not
@@ -851,7 +854,7 @@ class EIUPMixin:
         result = self._finish(images, nsfw, original_images, heat, return_dict, return_original)
         if predictors is not None and return_dict:
             result.erase_scales = ctx.predicted_scales
-        if config.strength_per_image and return_dict:
+        if return_dict and anchor_strengths:
             result.anchor_strengths = anchor_strengths
         return result
 
@@ -1322,10 +1325,10 @@ class EIUPMixin:
             return aligned_concept_and_anchors(encoded[concept], len(tok(concept).input_ids),
                                                torch.stack([encoded[w] for w in words]), lengths)
 
-        strengths: dict[str, np.ndarray] = {}  # anchor_strength="auto": the predicted strength per row
+        strengths: dict[str, np.ndarray] = {}  # the strength each row was projected with (NaN: not projected)
         for k, (concept, plan) in enumerate(zip(config.concepts, plans)):
             if not active[k]:
-                if plan.strength_predictor is not None:
+                if plan.anchors:
                     strengths[concept] = np.full(edited.shape[0], np.nan, dtype=np.float32)
                 continue
             c, anchors = aligned(concept, plan.anchors)
@@ -1338,6 +1341,8 @@ class EIUPMixin:
                 base, when_named = predicted[:, None, None], predicted.tolist()
             else:
                 base, when_named = plan.strength, [plan.strength_when_named] * edited.shape[0]
+                strengths[concept] = np.array([when_named[r] if (k, r) in counterfactuals else base
+                                               for r in range(edited.shape[0])], dtype=np.float32)
             projected = project_tokens(edited, mean, direction, base)
             in_context: dict[str, tuple[torch.Tensor, torch.Tensor, list[int]] | None] = {}
             for r in range(edited.shape[0]):  # rows naming the concept: e -= s (e0 - mean of counterfactuals)
