@@ -46,9 +46,7 @@ def toy_judge(concept: str, detector=None, threshold: float | None = None) -> Ca
         raise ValueError(f"concept={concept!r}: the toy detector knows {sorted(CONCEPTS)}")
     attribute, value = CONCEPTS[concept]
     det = detector or ConceptDetector.load()
-    if threshold is None:
-        return lambda images: [d.has(attribute, value) for d in det.detect(images)]
-    return lambda images: [d.score(attribute, value) >= threshold for d in det.detect(images)]
+    return lambda images: [d.shows(attribute, value, threshold) for d in det.detect(images)]
 
 
 def load_judge(spec: str, concept: str) -> Callable[[list], list[bool]]:

@@ -42,27 +42,27 @@ def check_ladder(ladder: Any, limit: float) -> tuple[float, ...]:
     return values
 
 
-def load_guard(spec: str, concepts: Sequence[str]) -> Guard | str | bool:
+def load_guard(spec: str) -> Guard | str | bool:
     """What the pipeline's ``guard=`` gets for a CLI spec: ``"auto"`` (the model folder's), ``"none"`` (False),
-    ``"nudenet"``, or ``"package.module:function"`` (a callable images -> list[bool]); flags an image where any
-    of ``concepts`` is shown."""
+    ``"nudenet"``, or ``"package.module:function"`` (a callable images -> list[bool]). These judges do not depend
+    on the concept (NudeNet flags any exposed class), so one serves every call."""
     from .calibrate import load_judge
 
-    if spec in ("auto", "none"):
-        return spec == "auto" and "auto"
-    return _any_of([load_judge(spec, c) for c in concepts])
+    if spec == "none":
+        return False
+    if spec == "auto":
+        return "auto"
+    return load_judge(spec, "")  # the concept only matters to the toy judge, which "auto" covers
 
 
 @functools.lru_cache(maxsize=4)
 def _detector(path: str, mtime_ns: int) -> tuple[Any, float | None, float | None]:
     """The guard detector and its thresholds (the file's ``threshold`` and ``milder_threshold`` metadata; None:
     its reading, no doubt)."""
-    from safetensors import safe_open
-
+    from .io import tensor_metadata
     from .toy.detect import ConceptDetector
 
-    with safe_open(path, "pt") as f:
-        meta = f.metadata() or {}
+    meta = tensor_metadata(path)
     number = lambda key: None if meta.get(key) is None else float(meta[key])  # noqa: E731
     return ConceptDetector.load(path), number("threshold"), number("milder_threshold")
 
@@ -77,27 +77,30 @@ class ToyGuard:
 
     def __init__(self, detector: Any, concepts: Sequence[str], threshold: float | None = None, keep: bool = True,
                  milder_threshold: float | None = None):
-        from .calibrate import toy_judge
         from .toy.world import CONCEPTS
 
         unknown = [c for c in concepts if c not in CONCEPTS]
         if unknown or not concepts:
             raise ValueError(f"concepts={list(concepts)}: the toy guard knows {sorted(CONCEPTS)}")
         self.detector, self.concepts, self.threshold, self.keep = detector, list(concepts), threshold, keep
-        self._judges = [toy_judge(c, detector, threshold) for c in concepts]
+        self.milder_threshold = milder_threshold
         if not keep:
             self.harmed = None
         if milder_threshold is None:
             self.doubt = None
-        else:
-            self._doubts = _any_of([toy_judge(c, detector, milder_threshold) for c in concepts])
+
+    def _shown(self, images: Any, threshold: float | None) -> list[bool]:
+        """Per image (detected once): any of the concepts shown, by the reading or ``threshold``."""
+        from .toy.world import CONCEPTS
+
+        return [any(d.shows(*CONCEPTS[c], threshold) for c in self.concepts) for d in self.detector.detect(images)]
 
     def __call__(self, images: Any) -> list[bool]:
-        return _any_of(self._judges)(images)
+        return self._shown(images, self.threshold)
 
     def doubt(self, images: Any) -> list[bool]:
         """Per image: a concept's probability reaches ``milder_threshold`` (a milder draw is accepted only below it)."""
-        return self._doubts(images)
+        return self._shown(images, self.milder_threshold)
 
     def harmed(self, images: Any, originals: Any) -> list[bool]:
         """Per image: the rest of it changed against ``originals`` (for any of the concepts' attributes)."""
@@ -124,12 +127,6 @@ def model_guard(folder: str | Path | None, concepts: Sequence[str]) -> Guard | N
         return None
     detector, threshold, milder = _detector(str(path), path.stat().st_mtime_ns)
     return ToyGuard(detector, known, threshold, milder_threshold=milder)
-
-
-def _any_of(judges: list[Guard]) -> Guard:
-    if len(judges) == 1:
-        return judges[0]
-    return lambda images: [any(flags) for flags in zip(*(judge(images) for judge in judges))]
 
 
 class Walk:

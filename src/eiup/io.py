@@ -150,14 +150,19 @@ def save_tensors_atomic(path: str | Path, tensors: dict, metadata: dict[str, str
     return path
 
 
-def load_tensors(path: str | Path) -> tuple[dict, dict[str, str]]:
-    """A safetensors file's tensors and metadata (``{}`` when it has none)."""
+def tensor_metadata(path: str | Path) -> dict[str, str]:
+    """A safetensors file's metadata (``{}`` when it has none), without reading its tensors."""
     from safetensors import safe_open
-    from safetensors.torch import load_file
 
     with safe_open(str(path), "pt") as f:
-        meta = f.metadata() or {}
-    return load_file(str(path)), meta
+        return f.metadata() or {}
+
+
+def load_tensors(path: str | Path) -> tuple[dict, dict[str, str]]:
+    """A safetensors file's tensors and metadata (``{}`` when it has none)."""
+    from safetensors.torch import load_file
+
+    return load_file(str(path)), tensor_metadata(path)
 
 
 def replace_dir(dest: str | Path, write: Callable[[Path], Any]) -> Path:
@@ -918,21 +923,6 @@ def run_record(settings: GenerationSettings, jobs: Sequence[ImageJob], out: Outp
     }
 
 
-class _GuardCache:
-    """One guard per set of erased concepts (:func:`eiup.guard.load_guard`), loaded on first use."""
-
-    def __init__(self, spec: str | None):
-        self.spec, self.guards = spec, {}
-
-    def get(self, concepts: Sequence[str]):
-        from .guard import load_guard
-
-        key = tuple(concepts)
-        if key not in self.guards:
-            self.guards[key] = load_guard(self.spec, key)
-        return self.guards[key]
-
-
 def _outcome(result: Any, i: int) -> dict | None:
     """What the erasure decided for image ``i`` of a call, worth keeping beside it (guard: strength, flag)."""
     attempts = getattr(result, "guard_attempts", None)
@@ -974,7 +964,7 @@ def generate_to_dir(
         )
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=True)
-    guards = _GuardCache(settings.guard)
+    guard = None  # the pipeline's guard= for settings.guard (eiup.guard.load_guard), loaded at the first erasure
     with OutputDir(out_dir) as out:
         todo = out.pending(jobs, settings)
         skipped = len(jobs) - len(todo)
@@ -1020,7 +1010,11 @@ def generate_to_dir(
                         if want_original:
                             kwargs["return_original"] = True
                         if settings.guard:
-                            kwargs["guard"] = guards.get(batch[0].erase)
+                            if guard is None:
+                                from .guard import load_guard
+
+                                guard = load_guard(settings.guard)
+                            kwargs["guard"] = guard
                             if settings.guard_ladder is not None:
                                 kwargs["guard_ladder"] = list(settings.guard_ladder)
                     elif pipeline_supports_erase(pipe):

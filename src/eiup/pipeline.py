@@ -161,10 +161,7 @@ class RowStrengths:
     values: tuple[float, ...]
 
     def predict(self, prompt_embeds: torch.Tensor) -> torch.Tensor:
-        """(B,) the given strengths (B must be the call's number of images)."""
-        if prompt_embeds.shape[0] != len(self.values):
-            raise EraseConfigError(f"anchor_strength has {len(self.values)} values but the call makes "
-                                   f"{prompt_embeds.shape[0]} images; give one per image or one number")
+        """(B,) the given strengths (their count checked against the call's images before any model work)."""
         return torch.tensor(self.values, dtype=torch.float32)
 
 
@@ -859,44 +856,48 @@ class EIUPMixin:
         return result
 
     def _resolve_guard(self, call: dict[str, Any], config: EraseConfig, guard: Any, ladder: Any) -> Any:
-        """The guard callable of this call, or None: ``"auto"`` resolves to the model folder's guard where the
-        call can use it (quietly to None elsewhere); an explicit guard is checked in :meth:`_guarded`."""
+        """The guard of this call, or None, checked before any model work: ``"auto"`` resolves to the model
+        folder's guard where the call can use it (quietly to None elsewhere); a callable must find a call it
+        can act on (an error naming the fix otherwise)."""
+        auto = isinstance(guard, str) and guard.strip().lower() == AUTO
         if guard is False or (isinstance(guard, str) and guard.strip().lower() == "none"):
             guard = None
-        elif isinstance(guard, str) and guard.strip().lower() == AUTO:
+        elif auto:
             from .guard import model_guard
 
             usable = (config.concepts and config.anchor_strength is None and _row_prompts(call) is not None
-                      and config.anchor_spec and isinstance(self, StableDiffusionPipeline)
+                      and isinstance(self, StableDiffusionPipeline)
                       and call.get("output_type") != "latent")  # the model's guard reads images
             guard = model_guard(getattr(self.config, "_name_or_path", None), config.concepts) if usable else None
-            if guard is not None and not any(plan.anchors for plan in self._anchor_plans(config)):
-                guard = None  # nothing to climb
         elif not callable(guard):
             raise EraseConfigError(f"guard={guard!r} must be a callable images -> list[bool] (True: the concept is "
                                    "still shown), 'auto' (the model folder's guard) or False")
+        elif config.anchor_strength is not None:
+            raise EraseConfigError("guard= chooses each image's anchor_strength from guard_ladder; drop anchor_strength")
+        elif not config.concepts:
+            raise EraseConfigError("guard= needs concepts to erase: pass erase=[...]")
+        elif _row_prompts(call) is None:
+            raise EraseConfigError("guard= needs the prompt text, not prompt_embeds: pass prompt=...")
+        if guard is not None and not (config.anchor_spec and any(plan.anchors for plan in self._anchor_plans(config))):
+            if auto:
+                guard = None  # nothing to climb
+            else:
+                raise EraseConfigError("guard= climbs the anchored projection's strength, which this call does not "
+                                       "make: give anchors (anchors='auto' with a model folder that lists the concept, "
+                                       "or a list)")
         if guard is None and ladder is not None:
             raise EraseConfigError("guard_ladder is the strengths a guard climbs, and this call has none: pass guard=... "
                                    "(or drop guard_ladder)")
         return guard
 
     def _guarded(self, call: dict[str, Any], config: EraseConfig, guard: Any, ladder: Any, **erase_kwargs: Any) -> Any:
-        """``guard=``: checked here, before any model work, then :func:`eiup.guard.guarded_call`."""
+        """``guard=`` (resolved by :meth:`_resolve_guard`): the ladder checked, then :func:`eiup.guard.guarded_call`."""
         from .guard import DEFAULT_LADDER, check_ladder, guarded_call
 
         try:
             ladder = check_ladder(DEFAULT_LADDER if ladder is None else ladder, MAX_ANCHOR_STRENGTH)
         except ValueError as e:
             raise EraseConfigError(str(e)) from None
-        if config.anchor_strength is not None:
-            raise EraseConfigError("guard= chooses each image's anchor_strength from guard_ladder; drop anchor_strength")
-        if not config.concepts:
-            raise EraseConfigError("guard= needs concepts to erase: pass erase=[...]")
-        if _row_prompts(call) is None:
-            raise EraseConfigError("guard= needs the prompt text, not prompt_embeds: pass prompt=...")
-        if not config.anchor_spec or not any(plan.anchors for plan in self._anchor_plans(config)):
-            raise EraseConfigError("guard= climbs the anchored projection's strength, which this call does not make: "
-                                   "give anchors (anchors='auto' with a model folder that lists the concept, or a list)")
         return guarded_call(self, guard, ladder, call, config, **erase_kwargs)
 
     @torch.no_grad()

@@ -109,6 +109,10 @@ class Detection:
         index = HEADS[attribute].index(value)
         return max((float(o.scores[attribute][index]) for o in self.objects), default=0.0)
 
+    def shows(self, attribute: str, value: str, threshold: float | None = None) -> bool:
+        """:meth:`has` (the reading), or with ``threshold``, whether :meth:`score` reaches it."""
+        return self.has(attribute, value) if threshold is None else self.score(attribute, value) >= threshold
+
     def to_dict(self) -> dict:
         return {
             "background": self.background,
@@ -182,7 +186,6 @@ class ConceptDetector:
 
 def default_detector_path() -> Path:
     return Path(__file__).parent / "weights" / "detector.safetensors"
-
 
 
 def to_tensor(images) -> torch.Tensor:
