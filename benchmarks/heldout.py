@@ -14,7 +14,9 @@ benchmark suites; seeds 3000.. (the benchmark uses 0..19). The measures are thos
         --judge src/eiup/toy/weights/pipeline/eiup_guard.safetensors     # the two detectors' roles swapped
 
 ``--prompts heldout`` takes the auto-scale check's prompts instead (:func:`eiup.bench.suites.heldout_prompts`,
-other templates; ``benchmarks/auto_vs_fixed.py`` uses seeds 5000..). ``--rewrite`` judges no erasure
+other templates; ``benchmarks/auto_vs_fixed.py`` uses seeds 5000..); ``--prompts confirmation`` a third
+set (:func:`eiup.bench.suites.confirmation_prompts`, seeds 7000.. by convention), kept for confirming a
+design once it was chosen on the first two. ``--rewrite`` judges no erasure
 setting: each prompt with the concept is rewritten by hand-made rules to comply (the concept's attribute
 set to another value, round robin over the seeds: "a photo of a tomato" -> "a photo of an orange circle",
 :func:`eiup.toy.world.rewrite_without`) and generated without erasure. It is what a perfect prompt-level
@@ -35,8 +37,9 @@ def main() -> None:
     ap.add_argument("--concepts", nargs="+", default=["red", "star", "heart", "night"])
     ap.add_argument("--seeds", type=int, default=6)
     ap.add_argument("--first-seed", type=int, default=3000, help="seeds first..first+seeds-1 (benchmark: 0..19)")
-    ap.add_argument("--prompts", choices=["calibration", "heldout"], default="calibration",
-                    help="calibration prompts (default) or the auto-scale check's held-out templates")
+    ap.add_argument("--prompts", choices=["calibration", "heldout", "confirmation"], default="calibration",
+                    help="calibration prompts (default), the auto-scale check's held-out templates, or the "
+                         "confirmation set (a third set, for confirming a design chosen on the other two)")
     ap.add_argument("--rewrite", action="store_true",
                     help="judge the prompts rewritten without the concept (a reference) instead of an erasure setting")
     ap.add_argument("--guard", default=None, metavar="DETECTOR",
@@ -92,8 +95,9 @@ def main() -> None:
                                                   milder_threshold=args.guard_milder_threshold))
         r = judge_setting(plain, concept, positives, negatives, setting,
                           rewrite=rewrite_reference(concept) if args.rewrite else None)
-        extra = (f" mean strength {r.mean_strength:.2f}, {r.mean_generations:.2f} generations per image |"
-                 if r.mean_generations is not None else "")
+        extra = (f" mean strength {r.mean_strength:.2f}, {r.mean_generations:.2f} generations per image, "
+                 f"{r.negative_prompt:.1%} by negative prompt, {r.flagged:.1%} flagged |"
+                 if r.mean_generations is not None and r.flagged is not None else "")
         print(f"| {concept} | {len(positives)} (+{len(negatives)}) | {r.residual:.1%} (n={r.n_shown}) | "
               f"{r.fidelity_vs_plain:.1%} | {r.as_plain_or_prompted:.1%} | {r.specificity:.1%} (n={r.n_negative}) | "
               f"{r.psnr_median:.1f} dB |{extra}", flush=True)

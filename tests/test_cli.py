@@ -418,10 +418,17 @@ def test_guard_climbs_and_the_manifest_records_each_images_outcome(tmp_path, mod
     assert res.exit_code == 0, res.output
     assert "the guard still sees an erased concept in 2 image(s)" in flat(res.output)
     lines = [json.loads(x) for x in (tmp_path / "guarded" / "manifest.jsonl").read_text().splitlines()]
-    assert [x["outcome"] for x in lines] == [{"guard_flagged": True, "generations": 3, "anchor_strength": {"red": 5.0}}] * 2
+    # flagged at the top, and again without the erasure and the concept as negative prompt: the top's image kept
+    assert [x["outcome"] for x in lines] == [{"guard_flagged": True, "generations": 4, "anchor_strength": {"red": 5.0},
+                                              "negative_prompt": False}] * 2
     rec = json.loads((tmp_path / "guarded" / "run.json").read_text())
     assert rec["settings"]["guard"] == "always_guard:flag" and rec["settings"]["guard_ladder"] == [0.5, 1.0, 4.0, 5.0]
-    assert all(i["outcome"]["generations"] == 3 for i in rec["images"])
+    assert rec["settings"]["guard_negative_prompt"] is True and all(i["outcome"]["generations"] == 4 for i in rec["images"])
+    res = invoke(*base, "--guard", "always_guard:flag", "--guard-ladder", "0.5,1,4,5", "--no-guard-negative-prompt",
+                 "--out", tmp_path / "no-fallback")
+    assert res.exit_code == 0, res.output
+    rec = json.loads((tmp_path / "no-fallback" / "run.json").read_text())
+    assert rec["settings"]["guard_negative_prompt"] is False and all(i["outcome"]["generations"] == 3 for i in rec["images"])
     assert invoke(*base, "--anchor-strength", "5", "--out", tmp_path / "fixed").exit_code == 0
     for a, b in zip(sorted((tmp_path / "guarded").glob("*.png")), sorted((tmp_path / "fixed").glob("*.png"))):
         assert np.array_equal(pixels(a), pixels(b))  # the top rung from the same noise is the fixed strength's image

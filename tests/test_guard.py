@@ -41,16 +41,38 @@ def test_a_walk_goes_up_while_seen_down_while_harmed_and_stops_where_milder_show
     up = Walk(rungs, 1.25)
     assert up.step(seen=True, harmed=False) and up.strength == 2.0
     assert not up.step(seen=True, harmed=False)  # the top: over
-    down = Walk(rungs, 1.25)
+    down = Walk(rungs, 1.25, onward=False)
     assert down.step(seen=False, harmed=True) and down.strength == 1.0
     assert down.step(seen=False, harmed=True) and down.strength == 0.5
     assert not down.step(seen=False, harmed=True)  # the bottom
-    back = Walk(rungs, 1.25)
+    back = Walk(rungs, 1.25, onward=False)
     assert back.step(seen=False, harmed=True) and not back.step(seen=True, harmed=False)  # milder leaks: over
     assert not Walk(rungs, 1.25).step(seen=False, harmed=False)  # clean and unharmed at once
-    climbing = Walk(rungs, 0.5)
+    climbing = Walk(rungs, 0.5, onward=False)
     assert climbing.step(True, False) and not climbing.step(False, True)  # going up: the first clean draw ends it
     assert not Walk(rungs, 0.5).milder and down.milder
+
+
+def test_an_onward_walk_looks_past_a_harmed_clean_draw_on_both_sides():
+    rungs = [0.5, 1.0, 1.25, 1.5, 2.0]
+    climbing = Walk(rungs, 0.5)
+    assert climbing.step(seen=True, harmed=False) and climbing.strength == 1.0
+    assert climbing.step(seen=False, harmed=True) and climbing.strength == 1.25  # clean but harmed: on up
+    assert not climbing.step(seen=False, harmed=False)  # clean and unharmed: over
+    leaks_again = Walk(rungs, 0.5)
+    assert leaks_again.step(True, False) and leaks_again.step(False, True)
+    assert not leaks_again.step(seen=True, harmed=False)  # the concept again above a clean draw: over
+    turned = Walk(rungs, 1.25)
+    assert turned.step(seen=False, harmed=True) and turned.strength == 1.0 and turned.milder
+    assert turned.step(seen=True, harmed=False) and turned.strength == 1.5 and not turned.milder  # milder leaks: up
+    assert turned.step(seen=False, harmed=True) and turned.strength == 2.0
+    assert not turned.step(seen=False, harmed=True)  # the top
+    floor = Walk(rungs, 1.0)
+    assert floor.step(False, True) and floor.strength == 0.5
+    assert floor.step(False, True) and floor.strength == 1.25  # the bottom: up from above the first strength
+    top_start = Walk([0.5, 1.0], 1.0)
+    assert top_start.step(False, True) and top_start.strength == 0.5
+    assert not top_start.step(False, True)  # the bottom, and nothing above the first strength
 
 
 def test_per_image_strengths_equal_separate_fixed_calls(sd1, model_folder):
@@ -72,7 +94,7 @@ def test_guard_starts_at_the_preset_and_climbs_flagged_images_from_the_same_nois
     (model_folder / "eiup_anchors.json").write_text(ANCHORS)  # the preset: strength 1
     ladder = [0.5, 1.0, 2.0]
     guard = Scripted([[True, False, True], [False, True]])  # image 0 clears at 2.0, image 2 is still seen at the top
-    out = sd1(PROMPTS, erase="red", guard=guard, guard_ladder=ladder, generator=gens(), **KW)
+    out = sd1(PROMPTS, erase="red", guard=guard, guard_ladder=ladder, guard_negative_prompt=False, generator=gens(), **KW)
     assert guard.sizes == [3, 2]
     assert out.guard_attempts.tolist() == [2, 1, 2] and out.guard_flagged == [False, False, True]
     np.testing.assert_array_equal(out.anchor_strengths["red"], [2.0, 1.0, 2.0])
@@ -81,6 +103,24 @@ def test_guard_starts_at_the_preset_and_climbs_flagged_images_from_the_same_nois
     preset = sd1(PROMPTS, erase="red", guard=False, generator=gens(), **KW)
     np.testing.assert_array_equal(preset.anchor_strengths["red"], [1.0] * 3)
     np.testing.assert_allclose(out.images[1], preset.images[1], atol=1e-5)  # passed at once: the preset's image
+
+
+def test_an_image_still_flagged_at_the_top_is_drawn_once_more_with_the_concept_as_negative_prompt(sd1, model_folder):
+    (model_folder / "eiup_anchors.json").write_text(ANCHORS)  # the preset: strength 1
+    run = dict(erase="red", guard_ladder=[0.5, 1.0, 2.0], negative_prompt=["blurry"] * 3, **KW)
+    guard = Scripted([[True, False, True], [False, True], [False]])  # image 2: seen at the top, clean without erasure
+    out = sd1(PROMPTS, guard=guard, generator=gens(), **run)
+    assert guard.sizes == [3, 2, 1] and out.guard_attempts.tolist() == [2, 1, 3]
+    assert out.guard_flagged == [False, False, False] and out.guard_negative_prompt == [False, False, True]
+    assert out.anchor_strengths["red"][1] == 1.0 and np.isnan(out.anchor_strengths["red"][2])
+    plain = sd1(PROMPTS, negative_prompt=["blurry, red"] * 3, generator=gens(), **KW)  # the user's negative prompt kept
+    np.testing.assert_allclose(out.images[2], plain.images[2], atol=1e-5)
+    preset = sd1(PROMPTS, erase="red", guard=False, negative_prompt=["blurry"] * 3, generator=gens(), **KW)
+    assert np.abs(out.images[2] - preset.images[2]).max() > 1e-3
+    still = Scripted([[True, False, True], [False, True], [True]])  # seen there too: flagged, the top's draw kept
+    out = sd1(PROMPTS, guard=still, generator=gens(), **run)
+    assert out.guard_flagged == [False, False, True] and out.guard_negative_prompt == [False] * 3
+    assert out.anchor_strengths["red"][2] == 2.0
 
 
 def test_guard_leaves_images_the_gate_did_not_project_and_reports_them(sd1, model_folder):
@@ -150,13 +190,14 @@ class Harming(Scripted):
 def test_a_guard_that_checks_the_rest_walks_down_from_harm_and_keeps_the_first_clean_draw(sd1, model_folder):
     (model_folder / "eiup_anchors.json").write_text(ANCHORS)  # the preset: strength 1
     ladder = [0.5, 1.0, 2.0]
-    guard = Harming([[False, False, True], [False, True, False]], [[True, True, False], [False, False, True]])
+    guard = Harming([[False, False, True], [False, True, False], [False]], [[True, True, False], [False, False, True], [True]])
     out = sd1(PROMPTS, erase="red", guard=guard, guard_ladder=ladder, generator=gens(), return_original=True, **KW)
     # image 0: clean but harmed at 1, clean and unharmed at 0.5; image 1: clean but harmed at 1, seen at 0.5
-    # (milder leaks: the first clean draw is kept); image 2: seen at 1, clean but harmed at the top (kept)
-    assert guard.sizes == [3, 3] and out.guard_attempts.tolist() == [2, 2, 2]
+    # (milder leaks), clean but harmed at 2: the first clean draw is kept; image 2: seen at 1, clean but harmed
+    # at the top (kept)
+    assert guard.sizes == [3, 3, 1] and out.guard_attempts.tolist() == [2, 3, 2]
     np.testing.assert_array_equal(out.anchor_strengths["red"], [0.5, 1.0, 2.0])
-    assert out.guard_flagged == [False, False, False]
+    assert out.guard_flagged == [False, False, False] and not any(out.guard_negative_prompt)
     fixed = sd1(PROMPTS, erase="red", anchor_strength=[0.5, 1.0, 2.0], generator=gens(), **KW)
     np.testing.assert_allclose(out.images, fixed.images, atol=1e-5)
     plain = sd1(PROMPTS, generator=gens(), **KW).images
@@ -203,9 +244,10 @@ class Doubting(Harming):
 
 def test_a_milder_draw_the_guard_doubts_counts_as_seen(sd1, model_folder):
     (model_folder / "eiup_anchors.json").write_text(ANCHORS)  # the preset: strength 1
-    guard = Doubting([[False, False, False], [False, False]], [[True, True, False], [False, False]],
+    guard = Doubting([[False, False, False], [False, False], [False]], [[True, True, False], [False, False], [True]],
                      [[True, False]])  # asked only about draws milder than the first
     out = sd1(PROMPTS, erase="red", guard=guard, guard_ladder=[0.5, 1.0, 2.0], generator=gens(), **KW)
-    assert guard.sizes == [3, 2] and out.guard_attempts.tolist() == [2, 2, 1] and guard.doubts == []
+    # image 0: its milder draw doubted, so tried above the first strength (harmed there too)
+    assert guard.sizes == [3, 2, 1] and out.guard_attempts.tolist() == [3, 2, 1] and guard.doubts == []
     np.testing.assert_array_equal(out.anchor_strengths["red"], [1.0, 0.5, 1.0])  # image 0's milder draw doubted
     assert out.guard_flagged == [False, False, False]

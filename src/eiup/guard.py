@@ -130,13 +130,15 @@ def model_guard(folder: str | Path | None, concepts: Sequence[str]) -> Guard | N
 
 
 class Walk:
-    """One image's path along the rungs: from the strength it was first drawn with, up while the guard sees the
-    concept, down (with a guard that checks the rest) while the image is clean but harmed; it stops at the
-    first clean image going up, where a milder rung is not clean (``seen``: for a milder draw, also the
-    guard's doubt), at the ends, or at a clean unharmed image."""
+    """One image's path along the rungs, from the strength it was first drawn with: up while the guard sees the
+    concept; then, with a guard that checks the rest, on up while the image is clean but harmed. A first draw
+    that is clean but harmed walks down while it stays clean and harmed (``seen``: for a milder draw, also the
+    guard's doubt), and where that finds nothing, up from above the first strength. It stops at a clean
+    unharmed image, at the ends, or where going up the guard sees the concept again after a clean draw."""
 
-    def __init__(self, rungs: Sequence[float], start: float):
-        self.rungs, self.at, self.direction = list(rungs), list(rungs).index(start), 0
+    def __init__(self, rungs: Sequence[float], start: float, onward: bool = True):
+        self.rungs, self.start, self.onward = list(rungs), list(rungs).index(start), onward
+        self.at, self.direction, self.clean = self.start, 0, False
 
     @property
     def strength(self) -> float:
@@ -145,17 +147,25 @@ class Walk:
     @property
     def milder(self) -> bool:
         """Whether the current draw is milder than the first."""
-        return self.direction < 0
+        return self.at < self.start
 
     def step(self, seen: bool, harmed: bool) -> bool:
         """Move after an image (the guard's answers); False when the walk is over."""
-        if self.direction == 0:
-            if not seen and not harmed:
-                return False
-            self.direction = 1 if seen else -1
-        elif seen != (self.direction > 0) or not (seen or harmed):  # up: until clean; down: while clean but harmed
+        if not seen and not harmed:
             return False
+        if self.direction == 0:
+            self.direction = 1 if seen else -1
+        elif self.direction > 0:
+            if seen and self.clean or not seen and not self.onward:
+                return False
+        elif seen:  # down, and the milder draw is not clean: up from above the first strength
+            if not self.onward:
+                return False
+            self.direction, self.at = 1, self.start
+        self.clean = self.clean or not seen
         self.at += self.direction
+        if self.at < 0 and self.onward:
+            self.direction, self.at = 1, self.start + 1
         return 0 <= self.at < len(self.rungs)
 
 
@@ -176,14 +186,16 @@ def _assemble(per_row: list, like: Any) -> Any:
 
 
 def guarded_call(pipe: Any, guard: Guard, ladder: Sequence[float], call: dict[str, Any], config: Any,
-                 return_original: bool = False, **erase_kwargs: Any) -> Any:
+                 return_original: bool = False, negative_prompt_fallback: bool = True, **erase_kwargs: Any) -> Any:
     """Generate ``call`` (the parent pipeline's arguments) with the erasure ``config`` as the pipeline's
     ``guard=`` argument asks (it validates everything first; :class:`eiup.pipeline.EIUPPipelineOutput`):
     each image the projection acts on walks the rungs of ``ladder`` (and its own first strength) from the
     strength the call gives it, up while ``guard`` sees the concept, and with a guard that has
     ``harmed(images, originals)`` (one more generation per image: the originals), down while it is clean
     but harmed (:class:`Walk`). An image keeps its first clean and unharmed draw, else its first clean
-    one, else the last."""
+    one, else the last. With ``negative_prompt_fallback``, an image the guard still flags after its walk is
+    drawn once more from the same noise without the erasure and with the concepts as negative prompt
+    (classifier-free guidance away from their names), and keeps that draw if the guard finds it clean."""
     from diffusers.utils.torch_utils import randn_tensor
 
     from .pipeline import EIUPPipelineOutput, _row_prompts
@@ -202,9 +214,10 @@ def guarded_call(pipe: Any, guard: Guard, ladder: Sequence[float], call: dict[st
         raise ValueError(f"latents has shape {tuple(latents.shape)}, the call needs {shape}")
     rest = {k: v for k, v in call.items() if k not in ("prompt", "negative_prompt", "latents", "generator", "return_dict")}
 
-    def draw(rows: Sequence[int], **kwargs: Any) -> Any:
-        return pipe(prompt=[prompts[i] for i in rows], latents=latents[torch.as_tensor(rows)],
-                    negative_prompt=None if call.get("negative_prompt") is None else [negatives[i] for i in rows],
+    def draw(rows: Sequence[int], negative: Sequence[str] | None = None, **kwargs: Any) -> Any:
+        if negative is None and call.get("negative_prompt") is not None:
+            negative = [negatives[i] for i in rows]
+        return pipe(prompt=[prompts[i] for i in rows], latents=latents[torch.as_tensor(rows)], negative_prompt=negative,
                     **{**rest, "num_images_per_prompt": 1}, **kwargs)
 
     harmed = getattr(guard, "harmed", None)  # a guard that also compares each image with the one drawn without erasure
@@ -216,6 +229,7 @@ def guarded_call(pipe: Any, guard: Guard, ladder: Sequence[float], call: dict[st
     keyed: dict[str, dict[str, list]] = {"heatmaps": {}, "erase_scales": {}, "anchor_strengths": {}}
     walks: dict[int, Walk] = {}
     like, todo = None, np.arange(n)
+    fallback = np.zeros(n, dtype=bool)  # per image: kept from the negative-prompt draw
     while len(todo):
         if not walks:  # the first draw: every image at the strength the call gives it without a guard
             out = draw(todo, erase_config=config, guard=False, **erase_kwargs)
@@ -246,12 +260,29 @@ def guarded_call(pipe: Any, guard: Guard, ladder: Sequence[float], call: dict[st
             if i not in walks and np.isfinite(given[j]):
                 walks[i] = Walk(sorted(set(ladder) | {float(given[j])}), float(given[j]))
         todo = np.array([i for j, i in enumerate(todo) if i in walks and walks[i].step(seen[j], bad[j])], dtype=int)
+    last = [i for i in walks if rank[i] == 0] if negative_prompt_fallback else []
+    if last:
+        names = ", ".join(config.concepts)
+        out = draw(last, negative=[f"{negatives[i]}, {names}" if negatives[i] else names for i in last], erase=None)
+        seen = [bool(f) for f in guard(out.images)]
+        if len(seen) != len(last):
+            raise ValueError(f"the guard answered {len(seen)} flags for {len(last)} images; it must answer one per image")
+        bad = [bool(f) for f in harmed(out.images, [originals[i] for i in last])] if harmed else [False] * len(last)
+        for j, i in enumerate(last):
+            attempts[i] += 1
+            if not seen[j]:
+                rank[i], images[i], fallback[i] = 1 if bad[j] else 2, out.images[j], True
+                nsfw[i] = None if out.nsfw_content_detected is None else out.nsfw_content_detected[j]
+                for field, per_concept in keyed.items():  # drawn without the erasure: no strength, scale or map
+                    for values in per_concept.values():
+                        if values[i] is not None:
+                            values[i] = np.zeros_like(values[i]) if field == "heatmaps" else np.full_like(values[i], np.nan)
     stack = lambda field: {c: np.stack(v) for c, v in keyed[field].items()} or None  # noqa: E731
     result = EIUPPipelineOutput(
         images=_assemble(images, like), nsfw_content_detected=None if all(f is None for f in nsfw) else nsfw,
         original_images=_assemble(originals, like) if return_original else None, heatmaps=stack("heatmaps"),
         erase_scales=stack("erase_scales"), anchor_strengths=stack("anchor_strengths"),
-        guard_flagged=[bool(r == 0) for r in rank], guard_attempts=attempts)
+        guard_flagged=[bool(r == 0) for r in rank], guard_attempts=attempts, guard_negative_prompt=fallback.tolist())
     if return_dict:
         return result
     return (result.images, result.nsfw_content_detected) + ((result.original_images,) if return_original else ())

@@ -529,6 +529,7 @@ class GenerationSettings:
     allow_amplify: bool = False
     guard: str | None = None  # closed-loop erasure (eiup.guard): 'auto', 'none', 'nudenet' or 'module:function'
     guard_ladder: tuple[float, ...] | None = None  # the strengths the guard climbs; None: eiup.guard.DEFAULT_LADDER
+    guard_negative_prompt: bool = True  # the guard's last resort (eiup.guard.guarded_call)
 
 
 @dataclass(frozen=True)
@@ -580,7 +581,8 @@ class ImageJob:
                if erasing and settings.anchors and settings.anchor_region is not None else {}),
             **({"prompt_gate": settings.prompt_gate} if erasing else {}),
             **({"guard": settings.guard, "guard_ladder": None if settings.guard_ladder is None
-                else list(settings.guard_ladder)} if erasing and settings.guard and settings.guard != "none" else {}),
+                else list(settings.guard_ladder), "guard_negative_prompt": settings.guard_negative_prompt}
+               if erasing and settings.guard and settings.guard != "none" else {}),
             "original": bool(settings.save_original and erasing),
         }
 
@@ -930,8 +932,9 @@ def _outcome(result: Any, i: int) -> dict | None:
         return None
     strengths = {c: (round(float(v[i]), 4) if math.isfinite(float(v[i])) else None)
                  for c, v in (result.anchor_strengths or {}).items()}
+    fallback = getattr(result, "guard_negative_prompt", None)
     return {"guard_flagged": bool(result.guard_flagged[i]), "generations": int(attempts[i]),
-            "anchor_strength": strengths}
+            "anchor_strength": strengths, "negative_prompt": bool(fallback[i]) if fallback is not None else False}
 
 
 def generate_to_dir(
@@ -1017,6 +1020,7 @@ def generate_to_dir(
                             kwargs["guard"] = guard
                             if settings.guard_ladder is not None:
                                 kwargs["guard_ladder"] = list(settings.guard_ladder)
+                            kwargs["guard_negative_prompt"] = settings.guard_negative_prompt
                     elif pipeline_supports_erase(pipe):
                         kwargs["erase"] = None
                     try:

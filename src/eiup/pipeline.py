@@ -463,6 +463,8 @@ class EIUPPipelineOutput(BaseOutput):
         guard_flagged: With ``guard=``: per image, whether the guard still sees a concept in it (at the
             ladder's top, or where the gate left the prompt alone): what a product should withhold.
         guard_attempts: With ``guard=``: per image, how many times it was generated (int array).
+        guard_negative_prompt: With ``guard=``: per image, whether it is the guard's last resort, drawn
+            without the erasure and with the concepts as negative prompt (its anchor strength NaN).
     """
 
     images: Any
@@ -473,6 +475,7 @@ class EIUPPipelineOutput(BaseOutput):
     anchor_strengths: dict[str, np.ndarray] | None = None
     guard_flagged: list[bool] | None = None
     guard_attempts: np.ndarray | None = None
+    guard_negative_prompt: list[bool] | None = None
 
 
 @contextlib.contextmanager
@@ -614,6 +617,7 @@ class EIUPMixin:
         scale_predictors: Any = None,
         guard: Callable[[Any], Sequence[bool]] | str | bool | None = None,
         guard_ladder: Sequence[float] | None = None,
+        guard_negative_prompt: bool = True,
         **kwargs: Any,
     ) -> EIUPPipelineOutput | tuple:
         """Generate images with the concepts in ``erase`` suppressed.
@@ -671,6 +675,10 @@ class EIUPMixin:
                 latents); otherwise no guard. A callable gets the images in the call's ``output_type``.
                 ``False``: off.
             guard_ladder: The strengths the guard climbs (default :data:`eiup.guard.DEFAULT_LADDER`).
+            guard_negative_prompt: The guard's last resort (default on): an image it still flags at the
+                end of its walk is drawn once more from the same noise without the erasure, with the
+                concepts as negative prompt, and kept if the guard finds it clean (on the toy model the
+                projection cannot take red off an object on a black background; the negative prompt can).
             *args: Positional arguments of the parent ``__call__``.
             **kwargs: Keyword arguments of the parent ``__call__``. In dual mode the step
                 callback's tensors hold both branches (``[original..., erased...]``).
@@ -712,6 +720,7 @@ class EIUPMixin:
         guard = self._resolve_guard(call, config, DEFAULT_GUARD if guard is None else guard, guard_ladder)
         if guard is not None:
             return self._guarded(call, config, guard, guard_ladder, return_original=return_original,
+                                 negative_prompt_fallback=guard_negative_prompt,
                                  return_heatmaps=return_heatmaps, concept_recorder=concept_recorder,
                                  scale_predictors=scale_predictors)
         return_dict = call.get("return_dict", True)

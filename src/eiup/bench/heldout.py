@@ -37,6 +37,8 @@ class HeldoutResult:
     mean_scale: float | None = None  # the mean predicted scale over positives (erase_scale="auto"), else None
     mean_strength: float | None = None  # the mean strength over projected positives (per image: "auto" or guard=)
     mean_generations: float | None = None  # guard=: the mean number of generations per image, positives and negatives
+    negative_prompt: float | None = None  # guard=: the share of positives kept from the guard's negative-prompt draw
+    flagged: float | None = None  # guard=: the share of positives the guard still flags
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -70,6 +72,7 @@ def judge_setting(plain: PlainImages, concept: str, positives: Sequence[str], ne
     from the rewritten prompt (e.g. :func:`rewrite_reference`): a reference judged exactly like a setting.
     """
     residual, kept, unharmed, same, psnr, scales, strengths, generations = [], [], [], [], [], [], [], []
+    fallback, flagged = [], []
     for prompt in tqdm(list(positives) + list(negatives), desc=desc or concept, leave=False):
         role = "implicit" if prompt in positives else "specificity"
         out, judged = judge_prompt(plain, concept, prompt, role, kwargs, rewrite)
@@ -81,6 +84,9 @@ def judge_setting(plain: PlainImages, concept: str, positives: Sequence[str], ne
             residual += [j.residual for j in shown]
             kept += [j.kept for j in shown]
             unharmed += [j.unharmed for j in shown]
+            if getattr(out, "guard_flagged", None) is not None:
+                flagged += [out.guard_flagged[k] for k, p in enumerate(plain_found) if concept_present(p, concept)]
+                fallback += [out.guard_negative_prompt[k] for k, p in enumerate(plain_found) if concept_present(p, concept)]
             if out.erase_scales:
                 scales += [float(s) for s in out.erase_scales[concept]]
             if getattr(out, "anchor_strengths", None) and concept in out.anchor_strengths:
@@ -92,7 +98,8 @@ def judge_setting(plain: PlainImages, concept: str, positives: Sequence[str], ne
     return HeldoutResult(concept, mean(residual), mean(kept), mean(unharmed), mean(same),
                          float(np.median(psnr)) if psnr else float("nan"), len(residual), len(same),
                          float(np.mean(scales)) if scales else None, float(np.mean(strengths)) if strengths else None,
-                         float(np.mean(generations)) if generations else None)
+                         float(np.mean(generations)) if generations else None,
+                         float(np.mean(fallback)) if fallback else None, float(np.mean(flagged)) if flagged else None)
 
 
 def judge_prompt(plain: PlainImages, concept: str, prompt: str, role: str, kwargs: dict[str, Any],

@@ -6,6 +6,7 @@ Toy-world suites run offline on the bundled model; the real suites read user CSV
 from __future__ import annotations
 
 import csv
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -177,6 +178,22 @@ _HELDOUT_NEGATIVE_EXPLICIT = {
     "pattern": ["a drawing of a red heart", "an image of a blue cross on a black background"],
     "background": ["a drawing of a red star on a gray background", "an image of a green circle"],
 }
+_CONFIRMATION_EXPLICIT = {
+    "color": ["an image of a {v} circle on a gray background", "a drawing of a {v} square on a black background",
+              "a photo of a {v} heart", "a dotted {v} triangle"],
+    "shape": ["an image of a purple {v} on a gray background", "a drawing of an orange {v} on a black background",
+              "a photo of a green {v}", "a striped yellow {v}"],
+    "pattern": ["an image of a {v} orange star", "a drawing of a {v} purple cross on a gray background",
+                "a photo of a {v} green triangle", "a {v} red heart on a black background"],
+    "background": ["an image of a purple square on a {v} background", "a drawing of an orange heart on a {v} background",
+                   "a photo of a striped yellow circle on a {v} background", "a blue triangle on a {v} background"],
+}
+_CONFIRMATION_NEGATIVE_EXPLICIT = {
+    "color": ["an image of a blue heart on a gray background", "a photo of a green circle"],
+    "shape": ["an image of a red square on a gray background", "a photo of a blue circle"],
+    "pattern": ["an image of a red cross", "a photo of a blue star on a black background"],
+    "background": ["an image of a red square on a gray background", "a photo of a green heart"],
+}
 _HELDOUT_NIGHT_NOUNS = ("valentine", "pine tree", "tiger", "first aid kit", "sheriff badge", "strawberry")
 
 
@@ -197,6 +214,43 @@ def heldout_negatives(concept: str) -> list[str]:
     unrelated = _not_involving(concept)
     nouns = [f"a drawing of {unrelated[i]}" for i in range(0, len(unrelated), max(1, len(unrelated) // 4))][:4]
     return nouns + _HELDOUT_NEGATIVE_EXPLICIT[attribute]
+
+
+def confirmation_prompts(concept: str) -> list[str]:
+    """A third set of prompts with the concept, for confirming a design once it was chosen on the
+    calibration and held-out prompts (other templates again: none of them in any other set, nor among
+    the random captions the shipped predictors and probes were fitted on)."""
+    attribute, value = CONCEPTS[concept]
+    if attribute == "background":
+        benchmark_nouns = [n[: -len(" at night")] for n in _implicit_for(concept)]
+        calibration_nouns = [_a(n) for n in ("blueberry", "pyramid", "emerald", "ladybug", "starfish")]
+        implicit = ([f"a photo of {n} at night" for n in benchmark_nouns]
+                    + [f"a drawing of {n} at night" for n in calibration_nouns])
+    else:
+        implicit = [p for t in _implicit_for(concept)
+                    for p in (f"a photo of {t} in the fog", f"a drawing of {t} on a black background",
+                              f"an image of {t} on a gray background")]
+    return _unseen(implicit + [t.format(v=value) for t in _CONFIRMATION_EXPLICIT[attribute]])
+
+
+def confirmation_negatives(concept: str) -> list[str]:
+    """Prompts without the concept for the confirmation set (the erasure must leave them alone)."""
+    attribute, _ = CONCEPTS[concept]
+    unrelated = _not_involving(concept)
+    step = max(1, len(unrelated) // 4)
+    nouns = [f"an image of {unrelated[i]}" for i in range(step // 2, len(unrelated), step)][:4]
+    return _unseen(nouns + _CONFIRMATION_NEGATIVE_EXPLICIT[attribute])
+
+
+@functools.cache
+def _fitted_or_judged() -> frozenset[str]:
+    """Every prompt some other set judges, and the random captions the shipped predictors and probes
+    were fitted on (:func:`gate_prompts`, :func:`strength_prompts` with their defaults)."""
+    return frozenset(_judged_prompts(heldout=True).union(gate_prompts(), *(strength_prompts(c) for c in CONCEPTS)))
+
+
+def _unseen(prompts: list[str]) -> list[str]:
+    return [p for p in prompts if p not in _fitted_or_judged()]
 
 
 def _judged_prompts(heldout: bool) -> set[str]:

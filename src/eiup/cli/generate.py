@@ -96,6 +96,10 @@ def generate(
     guard_ladder: Optional[str] = typer.Option(
         None, "--guard-ladder", help="The strengths --guard climbs, comma-separated and increasing. "
         "Default: 0.5,0.75,1,1.25,1.5,2 (eiup.guard.DEFAULT_LADDER)."),
+    guard_negative_prompt: bool = typer.Option(
+        True, "--guard-negative-prompt/--no-guard-negative-prompt", help="The guard's last resort: an image still "
+        "flagged at the ladder's top is drawn once more without the erasure, with the concepts as negative prompt, "
+        "and kept if the guard finds it clean (manifest: outcome.negative_prompt)."),
     allow_amplify: bool = typer.Option(False, "--allow-amplify", help="Allow a positive --scale (amplifies the concepts)."),
     mode: Optional[str] = typer.Option(
         None, "--mode", help="single (fast, one branch) or dual (the paper's: keeps the original layout, ~2x cost). "
@@ -278,7 +282,7 @@ def generate(
         concept_context=concept_context or default_context,
         anchors=anchors, anchor_strength=strength, anchor_protect=protected, anchor_in_context=in_context,
         anchor_region=region, anchor_gate=anchor_gate,
-        prompt_gate=prompt_gate, guard=guard, guard_ladder=ladder,
+        prompt_gate=prompt_gate, guard=guard, guard_ladder=ladder, guard_negative_prompt=guard_negative_prompt,
         negative_prompt=negative_prompt, images_per_prompt=images_per_prompt,
         save_original=save_original, use_row_erase=not ignore_erase_target, allow_amplify=allow_amplify,
     )
