@@ -40,9 +40,11 @@ FAMILIES = {
                 [0.0, -0.25, -0.5, -1.0, -4.0], ("preset",), "erase_scale"),
     "anchor strength": ("the anchored projection's strength fixed for every prompt (the concept term at the preset "
                         "scale), against anchor_strength=\"auto\" (predicted per prompt from its text embedding by the "
-                        "shipped strength predictors) and the guard (the library defaults: each image climbs "
-                        "0.5, 0.75, ..., 2 while the model's guard, a second detector, still sees the concept or sees the "
-                        "rest of the image changed against the one drawn without erasure)", {},
+                        "shipped strength predictors) and the guard (the library defaults: each image walks the "
+                        "strengths 0.5, 0.75, ..., 2 from the preset, up while the model's guard, a second detector, "
+                        "still sees the concept or sees the rest of the image changed against the one drawn without "
+                        "erasure, down from a harmed first draw; an image still flagged at the end is drawn once more "
+                        "without the erasure, with the concept as negative prompt)", {},
                         [0.5, 0.75, 1.0, 1.25, 1.5, 2.0], ("auto", "guard"), "anchor_strength"),
     "presets, no gates": ("the presets with both prompt-level gates off (anchor_gate=False: every prompt leaning "
                           "towards the concept is projected; prompt_gate=False: the concept term acts on every prompt)",
