@@ -138,6 +138,7 @@ def test_guard_leaves_images_the_gate_did_not_project_and_reports_them(sd1, mode
     (dict(guard=lambda im: [False] * len(im), anchor_strength=1.0), "drop anchor_strength"),
     (dict(guard=lambda im: [False] * len(im), guard_ladder=[2, 1]), "guard_ladder"),
     (dict(guard=lambda im: [False] * len(im), anchors=[]), "give anchors"),
+    (dict(guard=lambda im: [False] * len(im), negative_prompt_embeds=torch.zeros(3, 77, 32)), "negative_prompt=..."),
 ])
 def test_bad_guard_arguments_are_refused_before_model_work(sd1, model_folder, kwargs, match):
     (model_folder / "eiup_anchors.json").write_text(ANCHORS)

@@ -223,6 +223,14 @@ def guarded_call(pipe: Any, guard: Guard, ladder: Sequence[float], call: dict[st
     harmed = getattr(guard, "harmed", None)  # a guard that also compares each image with the one drawn without erasure
     doubt = getattr(guard, "doubt", None)  # ... and may doubt an image it reads clean (for milder draws)
     originals = draw(range(n), erase=None).images if harmed is not None or return_original else None
+
+    def check(images: Any, rows: Sequence[int]) -> tuple[list[bool], list[bool]]:
+        """The guard's answers for the images of ``rows``: concept seen, rest harmed (against the originals)."""
+        seen = [bool(f) for f in guard(images)]
+        if len(seen) != len(rows):
+            raise ValueError(f"the guard answered {len(seen)} flags for {len(rows)} images; it must answer one per image")
+        return seen, [bool(f) for f in harmed(images, [originals[i] for i in rows])] if harmed else [False] * len(rows)
+
     attempts = np.zeros(n, dtype=int)
     rank = np.full(n, -1)  # of the attempt kept per image: 2 clean and unharmed, 1 clean (the first), 0 seen (the last)
     images, nsfw = [None] * n, [None] * n
@@ -237,10 +245,7 @@ def guarded_call(pipe: Any, guard: Guard, ladder: Sequence[float], call: dict[st
             out = draw(todo, erase_config=config, anchor_strength=[walks[i].strength for i in todo], guard=False,
                        **erase_kwargs)
         like = out.images
-        seen = [bool(f) for f in guard(out.images)]
-        if len(seen) != len(todo):
-            raise ValueError(f"the guard answered {len(seen)} flags for {len(todo)} images; it must answer one per image")
-        bad = [bool(f) for f in harmed(out.images, [originals[i] for i in todo])] if harmed else [False] * len(todo)
+        seen, bad = check(out.images, todo)
         milder = [i in walks and walks[i].milder for i in todo]
         if doubt is not None and any(milder):  # a milder draw than the first counts as seen where the guard doubts
             seen = [s or (m and d) for s, m, d in zip(seen, milder, doubt(out.images))]
@@ -264,10 +269,7 @@ def guarded_call(pipe: Any, guard: Guard, ladder: Sequence[float], call: dict[st
     if last:
         names = ", ".join(config.concepts)
         out = draw(last, negative=[f"{negatives[i]}, {names}" if negatives[i] else names for i in last], erase=None)
-        seen = [bool(f) for f in guard(out.images)]
-        if len(seen) != len(last):
-            raise ValueError(f"the guard answered {len(seen)} flags for {len(last)} images; it must answer one per image")
-        bad = [bool(f) for f in harmed(out.images, [originals[i] for i in last])] if harmed else [False] * len(last)
+        seen, bad = check(out.images, last)
         for j, i in enumerate(last):
             attempts[i] += 1
             if not seen[j]:

@@ -875,6 +875,7 @@ class EIUPMixin:
             from .guard import model_guard
 
             usable = (config.concepts and config.anchor_strength is None and _row_prompts(call) is not None
+                      and call.get("negative_prompt_embeds") is None
                       and isinstance(self, StableDiffusionPipeline)
                       and call.get("output_type") != "latent")  # the model's guard reads images
             guard = model_guard(getattr(self.config, "_name_or_path", None), config.concepts) if usable else None
@@ -887,6 +888,9 @@ class EIUPMixin:
             raise EraseConfigError("guard= needs concepts to erase: pass erase=[...]")
         elif _row_prompts(call) is None:
             raise EraseConfigError("guard= needs the prompt text, not prompt_embeds: pass prompt=...")
+        elif call.get("negative_prompt_embeds") is not None:
+            raise EraseConfigError("guard= redraws single images and may add the concepts to the negative prompt, "
+                                   "which it needs as text: pass negative_prompt=... instead of negative_prompt_embeds")
         if guard is not None and not (config.anchor_spec and any(plan.anchors for plan in self._anchor_plans(config))):
             if auto:
                 guard = None  # nothing to climb
