@@ -16,7 +16,8 @@ benchmark suites; seeds 3000.. (the benchmark uses 0..19). The measures are thos
 ``--prompts heldout`` takes the auto-scale check's prompts instead (:func:`eiup.bench.suites.heldout_prompts`,
 other templates; ``benchmarks/auto_vs_fixed.py`` uses seeds 5000..); ``--prompts confirmation`` a third
 set (:func:`eiup.bench.suites.confirmation_prompts`, seeds 7000.. by convention), kept for confirming a
-design once it was chosen on the first two. ``--rewrite`` judges no erasure
+design once it was chosen on the first two; ``--prompts reserve`` a fourth (:func:`eiup.bench.suites.reserve_prompts`,
+seeds 8000.. by convention), kept for the design after that. ``--rewrite`` judges no erasure
 setting: each prompt with the concept is rewritten by hand-made rules to comply (the concept's attribute
 set to another value, round robin over the seeds: "a photo of a tomato" -> "a photo of an orange circle",
 :func:`eiup.toy.world.rewrite_without`) and generated without erasure. It is what a perfect prompt-level
@@ -37,9 +38,10 @@ def main() -> None:
     ap.add_argument("--concepts", nargs="+", default=["red", "star", "heart", "night"])
     ap.add_argument("--seeds", type=int, default=6)
     ap.add_argument("--first-seed", type=int, default=3000, help="seeds first..first+seeds-1 (benchmark: 0..19)")
-    ap.add_argument("--prompts", choices=["calibration", "heldout", "confirmation"], default="calibration",
+    ap.add_argument("--prompts", choices=["calibration", "heldout", "confirmation", "reserve"], default="calibration",
                     help="calibration prompts (default), the auto-scale check's held-out templates, or the "
-                         "confirmation set (a third set, for confirming a design chosen on the other two)")
+                         "confirmation set (a third set, for confirming a design chosen on the other two), or the "
+                         "reserve set (a fourth, dark backgrounds among them)")
     ap.add_argument("--rewrite", action="store_true",
                     help="judge the prompts rewritten without the concept (a reference) instead of an erasure setting")
     ap.add_argument("--guard", default=None, metavar="DETECTOR",

@@ -12,8 +12,8 @@ from eiup.bench.baselines import Method, MethodRunner, default_methods, parse_me
 from eiup.bench.metrics import aggregate, judge_toy
 from eiup.bench.heldout import above_curve, dominated
 from eiup.bench.suites import (ROLES, calibration_negatives, calibration_prompts, confirmation_negatives,
-                               confirmation_prompts, gate_prompts, heldout_negatives, heldout_prompts, strength_prompts,
-                               toy_suite)
+                               confirmation_prompts, gate_prompts, heldout_negatives, heldout_prompts, reserve_negatives,
+                               reserve_prompts, strength_prompts, toy_suite)
 from eiup.toy.detect import DetectedObject, Detection
 from eiup.toy.world import CONCEPTS, parse_caption
 
@@ -31,14 +31,19 @@ def test_suites_have_every_role_and_calibration_prompts_are_held_out(concept):
     assert not held_out & {p.text for p in suite.prompts}
 
 
+@pytest.mark.parametrize("reserve", [False, True])
 @pytest.mark.parametrize("concept", sorted(CONCEPTS))
-def test_confirmation_prompts_are_in_no_other_set_nor_among_the_fitted_captions_and_carry_the_concept_or_not(concept):
+def test_confirmation_and_reserve_prompts_are_in_no_other_set_nor_among_the_fitted_captions_and_carry_the_concept_or_not(
+        concept, reserve):
     attribute, value = CONCEPTS[concept]
-    positives, negatives = confirmation_prompts(concept), confirmation_negatives(concept)
+    positives, negatives = ((reserve_prompts(concept), reserve_negatives(concept)) if reserve
+                            else (confirmation_prompts(concept), confirmation_negatives(concept)))
     others = set(gate_prompts()).union(*(strength_prompts(c) for c in CONCEPTS))
     for c in CONCEPTS:
         others |= {p.text for p in toy_suite(c, [0]).prompts}
         others |= set(calibration_prompts(c) + calibration_negatives(c) + heldout_prompts(c) + heldout_negatives(c))
+        if reserve:
+            others |= set(confirmation_prompts(c) + confirmation_negatives(c))
     assert len(positives) >= 5 and len(negatives) >= 3 and not (set(positives) | set(negatives)) & others
     assert len(set(positives + negatives)) == len(positives + negatives)
     has = [(s.background == value) if attribute == "background" else any(getattr(o, attribute) == value for o in s.objects)

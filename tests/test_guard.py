@@ -105,22 +105,31 @@ def test_guard_starts_at_the_preset_and_climbs_flagged_images_from_the_same_nois
     np.testing.assert_allclose(out.images[1], preset.images[1], atol=1e-5)  # passed at once: the preset's image
 
 
-def test_an_image_still_flagged_at_the_top_is_drawn_once_more_with_the_concept_as_negative_prompt(sd1, model_folder):
+def test_an_image_still_flagged_at_the_top_is_drawn_again_with_the_concept_as_negative_prompt(sd1, model_folder):
+    from eiup.guard import NEGATIVE_PROMPT_GUIDANCE
+
     (model_folder / "eiup_anchors.json").write_text(ANCHORS)  # the preset: strength 1
-    run = dict(erase="red", guard_ladder=[0.5, 1.0, 2.0], negative_prompt=["blurry"] * 3, **KW)
-    guard = Scripted([[True, False, True], [False, True], [False]])  # image 2: seen at the top, clean without erasure
+    run = dict(erase="red", guard_ladder=[0.5, 1.0, 2.0], negative_prompt=["blurry"] * 3, guidance_scale=6.0, **KW)
+    # image 2: seen at the top, seen with the negative prompt at the call's guidance, clean at the next multiple
+    guard = Scripted([[True, False, True], [False, True], [True], [False]])
     out = sd1(PROMPTS, guard=guard, generator=gens(), **run)
-    assert guard.sizes == [3, 2, 1] and out.guard_attempts.tolist() == [2, 1, 3]
+    assert guard.sizes == [3, 2, 1, 1] and out.guard_attempts.tolist() == [2, 1, 4]
     assert out.guard_flagged == [False, False, False] and out.guard_negative_prompt == [False, False, True]
     assert out.anchor_strengths["red"][1] == 1.0 and np.isnan(out.anchor_strengths["red"][2])
-    plain = sd1(PROMPTS, negative_prompt=["blurry, red"] * 3, generator=gens(), **KW)  # the user's negative prompt kept
+    plain = sd1(PROMPTS, negative_prompt=["blurry, red"] * 3, guidance_scale=6.0 * NEGATIVE_PROMPT_GUIDANCE[1],
+                generator=gens(), **KW)  # the user's negative prompt kept, the concept added
     np.testing.assert_allclose(out.images[2], plain.images[2], atol=1e-5)
     preset = sd1(PROMPTS, erase="red", guard=False, negative_prompt=["blurry"] * 3, generator=gens(), **KW)
     assert np.abs(out.images[2] - preset.images[2]).max() > 1e-3
-    still = Scripted([[True, False, True], [False, True], [True]])  # seen there too: flagged, the top's draw kept
-    out = sd1(PROMPTS, guard=still, generator=gens(), **run)
+    still = Scripted([[True, False, True], [False, True]] + [[True]] * len(NEGATIVE_PROMPT_GUIDANCE))
+    out = sd1(PROMPTS, guard=still, generator=gens(), **run)  # seen at every multiple: flagged, the top's draw kept
     assert out.guard_flagged == [False, False, True] and out.guard_negative_prompt == [False] * 3
-    assert out.anchor_strengths["red"][2] == 2.0
+    assert out.anchor_strengths["red"][2] == 2.0 and out.guard_attempts[2] == 2 + len(NEGATIVE_PROMPT_GUIDANCE)
+    fixed = sd1(PROMPTS, erase="red", anchor_strength=[2.0, 1.0, 2.0], negative_prompt=["blurry"] * 3,
+                guidance_scale=6.0, generator=gens(), **KW)
+    np.testing.assert_allclose(out.images[2], fixed.images[2], atol=1e-5)
+    no_cfg = Scripted([[True, False, True], [False, True]])  # guidance 1: a negative prompt does nothing, none drawn
+    assert sd1(PROMPTS, guard=no_cfg, generator=gens(), **{**run, "guidance_scale": 1.0}).guard_flagged[2]
 
 
 def test_guard_leaves_images_the_gate_did_not_project_and_reports_them(sd1, model_folder):

@@ -27,6 +27,10 @@ import torch
 DEFAULT_LADDER = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0)
 GUARD_FILE = "eiup_guard.safetensors"  # in a model folder: a toy-world concept detector, what guard="auto" loads
 
+NEGATIVE_PROMPT_GUIDANCE = (1.0, 1.5, 2.0)
+"""The guard's last resort: negative-prompt draws at these multiples of the call's guidance scale, in turn."""
+
+
 Guard = Callable[[Any], Sequence[bool]]
 
 
@@ -194,8 +198,9 @@ def guarded_call(pipe: Any, guard: Guard, ladder: Sequence[float], call: dict[st
     ``harmed(images, originals)`` (one more generation per image: the originals), down while it is clean
     but harmed (:class:`Walk`). An image keeps its first clean and unharmed draw, else its first clean
     one, else the last. With ``negative_prompt_fallback``, an image the guard still flags after its walk is
-    drawn once more from the same noise without the erasure and with the concepts as negative prompt
-    (classifier-free guidance away from their names), and keeps that draw if the guard finds it clean."""
+    drawn again from the same noise without the erasure and with the concepts as negative prompt
+    (classifier-free guidance away from their names), at the call's guidance scale times each of
+    :data:`NEGATIVE_PROMPT_GUIDANCE` in turn until the guard finds it clean, and keeps that draw."""
     from diffusers.utils.torch_utils import randn_tensor
 
     from .pipeline import EIUPPipelineOutput, _row_prompts
@@ -218,7 +223,7 @@ def guarded_call(pipe: Any, guard: Guard, ladder: Sequence[float], call: dict[st
         if negative is None and call.get("negative_prompt") is not None:
             negative = [negatives[i] for i in rows]
         return pipe(prompt=[prompts[i] for i in rows], latents=latents[torch.as_tensor(rows)], negative_prompt=negative,
-                    **{**rest, "num_images_per_prompt": 1}, **kwargs)
+                    **{**rest, "num_images_per_prompt": 1, **kwargs})
 
     harmed = getattr(guard, "harmed", None)  # a guard that also compares each image with the one drawn without erasure
     doubt = getattr(guard, "doubt", None)  # ... and may doubt an image it reads clean (for milder draws)
@@ -265,10 +270,14 @@ def guarded_call(pipe: Any, guard: Guard, ladder: Sequence[float], call: dict[st
             if i not in walks and np.isfinite(given[j]):
                 walks[i] = Walk(sorted(set(ladder) | {float(given[j])}), float(given[j]))
         todo = np.array([i for j, i in enumerate(todo) if i in walks and walks[i].step(seen[j], bad[j])], dtype=int)
-    last = [i for i in walks if rank[i] == 0] if negative_prompt_fallback else []
-    if last:
-        names = ", ".join(config.concepts)
-        out = draw(last, negative=[f"{negatives[i]}, {names}" if negatives[i] else names for i in last], erase=None)
+    guidance = float(call.get("guidance_scale") or 0.0)  # a negative prompt acts through classifier-free guidance
+    last = [i for i in walks if rank[i] == 0] if negative_prompt_fallback and guidance > 1 else []
+    names = ", ".join(config.concepts)
+    for factor in NEGATIVE_PROMPT_GUIDANCE:
+        if not last:
+            break
+        out = draw(last, negative=[f"{negatives[i]}, {names}" if negatives[i] else names for i in last], erase=None,
+                   guidance_scale=factor * guidance)
         seen, bad = check(out.images, last)
         for j, i in enumerate(last):
             attempts[i] += 1
@@ -279,6 +288,7 @@ def guarded_call(pipe: Any, guard: Guard, ladder: Sequence[float], call: dict[st
                     for values in per_concept.values():
                         if values[i] is not None:
                             values[i] = np.zeros_like(values[i]) if field == "heatmaps" else np.full_like(values[i], np.nan)
+        last = [i for j, i in enumerate(last) if seen[j]]
     stack = lambda field: {c: np.stack(v) for c, v in keyed[field].items()} or None  # noqa: E731
     result = EIUPPipelineOutput(
         images=_assemble(images, like), nsfw_content_detected=None if all(f is None for f in nsfw) else nsfw,

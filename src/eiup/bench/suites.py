@@ -194,6 +194,22 @@ _CONFIRMATION_NEGATIVE_EXPLICIT = {
     "pattern": ["an image of a red cross", "a photo of a blue star on a black background"],
     "background": ["an image of a red square on a gray background", "a photo of a green heart"],
 }
+_RESERVE_EXPLICIT = {
+    "color": ["a {v} triangle on a black background", "a photo of a {v} circle on a gray background",
+              "an image of a striped {v} heart on a black background", "a drawing of a {v} cross on a gray background"],
+    "shape": ["a red {v} on a black background", "a photo of a dotted blue {v} on a black background",
+              "an image of a yellow {v} on a gray background", "a drawing of a purple {v}"],
+    "pattern": ["a {v} yellow square on a black background", "a photo of a {v} blue heart on a gray background",
+                "an image of a {v} red circle", "a drawing of a {v} orange triangle on a black background"],
+    "background": ["a red heart on a {v} background", "a photo of a dotted green square on a {v} background",
+                   "an image of a yellow cross on a {v} background", "a drawing of a purple star on a {v} background"],
+}
+_RESERVE_NEGATIVE_EXPLICIT = {
+    "color": ["a blue circle on a black background", "a photo of a yellow heart on a black background"],
+    "shape": ["a red circle on a black background", "a photo of a yellow square on a black background"],
+    "pattern": ["a red circle on a black background", "a photo of a yellow square on a black background"],
+    "background": ["a red heart on a gray background", "a photo of a blue star"],
+}
 _HELDOUT_NIGHT_NOUNS = ("valentine", "pine tree", "tiger", "first aid kit", "sheriff badge", "strawberry")
 
 
@@ -242,6 +258,32 @@ def confirmation_negatives(concept: str) -> list[str]:
     return _unseen(nouns + _CONFIRMATION_NEGATIVE_EXPLICIT[attribute])
 
 
+def reserve_prompts(concept: str) -> list[str]:
+    """A fourth set, kept in reserve for confirming the next design (as :func:`confirmation_prompts`:
+    other templates again, dark and foggy backgrounds among them; none in any other set)."""
+    attribute, value = CONCEPTS[concept]
+    if attribute == "background":
+        night = {"a photo of {} at night": _HELDOUT_NIGHT_NOUNS,
+                 "an image of {} at night": ("lemon", "lime", "grape", "tomato", "sapphire", "bee"),
+                 "{} on a black background": ("blueberry", "pyramid", "emerald", "ladybug", "starfish")}
+        implicit = [t.format(_a(n)) for t, nouns in night.items() for n in nouns]
+    else:
+        implicit = [p for t in _implicit_for(concept)
+                    for p in (f"{t} on a black background", f"a photo of {t} on a black background",
+                              f"an image of {t} at night", f"a drawing of {t} in the fog")]
+    return _unseen(implicit + [t.format(v=value) for t in _RESERVE_EXPLICIT[attribute]], confirmation=True)
+
+
+def reserve_negatives(concept: str) -> list[str]:
+    """Prompts without the concept for the reserve set."""
+    attribute, _ = CONCEPTS[concept]
+    unrelated = _not_involving(concept)
+    step = max(1, len(unrelated) // 4)
+    background = "gray" if attribute == "background" else "black"
+    nouns = [f"a photo of {unrelated[i]} on a {background} background" for i in range(step - 1, len(unrelated), step)][:4]
+    return _unseen(nouns + _RESERVE_NEGATIVE_EXPLICIT[attribute], confirmation=True)
+
+
 @functools.cache
 def _fitted_or_judged() -> frozenset[str]:
     """Every prompt some other set judges, and the random captions the shipped predictors and probes
@@ -249,7 +291,12 @@ def _fitted_or_judged() -> frozenset[str]:
     return frozenset(_judged_prompts(heldout=True).union(gate_prompts(), *(strength_prompts(c) for c in CONCEPTS)))
 
 
-def _unseen(prompts: list[str]) -> list[str]:
+def _unseen(prompts: list[str], confirmation: bool = False) -> list[str]:
+    """``prompts`` but those in another set or among the fitted captions (and with ``confirmation``, the
+    confirmation set's)."""
+    if confirmation:
+        taken = {p for c in CONCEPTS for p in confirmation_prompts(c) + confirmation_negatives(c)}
+        prompts = [p for p in prompts if p not in taken]
     return [p for p in prompts if p not in _fitted_or_judged()]
 
 
