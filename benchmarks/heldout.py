@@ -17,7 +17,7 @@ benchmark suites; seeds 3000.. (the benchmark uses 0..19). The measures are thos
 other templates; ``benchmarks/auto_vs_fixed.py`` uses seeds 5000..); ``--prompts confirmation`` a third
 set (:func:`eiup.bench.suites.confirmation_prompts`, seeds 7000.. by convention), kept for confirming a
 design once it was chosen on the first two; ``--prompts reserve`` a fourth (:func:`eiup.bench.suites.reserve_prompts`,
-seeds 8000.. by convention), kept for the design after that. ``--rewrite`` judges no erasure
+seeds 8000.. by convention), for the design the confirmation set led to. ``--rewrite`` judges no erasure
 setting: each prompt with the concept is rewritten by hand-made rules to comply (the concept's attribute
 set to another value, round robin over the seeds: "a photo of a tomato" -> "a photo of an orange circle",
 :func:`eiup.toy.world.rewrite_without`) and generated without erasure. It is what a perfect prompt-level

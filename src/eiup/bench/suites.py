@@ -259,7 +259,7 @@ def confirmation_negatives(concept: str) -> list[str]:
 
 
 def reserve_prompts(concept: str) -> list[str]:
-    """A fourth set, kept in reserve for confirming the next design (as :func:`confirmation_prompts`:
+    """A fourth set, for confirming the design the confirmation set led to (as :func:`confirmation_prompts`:
     other templates again, dark and foggy backgrounds among them; none in any other set)."""
     attribute, value = CONCEPTS[concept]
     if attribute == "background":
