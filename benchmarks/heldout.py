@@ -39,8 +39,8 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=6)
     ap.add_argument("--first-seed", type=int, default=3000, help="seeds first..first+seeds-1 (benchmark: 0..19)")
     ap.add_argument("--prompts", choices=["calibration", "heldout", "confirmation", "reserve"], default="calibration",
-                    help="calibration prompts (default), the auto-scale check's held-out templates, or the "
-                         "confirmation set (a third set, for confirming a design chosen on the other two), or the "
+                    help="calibration prompts (default), the auto-scale check's held-out templates, the "
+                         "confirmation set (a third, for confirming a design chosen on the other two) or the "
                          "reserve set (a fourth, dark backgrounds among them)")
     ap.add_argument("--rewrite", action="store_true",
                     help="judge the prompts rewritten without the concept (a reference) instead of an erasure setting")

@@ -8,7 +8,9 @@ Which strength a prompt and seed needs is not known in advance (the presets and
 ``anchor_strength="auto"`` guess it per concept or per prompt); a guard looks at the result. Every
 image is first drawn as the call would draw it without a guard (the model's preset), so the guard
 only changes images it finds wanting: up the ladder while it sees the concept, down while the image is
-clean but harmed, stopping where a milder strength shows the concept again. A guard is any callable
+clean but harmed, stopping where a milder strength shows the concept again; an image still flagged at
+the end is drawn without the erasure and with the concept as negative prompt, at rising guidance, as a
+last resort (:data:`NEGATIVE_PROMPT_GUIDANCE`). A guard is any callable
 ``images -> list[bool]`` (True: the concept is still shown), e.g. NudeNet or a product's own safety
 classifier, optionally with ``harmed(images, originals) -> list[bool]`` (:class:`ToyGuard`, the toy
 model's: a second concept detector). It should not be the detector that judges the benchmark.
@@ -243,6 +245,19 @@ def guarded_call(pipe: Any, guard: Guard, ladder: Sequence[float], call: dict[st
     walks: dict[int, Walk] = {}
     like, todo = None, np.arange(n)
     fallback = np.zeros(n, dtype=bool)  # per image: kept from the negative-prompt draw
+
+    def keep(i: int, out: Any, j: int, now: int) -> None:
+        """Image ``i`` is row ``j`` of ``out`` now, ranked ``now``; a draw without erasure has no strength, scale or map."""
+        rank[i], images[i] = now, out.images[j]
+        nsfw[i] = None if out.nsfw_content_detected is None else out.nsfw_content_detected[j]
+        for field, per_concept in keyed.items():
+            for concept, values in (getattr(out, field) or {}).items():
+                per_concept.setdefault(concept, [None] * n)[i] = values[j]
+            if fallback[i]:
+                for values in per_concept.values():
+                    if values[i] is not None:
+                        values[i] = np.zeros_like(values[i]) if field == "heatmaps" else np.full_like(values[i], np.nan)
+
     while len(todo):
         if not walks:  # the first draw: every image at the strength the call gives it without a guard
             out = draw(todo, erase_config=config, guard=False, **erase_kwargs)
@@ -261,12 +276,7 @@ def guarded_call(pipe: Any, guard: Guard, ladder: Sequence[float], call: dict[st
             attempts[i] += 1
             now = 0 if seen[j] else 1 if bad[j] else 2
             if now > rank[i] or now == rank[i] == 0:
-                rank[i] = now
-                images[i] = out.images[j]
-                nsfw[i] = None if out.nsfw_content_detected is None else out.nsfw_content_detected[j]
-                for field, per_concept in keyed.items():
-                    for concept, values in (getattr(out, field) or {}).items():
-                        per_concept.setdefault(concept, [None] * n)[i] = values[j]
+                keep(i, out, j, now)
             if i not in walks and np.isfinite(given[j]):
                 walks[i] = Walk(sorted(set(ladder) | {float(given[j])}), float(given[j]))
         todo = np.array([i for j, i in enumerate(todo) if i in walks and walks[i].step(seen[j], bad[j])], dtype=int)
@@ -282,12 +292,8 @@ def guarded_call(pipe: Any, guard: Guard, ladder: Sequence[float], call: dict[st
         for j, i in enumerate(last):
             attempts[i] += 1
             if not seen[j]:
-                rank[i], images[i], fallback[i] = 1 if bad[j] else 2, out.images[j], True
-                nsfw[i] = None if out.nsfw_content_detected is None else out.nsfw_content_detected[j]
-                for field, per_concept in keyed.items():  # drawn without the erasure: no strength, scale or map
-                    for values in per_concept.values():
-                        if values[i] is not None:
-                            values[i] = np.zeros_like(values[i]) if field == "heatmaps" else np.full_like(values[i], np.nan)
+                fallback[i] = True
+                keep(i, out, j, 1 if bad[j] else 2)
         last = [i for j, i in enumerate(last) if seen[j]]
     stack = lambda field: {c: np.stack(v) for c, v in keyed[field].items()} or None  # noqa: E731
     result = EIUPPipelineOutput(

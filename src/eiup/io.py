@@ -932,9 +932,8 @@ def _outcome(result: Any, i: int) -> dict | None:
         return None
     strengths = {c: (round(float(v[i]), 4) if math.isfinite(float(v[i])) else None)
                  for c, v in (result.anchor_strengths or {}).items()}
-    fallback = getattr(result, "guard_negative_prompt", None)
     return {"guard_flagged": bool(result.guard_flagged[i]), "generations": int(attempts[i]),
-            "anchor_strength": strengths, "negative_prompt": bool(fallback[i]) if fallback is not None else False}
+            "anchor_strength": strengths, "negative_prompt": bool(result.guard_negative_prompt[i])}
 
 
 def generate_to_dir(

@@ -80,13 +80,13 @@ def judge_setting(plain: PlainImages, concept: str, positives: Sequence[str], ne
         if getattr(out, "guard_attempts", None) is not None:
             generations += [int(a) for a in out.guard_attempts]
         if role == "implicit":
-            shown = [j for j, p in zip(judged, plain_found) if concept_present(p, concept)]
-            residual += [j.residual for j in shown]
-            kept += [j.kept for j in shown]
-            unharmed += [j.unharmed for j in shown]
+            rows = [k for k, p in enumerate(plain_found) if concept_present(p, concept)]
+            residual += [judged[k].residual for k in rows]
+            kept += [judged[k].kept for k in rows]
+            unharmed += [judged[k].unharmed for k in rows]
             if getattr(out, "guard_flagged", None) is not None:
-                flagged += [out.guard_flagged[k] for k, p in enumerate(plain_found) if concept_present(p, concept)]
-                fallback += [out.guard_negative_prompt[k] for k, p in enumerate(plain_found) if concept_present(p, concept)]
+                flagged += [out.guard_flagged[k] for k in rows]
+                fallback += [out.guard_negative_prompt[k] for k in rows]
             if out.erase_scales:
                 scales += [float(s) for s in out.erase_scales[concept]]
             if getattr(out, "anchor_strengths", None) and concept in out.anchor_strengths:
