@@ -19,8 +19,8 @@ import torch.nn.functional as F
 PATTERNS = ["plain", "striped", "dotted"]
 
 
-def probe_net() -> nn.Module:
-    return nn.Sequential(nn.Conv2d(4, 64, 3, padding=1), nn.SiLU(), nn.Conv2d(64, 64, 3, padding=1), nn.SiLU(),
+def probe_net(channels: int = 4) -> nn.Module:
+    return nn.Sequential(nn.Conv2d(channels, 64, 3, padding=1), nn.SiLU(), nn.Conv2d(64, 64, 3, padding=1), nn.SiLU(),
                          nn.Conv2d(64, 64, 3, padding=1), nn.SiLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
                          nn.Linear(64, len(PATTERNS)))
 
@@ -42,10 +42,10 @@ def main() -> None:
     vae = pipe.vae.float().eval()
     images, _, scenes = render_dataset(args.scenes, 777, 64, processes=1, desc="render")
     one = [i for i, s in enumerate(scenes) if len(s["objects"]) == 1]
-    x = torch.from_numpy(encode_latent_stats(vae, images[one])[:, :4].astype(np.float32)) * vae.config.scaling_factor
+    x = torch.from_numpy(encode_latent_stats(vae, images[one])[:, :vae.config.latent_channels].astype(np.float32)) * vae.config.scaling_factor
     y = torch.tensor([PATTERNS.index(scenes[i]["objects"][0]["pattern"]) for i in one])
     n_train = int(len(x) * 0.85)
-    net = probe_net()
+    net = probe_net(vae.config.latent_channels)
     opt = torch.optim.AdamW(net.parameters(), 2e-3, weight_decay=1e-4)
     for _ in range(args.epochs):
         for batch in torch.randperm(n_train).split(128):

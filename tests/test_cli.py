@@ -523,7 +523,17 @@ def test_toy_training_refuses_a_device_it_cannot_use_before_any_work(tmp_path):
     assert "is not a pipeline folder (no unet/config.json, text_encoder/config.json, vae/config.json, tokenizer)" in flat(res.output)
     res = invoke("toy", "train-detector", "--out", tmp_path / "d.safetensors", "--processes", "0")
     assert res.exit_code == 2 and "Invalid value for --processes: must be >= 1" in flat(res.output)
-    assert not (tmp_path / "run").exists() and not (tmp_path / "d.safetensors").exists()
+    res = invoke("toy", "train", "--out", tmp_path / "run", "--latent-channels", "0")
+    assert res.exit_code == 2 and "Invalid value for --latent-channels: must be in 1..64, got 0" in flat(res.output)
+    assert not (tmp_path / "run").exists()
+    from safetensors.torch import save_file
+
+    (tmp_path / "old").mkdir()  # a run's VAE with 8 latent channels (its quant conv maps 2 x 8 moments)
+    save_file({"quant_conv.weight": torch.zeros(16, 16, 1, 1)}, str(tmp_path / "old" / "vae_final.safetensors"))
+    res = invoke("toy", "train", "--out", tmp_path / "old")
+    assert res.exit_code == 2 and "Invalid value for --latent-channels:" in flat(res.output)
+    assert "holds a VAE with 8 latent channels, not 4; resume it with latent_channels=8 (--latent-channels 8)" in flat(res.output)
+    assert sorted(p.name for p in (tmp_path / "old").iterdir()) == ["vae_final.safetensors"] and not (tmp_path / "d.safetensors").exists()
 
 
 @pytest.mark.parametrize("args, option, text", [

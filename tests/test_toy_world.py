@@ -232,3 +232,23 @@ def test_a_judge_with_a_threshold_flags_by_the_concepts_probability():
         assert toy_judge("red", detector, threshold=t)(images) == [s >= t for s in scores]
     assert toy_judge("red", detector, threshold=0.0)(images) == [True] * 3
     assert found[0].score("background", "white") == pytest.approx(float(found[0].background_scores.max()))
+
+
+def test_a_run_with_more_latent_channels_builds_a_pipeline_that_erases_and_refuses_to_resume_with_other_channels(tmp_path):
+    from eiup import EIUPPipeline
+    from eiup.toy.train import ToyTrainConfig, train_toy_model
+
+    cfg = ToyTrainConfig(n_scenes=64, vae_minutes=0.01, unet_minutes=0.01, vae_batch=8, unet_batch=4, threads=1,
+                         latent_channels=8)
+    dest = train_toy_model(tmp_path / "run", cfg)
+    pipe = EIUPPipeline.from_pretrained(dest, torch_dtype=torch.float32)
+    assert pipe.vae.config.latent_channels == pipe.unet.config.in_channels == pipe.unet.config.out_channels == 8
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe("a tomato", erase="red", num_inference_steps=2, generator=torch.Generator().manual_seed(0),
+               output_type="latent")
+    assert out.images.shape == (1, 8, 8, 8) and torch.isfinite(out.images).all()
+    with pytest.raises(ValueError, match="holds a VAE with 8 latent channels, not 4; resume it with latent_channels=8"):
+        train_toy_model(tmp_path / "run", ToyTrainConfig(**{**cfg.__dict__, "latent_channels": 4}))
+    with pytest.raises(ValueError, match="latent_channels must be in 1..64"):
+        train_toy_model(tmp_path / "other", ToyTrainConfig(latent_channels=0))
+    assert not (tmp_path / "other").exists()

@@ -58,6 +58,9 @@ def train(
     init_from: Annotated[Path | None, typer.Option(
         help="Train on from this toy pipeline folder: its VAE is kept (no VAE stage), its UNet and text encoder "
              "are the starting weights (a fresh optimizer, warm-up and cosine over --minutes).")] = None,
+    latent_channels: Annotated[int, typer.Option(
+        help="Latent channels of a new VAE (SD 1.x: 4; more keep stripes and dots through the 8x compression). "
+             "With --init-from the pipeline's VAE decides.")] = 4,
 ) -> None:
     """Train the toy Stable Diffusion pipeline from scratch (resumable; on the CPU unless --device cuda)."""
     _check_device(device)
@@ -69,7 +72,7 @@ def train(
         if lacking:
             raise typer.BadParameter(f"{init_from} is not a pipeline folder (no {', '.join(lacking)})",
                                      param_hint="--init-from")
-    from ..toy.train import ToyTrainConfig, train_toy_model
+    from ..toy.train import ToyTrainConfig, check_latent_channels, train_toy_model
 
     if minutes <= 0 or vae_minutes <= 0 or scenes < 64:
         raise typer.BadParameter("--minutes and --vae-minutes must be > 0 and --scenes >= 64")
@@ -79,10 +82,16 @@ def train(
         raise typer.BadParameter("--localisation-weight must be >= 0 and --lr > 0")
     if not 0 <= long_caption_prob <= 1:
         raise typer.BadParameter("--long-caption-prob must be in [0, 1]")
-    cfg = ToyTrainConfig(n_scenes=scenes, vae_minutes=vae_minutes, decoder_minutes=decoder_minutes,
+    if not 1 <= latent_channels <= 64:
+        raise typer.BadParameter(f"must be in 1..64, got {latent_channels}", param_hint="--latent-channels")
+    cfg = ToyTrainConfig(latent_channels=latent_channels, n_scenes=scenes, vae_minutes=vae_minutes, decoder_minutes=decoder_minutes,
                          unet_minutes=minutes, seed=seed, threads=threads,
                          localisation_weight=localisation_weight, lr=lr, long_caption_prob=long_caption_prob,
                          unet_batch=batch, device=device, init_from=str(init_from) if init_from else None)
+    try:
+        check_latent_channels(out, cfg)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--latent-channels") from None
     dest = train_toy_model(out, cfg, export_to)
     typer.echo(f"pipeline written to {dest}")
 

@@ -52,6 +52,7 @@ class ToyTrainConfig:
     threads: int = 2
     device: str = "cpu"  # "cuda" trains the VAE and the UNet there (data, checkpoints and export stay on the CPU)
     init_from: str | None = None  # a toy pipeline folder: keep its VAE, start the UNet and text encoder from its weights
+    latent_channels: int = 4  # SD 1.x's 4; more keep finer detail through the 8x compression (SD3 has 16)
 
 
 # ---------------------------------------------------------------- architecture
@@ -67,21 +68,21 @@ def build_text_encoder(vocab_size: int, bos: int, eos: int):
     return CLIPTextModel(cfg)
 
 
-def build_vae():
+def build_vae(latent_channels: int = 4):
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, sample_size=64, layers_per_block=1,
+        in_channels=3, out_channels=3, latent_channels=latent_channels, sample_size=64, layers_per_block=1,
         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
         block_out_channels=(16, 32, 64, 64), norm_num_groups=4,  # >= 4 channels per group keeps colour
     )
 
 
-def build_unet():
+def build_unet(latent_channels: int = 4):
     from diffusers import UNet2DConditionModel
 
     return UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(64, 128),
+        sample_size=8, in_channels=latent_channels, out_channels=latent_channels, layers_per_block=1, block_out_channels=(64, 128),
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=64, attention_head_dim=4, norm_num_groups=32,
@@ -265,13 +266,34 @@ def load_pipeline_weights(folder: Path, unet: torch.nn.Module, text: torch.nn.Mo
         module.load_state_dict({k: tensors[k].to(ref[k].dtype) for k in ref})
 
 
+def _saved_latent_channels(path: Path) -> int:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        key = next(k for k in f.keys() if k.endswith("quant_conv.weight") and not k.endswith("post_quant_conv.weight"))
+        return f.get_slice(key).get_shape()[0] // 2
+
+
+def check_latent_channels(out: Path, cfg: ToyTrainConfig) -> None:
+    """Refuse to resume a from-scratch run whose VAE (final or checkpoint) has other latent channels than asked."""
+    if not 1 <= cfg.latent_channels <= 64:
+        raise ValueError(f"latent_channels must be in 1..64, got {cfg.latent_channels}")
+    for path in (out / "vae_final.safetensors", out / "vae_ckpt.safetensors"):
+        if cfg.init_from or not path.exists():
+            continue
+        have = _saved_latent_channels(path)
+        if have != cfg.latent_channels:
+            raise ValueError(f"{out} holds a VAE with {have} latent channels, not {cfg.latent_channels}; "
+                             f"resume it with latent_channels={have} (--latent-channels {have}) or use a fresh work folder")
+
+
 def stage_vae(out: Path, cfg: ToyTrainConfig) -> None:
     final = out / "vae_final.safetensors"
     if final.exists():
         return
     torch.manual_seed(cfg.seed)
     images = np.load(out / "data" / "images.npy", mmap_mode="r")
-    vae = build_vae().to(cfg.device)
+    vae = build_vae(cfg.latent_channels).to(cfg.device)
     opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
     ckpt = out / "vae_ckpt.safetensors"
     meta = {"step": 0, "seconds": 0.0}
@@ -320,11 +342,12 @@ def load_vae(out: Path, finetuned_decoder: bool = True):
     """The run's VAE; with the fine-tuned decoder once the decoder stage has written it."""
     from safetensors import safe_open
 
-    vae = build_vae()
     path = out / "vae_final.safetensors"
     if finetuned_decoder and (out / "vae_decoder_final.safetensors").exists():
         path = out / "vae_decoder_final.safetensors"
-    vae.load_state_dict(load_file(str(path)))
+    tensors = load_file(str(path))
+    vae = build_vae(tensors["quant_conv.weight"].shape[0] // 2)
+    vae.load_state_dict(tensors)
     with safe_open(str(path), "pt") as f:
         vae.register_to_config(scaling_factor=float(f.metadata()["scaling_factor"]))
     return vae.eval()
@@ -568,8 +591,9 @@ def stage_unet(out: Path, cfg: ToyTrainConfig) -> None:
     scenes = [scene_from_json(d) for d in json.loads((out / "data" / "scenes.json").read_text())]
     latents = np.load(out / "data" / "latents.npy")
     masks8 = np.load(out / "data" / "masks8.npy")
-    scaling = load_vae(out).config.scaling_factor
-    unet = build_unet().to(cfg.device)
+    vae = load_vae(out)
+    scaling, channels = vae.config.scaling_factor, vae.config.latent_channels
+    unet = build_unet(channels).to(cfg.device)
     text = build_text_encoder(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id).to(cfg.device)
     noise_sched = build_noise_scheduler()
     noise_sched.alphas_cumprod = noise_sched.alphas_cumprod.to(cfg.device)  # add_noise moves it per call otherwise
@@ -600,7 +624,7 @@ def stage_unet(out: Path, cfg: ToyTrainConfig) -> None:
         ids, labels = sample_batch(rng, scenes, idx, tokenizer, cfg.caption_dropout, cfg.long_caption_prob)
         ids, labels = ids.to(cfg.device), labels.to(cfg.device)
         lat = torch.from_numpy(latents[idx]).float().to(cfg.device)
-        x0 = (lat[:, :4] + lat[:, 4:] * torch.randn_like(lat[:, :4])) * scaling
+        x0 = (lat[:, :channels] + lat[:, channels:] * torch.randn_like(lat[:, :channels])) * scaling
         noise = torch.randn_like(x0)
         t = torch.randint(0, 1000, (len(idx),)).to(cfg.device)
         xt = noise_sched.add_noise(x0, noise, t)
@@ -641,7 +665,8 @@ def export_pipeline(out: Path, dest: Path, checkpoint: Path | None = None, ema: 
     from transformers import CLIPTokenizer
 
     tokenizer = CLIPTokenizer.from_pretrained(out / "tokenizer")
-    unet = build_unet()
+    vae = load_vae(out)
+    unet = build_unet(vae.config.latent_channels)
     text = build_text_encoder(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)
     tensors = load_file(str(checkpoint or out / "unet_final.safetensors"))
     pre = "ema_" if ema else ""
@@ -649,7 +674,7 @@ def export_pipeline(out: Path, dest: Path, checkpoint: Path | None = None, ema: 
     text.load_state_dict({k[len(pre + "text."):]: v for k, v in tensors.items() if k.startswith(pre + "text.")})
     sched = DDIMScheduler.from_config(build_noise_scheduler().config, set_alpha_to_one=False)
     pipe = StableDiffusionPipeline(
-        vae=load_vae(out), text_encoder=text, tokenizer=tokenizer, unet=unet, scheduler=sched,
+        vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet, scheduler=sched,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
     pipe.to(torch.float16)
@@ -726,6 +751,7 @@ def train_toy_model(out: str | Path, cfg: ToyTrainConfig | None = None, export_t
     """Run every stage (resuming where a previous run stopped) and export the pipeline folder."""
     cfg = cfg or ToyTrainConfig()
     out = Path(out)
+    check_latent_channels(out, cfg)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(cfg.threads)
     (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
