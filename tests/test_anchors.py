@@ -294,8 +294,9 @@ def test_model_presets_may_give_prompts_naming_the_concept_their_own_strength(sd
         return sd1(prompt, generator=gen(), **kw, **extra).images[0]
 
     preset = sd1(["a red star", "a tree in the fog"], generator=[gen(), gen()], **kw).images
-    assert np.allclose(preset[0], one("a red star", anchors=["blue", "green"], anchor_strength=3.0), atol=1e-6)
-    assert np.allclose(preset[1], one("a tree in the fog", anchors=["blue", "green"], anchor_strength=2.0), atol=1e-6)
+    # a batch of two against single images: float noise of batched kernels only (differs by CPU), far below 1e-4
+    assert np.allclose(preset[0], one("a red star", anchors=["blue", "green"], anchor_strength=3.0), atol=2e-5)
+    assert np.allclose(preset[1], one("a tree in the fog", anchors=["blue", "green"], anchor_strength=2.0), atol=2e-5)
     assert not np.allclose(preset[0], one("a red star", anchors=["blue", "green"], anchor_strength=2.0), atol=1e-4)
     own = one("a red star", anchor_strength=1.0)  # the call's strength is for every prompt
     assert np.allclose(own, one("a red star", anchors=["blue", "green"], anchor_strength=1.0), atol=1e-6)

@@ -186,14 +186,19 @@ def report(
     first_seed: int = 1000,
     steps: int = 25,
     guidance: float = 7.5,
+    detector: Annotated[Path | None, typer.Option(
+        help="Detector weights (default: the bundled one, trained through the bundled VAE; a model with "
+             "another VAE is judged by a detector trained through it: eiup toy train-detector --model).")] = None,
 ) -> None:
     """Measure the toy model against its quality targets (detector-judged) and write a report."""
+    if detector is not None and not detector.is_file():
+        raise typer.BadParameter(f"no detector weights at {detector}", param_hint="--detector")
     from ..models import load_pipeline
     from ..toy.detect import ConceptDetector
     from ..toy.quality import quality_report
 
     pipe = load_pipeline(model)
     pipe.set_progress_bar_config(disable=True)
-    rep = quality_report(pipe, ConceptDetector.load(), list(range(first_seed, first_seed + seeds)), steps, guidance, out)
+    rep = quality_report(pipe, ConceptDetector.load(detector), list(range(first_seed, first_seed + seeds)), steps, guidance, out)
     typer.echo((out / "toy-quality.md").read_text())
     typer.echo(json.dumps(rep.accuracy))
