@@ -536,7 +536,13 @@ def test_toy_training_refuses_a_device_it_cannot_use_before_any_work(tmp_path):
     res = invoke("toy", "train", "--out", tmp_path / "old")
     assert res.exit_code == 2 and "Invalid value for --latent-channels:" in flat(res.output)
     assert "holds a VAE with 8 latent channels, not 4; resume it with latent_channels=8 (--latent-channels 8)" in flat(res.output)
-    assert sorted(p.name for p in (tmp_path / "old").iterdir()) == ["vae_final.safetensors"] and not (tmp_path / "d.safetensors").exists()
+    assert sorted(p.name for p in (tmp_path / "old").iterdir()) == ["vae_final.safetensors"]
+    from eiup.models import default_model_path
+
+    res = invoke("toy", "train", "--out", tmp_path / "run", "--init-from", default_model_path(), "--latent-channels", "8")
+    assert res.exit_code == 2 and "Invalid value for --latent-channels:" in flat(res.output)
+    assert "VAE has 4 latent channels and is kept; leave --latent-channels out or pass 4" in flat(res.output)
+    assert not (tmp_path / "run").exists() and not (tmp_path / "d.safetensors").exists()
 
 
 @pytest.mark.parametrize("args, option, text", [

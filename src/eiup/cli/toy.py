@@ -58,9 +58,9 @@ def train(
     init_from: Annotated[Path | None, typer.Option(
         help="Train on from this toy pipeline folder: its VAE is kept (no VAE stage), its UNet and text encoder "
              "are the starting weights (a fresh optimizer, warm-up and cosine over --minutes).")] = None,
-    latent_channels: Annotated[int, typer.Option(
-        help="Latent channels of a new VAE (SD 1.x: 4; more keep stripes and dots through the 8x compression). "
-             "With --init-from the pipeline's VAE decides.")] = 4,
+    latent_channels: Annotated[int | None, typer.Option(
+        help="Latent channels of a new VAE (default 4, as SD 1.x; more keep stripes and dots through the 8x "
+             "compression). With --init-from the pipeline's VAE has them.")] = None,
 ) -> None:
     """Train the toy Stable Diffusion pipeline from scratch (resumable; on the CPU unless --device cuda)."""
     _check_device(device)
@@ -82,6 +82,13 @@ def train(
         raise typer.BadParameter("--localisation-weight must be >= 0 and --lr > 0")
     if not 0 <= long_caption_prob <= 1:
         raise typer.BadParameter("--long-caption-prob must be in [0, 1]")
+    if init_from is not None:
+        theirs = json.loads((init_from / "vae" / "config.json").read_text()).get("latent_channels", 4)
+        if latent_channels not in (None, theirs):
+            raise typer.BadParameter(f"{init_from}'s VAE has {theirs} latent channels and is kept; "
+                                     f"leave --latent-channels out or pass {theirs}", param_hint="--latent-channels")
+        latent_channels = theirs
+    latent_channels = 4 if latent_channels is None else latent_channels
     if not 1 <= latent_channels <= 64:
         raise typer.BadParameter(f"must be in 1..64, got {latent_channels}", param_hint="--latent-channels")
     cfg = ToyTrainConfig(latent_channels=latent_channels, n_scenes=scenes, vae_minutes=vae_minutes, decoder_minutes=decoder_minutes,
