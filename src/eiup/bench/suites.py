@@ -224,12 +224,19 @@ def heldout_prompts(concept: str) -> list[str]:
     return implicit + [t.format(v=value) for t in _HELDOUT_EXPLICIT[attribute]]
 
 
+def _spread_over_unrelated(concept: str, template: str, pick: str) -> list[str]:
+    """``template`` filled with four nouns that do not involve ``concept``, one from each quarter of them
+    (its first, middle or last noun: each held-out set takes other ones)."""
+    unrelated = _not_involving(concept)
+    step = max(1, len(unrelated) // 4)
+    start = {"first": 0, "middle": step // 2, "last": step - 1}[pick]
+    return [template.format(unrelated[i]) for i in range(start, len(unrelated), step)][:4]
+
+
 def heldout_negatives(concept: str) -> list[str]:
     """Prompts without the concept for the same judgement (the erasure must leave them alone)."""
     attribute, _ = CONCEPTS[concept]
-    unrelated = _not_involving(concept)
-    nouns = [f"a drawing of {unrelated[i]}" for i in range(0, len(unrelated), max(1, len(unrelated) // 4))][:4]
-    return nouns + _HELDOUT_NEGATIVE_EXPLICIT[attribute]
+    return _spread_over_unrelated(concept, "a drawing of {}", "first") + _HELDOUT_NEGATIVE_EXPLICIT[attribute]
 
 
 def confirmation_prompts(concept: str) -> list[str]:
@@ -252,10 +259,7 @@ def confirmation_prompts(concept: str) -> list[str]:
 def confirmation_negatives(concept: str) -> list[str]:
     """Prompts without the concept for the confirmation set (the erasure must leave them alone)."""
     attribute, _ = CONCEPTS[concept]
-    unrelated = _not_involving(concept)
-    step = max(1, len(unrelated) // 4)
-    nouns = [f"an image of {unrelated[i]}" for i in range(step // 2, len(unrelated), step)][:4]
-    return _unseen(nouns + _CONFIRMATION_NEGATIVE_EXPLICIT[attribute])
+    return _unseen(_spread_over_unrelated(concept, "an image of {}", "middle") + _CONFIRMATION_NEGATIVE_EXPLICIT[attribute])
 
 
 def reserve_prompts(concept: str) -> list[str]:
@@ -277,10 +281,8 @@ def reserve_prompts(concept: str) -> list[str]:
 def reserve_negatives(concept: str) -> list[str]:
     """Prompts without the concept for the reserve set."""
     attribute, _ = CONCEPTS[concept]
-    unrelated = _not_involving(concept)
-    step = max(1, len(unrelated) // 4)
     background = "gray" if attribute == "background" else "black"
-    nouns = [f"a photo of {unrelated[i]} on a {background} background" for i in range(step - 1, len(unrelated), step)][:4]
+    nouns = _spread_over_unrelated(concept, f"a photo of {{}} on a {background} background", "last")
     return _unseen(nouns + _RESERVE_NEGATIVE_EXPLICIT[attribute], confirmation=True)
 
 

@@ -345,9 +345,8 @@ def load_vae(out: Path, finetuned_decoder: bool = True):
     path = out / "vae_final.safetensors"
     if finetuned_decoder and (out / "vae_decoder_final.safetensors").exists():
         path = out / "vae_decoder_final.safetensors"
-    tensors = load_file(str(path))
-    vae = build_vae(tensors["quant_conv.weight"].shape[0] // 2)
-    vae.load_state_dict(tensors)
+    vae = build_vae(_saved_latent_channels(path))
+    vae.load_state_dict(load_file(str(path)))
     with safe_open(str(path), "pt") as f:
         vae.register_to_config(scaling_factor=float(f.metadata()["scaling_factor"]))
     return vae.eval()
