@@ -521,6 +521,9 @@ def test_toy_training_refuses_a_device_it_cannot_use_before_any_work(tmp_path):
     res = invoke("toy", "train", "--out", tmp_path / "run", "--init-from", tmp_path / "half")
     assert res.exit_code == 2 and "Invalid value for --init-from:" in flat(res.output)
     assert "is not a pipeline folder (no unet/config.json, text_encoder/config.json, vae/config.json, tokenizer)" in flat(res.output)
+    res = invoke("toy", "train", "--out", tmp_path / "run", "--unet-from", tmp_path / "half")
+    assert res.exit_code == 2 and "Invalid value for --unet-from:" in flat(res.output)
+    assert "is not a pipeline folder (no unet/config.json" in flat(res.output)
     res = invoke("toy", "report", "--out", tmp_path / "rep", "--detector", tmp_path / "d.safetensors")
     assert res.exit_code == 2 and f"Invalid value for --detector: no detector weights at {tmp_path / 'd.safetensors'}" in flat(res.output)
     assert not (tmp_path / "rep").exists()
@@ -542,6 +545,8 @@ def test_toy_training_refuses_a_device_it_cannot_use_before_any_work(tmp_path):
     res = invoke("toy", "train", "--out", tmp_path / "run", "--init-from", default_model_path(), "--latent-channels", "8")
     assert res.exit_code == 2 and "Invalid value for --latent-channels:" in flat(res.output)
     assert "VAE has 4 latent channels and is kept; leave --latent-channels out or pass 4" in flat(res.output)
+    res = invoke("toy", "train", "--out", tmp_path / "run", "--init-from", default_model_path(), "--unet-from", default_model_path())
+    assert res.exit_code == 2 and "Invalid value for --unet-from: --init-from keeps the pipeline's VAE, --unet-from trains a new one" in flat(res.output)
     assert not (tmp_path / "run").exists() and not (tmp_path / "d.safetensors").exists()
 
 

@@ -252,3 +252,37 @@ def test_a_run_with_more_latent_channels_builds_a_pipeline_that_erases_and_refus
     with pytest.raises(ValueError, match="latent_channels must be in 1..64"):
         train_toy_model(tmp_path / "other", ToyTrainConfig(latent_channels=0))
     assert not (tmp_path / "other").exists()
+
+
+def test_a_run_with_a_new_vae_starts_its_unet_from_a_pipeline_carried_into_the_new_latent_space(tmp_path, capsys):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from eiup.models import default_model_path
+    from eiup.toy.train import ToyTrainConfig, train_toy_model
+
+    bundled = default_model_path()
+    cfg = ToyTrainConfig(n_scenes=64, vae_minutes=0.01, unet_minutes=0.01, vae_batch=8, unet_batch=4, threads=1,
+                         latent_channels=8, unet_from=str(bundled))
+    dest = train_toy_model(tmp_path / "run", cfg)
+    assert f"unet_from {bundled}: 4 -> 8 latent channels, the map explains" in capsys.readouterr().out
+    start = load_file(str(bundled / "unet" / "diffusion_pytorch_model.safetensors"))
+    after = load_file(str(dest / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert after["conv_in.weight"].shape[1] == after["conv_out.weight"].shape[0] == 8
+    body = [k for k in start if not k.startswith(("conv_in.", "conv_out."))]
+    assert max((after[k].float() - start[k].float()).abs().max().item() for k in body) < 0.05
+    text_start = load_file(str(bundled / "text_encoder" / "model.safetensors"))
+    text_after = load_file(str(dest / "text_encoder" / "model.safetensors"))
+    assert max((text_after[k].float() - v.float()).abs().max().item() for k, v in text_start.items()) < 0.05
+
+    other = tmp_path / "other"
+    shutil.copytree(bundled, other)
+    shutil.rmtree(other / "tokenizer")
+    build_clip_tokenizer(["a", "cat", "and", "dog"], other / "tokenizer")
+    with pytest.raises(ValueError, match="is not the toy world's tokenizer; unet_from takes a toy pipeline"):
+        train_toy_model(tmp_path / "run2", ToyTrainConfig(n_scenes=64, unet_from=str(other), threads=1))
+    assert not (tmp_path / "run2" / "data").exists()
+    with pytest.raises(ValueError, match="init_from keeps the pipeline's VAE, unet_from trains a new one"):
+        train_toy_model(tmp_path / "run3", ToyTrainConfig(init_from=str(bundled), unet_from=str(bundled)))
+    assert not (tmp_path / "run3").exists()

@@ -61,17 +61,23 @@ def train(
     latent_channels: Annotated[int | None, typer.Option(
         help="Latent channels of a new VAE (default 4, as SD 1.x; more keep stripes and dots through the 8x "
              "compression). With --init-from the pipeline's VAE has them.")] = None,
+    unet_from: Annotated[Path | None, typer.Option(
+        help="Start the UNet and text encoder from this toy pipeline folder's weights while training a new VAE "
+             "(e.g. with more --latent-channels): its UNet's first and last convolutions are carried into the "
+             "new latent space by a least-squares map between both VAEs' latents.")] = None,
 ) -> None:
     """Train the toy Stable Diffusion pipeline from scratch (resumable; on the CPU unless --device cuda)."""
     _check_device(device)
     if batch < 2:
         raise typer.BadParameter("must be >= 2", param_hint="--batch")
-    if init_from is not None:
+    if init_from is not None and unet_from is not None:
+        raise typer.BadParameter("--init-from keeps the pipeline's VAE, --unet-from trains a new one: pass one of them",
+                                 param_hint="--unet-from")
+    for folder, hint in ((init_from, "--init-from"), (unet_from, "--unet-from")):
         lacking = [p for p in ("unet/config.json", "text_encoder/config.json", "vae/config.json", "tokenizer")
-                   if not (init_from / p).exists()]
+                   if folder is not None and not (folder / p).exists()]
         if lacking:
-            raise typer.BadParameter(f"{init_from} is not a pipeline folder (no {', '.join(lacking)})",
-                                     param_hint="--init-from")
+            raise typer.BadParameter(f"{folder} is not a pipeline folder (no {', '.join(lacking)})", param_hint=hint)
     from ..toy.train import ToyTrainConfig, check_latent_channels, train_toy_model
 
     if minutes <= 0 or vae_minutes <= 0 or scenes < 64:
@@ -94,7 +100,8 @@ def train(
     cfg = ToyTrainConfig(latent_channels=latent_channels, n_scenes=scenes, vae_minutes=vae_minutes, decoder_minutes=decoder_minutes,
                          unet_minutes=minutes, seed=seed, threads=threads,
                          localisation_weight=localisation_weight, lr=lr, long_caption_prob=long_caption_prob,
-                         unet_batch=batch, device=device, init_from=str(init_from) if init_from else None)
+                         unet_batch=batch, device=device, init_from=str(init_from) if init_from else None,
+                         unet_from=str(unet_from) if unet_from else None)
     try:
         check_latent_channels(out, cfg)
     except ValueError as e:

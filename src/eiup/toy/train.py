@@ -3,7 +3,8 @@
 Stages (each skipped when its output exists; training stages resume from checkpoints):
   [init: with init_from, the given pipeline's VAE, its tokenizer checked] -> data -> vae -> latents
   -> decoder (the VAE's decoder fine-tuned on its own latents, encoder frozen)
-  -> unet (UNet + text encoder, with a token-localisation loss; with init_from, from the pipeline's weights) -> export.
+  -> unet (UNet + text encoder, with a token-localisation loss; with init_from, from the pipeline's weights;
+     with unet_from, from another pipeline's weights carried into this run's latent space by ``transfer``) -> export.
 
 The localisation loss (as in TokenCompose, arXiv 2312.03626) asks each object word's
 cross-attention to fall inside its object's region, so that the toy model localises concepts in
@@ -53,6 +54,7 @@ class ToyTrainConfig:
     device: str = "cpu"  # "cuda" trains the VAE and the UNet there (data, checkpoints and export stay on the CPU)
     init_from: str | None = None  # a toy pipeline folder: keep its VAE, start the UNet and text encoder from its weights
     latent_channels: int = 4  # SD 1.x's 4; more keep finer detail through the 8x compression (SD3 has 16)
+    unet_from: str | None = None  # a toy pipeline folder whose UNet and text encoder start this run's (own VAE)
 
 
 # ---------------------------------------------------------------- architecture
@@ -230,17 +232,16 @@ def reconstruction_loss(rec: torch.Tensor, x: torch.Tensor, colour_weight: float
 
 def stage_init(out: Path, cfg: ToyTrainConfig) -> None:
     """With `init_from`: the run's VAE is the pipeline's (so its latents, and the UNet trained on them, keep their
-    meaning) and the run's tokenizer must give the pipeline's token ids."""
+    meaning) and the run's tokenizer must give the pipeline's token ids (also ``unet_from``'s, before any work)."""
     final = out / "vae_final.safetensors"
+    if cfg.unet_from:
+        check_toy_tokenizer(Path(cfg.unet_from), out, "unet_from")
     if not cfg.init_from:
         return
     from diffusers import AutoencoderKL
-    from transformers import CLIPTokenizer
 
     folder = Path(cfg.init_from)
-    theirs, ours = CLIPTokenizer.from_pretrained(folder / "tokenizer"), CLIPTokenizer.from_pretrained(out / "tokenizer")
-    if theirs.get_vocab() != ours.get_vocab():
-        raise ValueError(f"{folder / 'tokenizer'} is not the toy world's tokenizer; init_from takes a toy pipeline")
+    check_toy_tokenizer(folder, out, "init_from")
     vae = AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=torch.float32, use_safetensors=True)
     if final.exists():  # a resumed run: it must be this pipeline's VAE, or the UNet's latents would change meaning
         kept = load_file(str(final))
@@ -254,16 +255,58 @@ def stage_init(out: Path, cfg: ToyTrainConfig) -> None:
     tmp.replace(final)
 
 
-def load_pipeline_weights(folder: Path, unet: torch.nn.Module, text: torch.nn.Module) -> None:
-    """Copy a toy pipeline folder's UNet and text-encoder weights (safetensors) into the training modules."""
+def check_toy_tokenizer(folder: Path, out: Path, option: str) -> None:
+    """A pipeline whose weights start this run must give the run's token ids."""
+    from transformers import CLIPTokenizer
+
+    theirs, ours = CLIPTokenizer.from_pretrained(folder / "tokenizer"), CLIPTokenizer.from_pretrained(out / "tokenizer")
+    if theirs.get_vocab() != ours.get_vocab():
+        raise ValueError(f"{folder / 'tokenizer'} is not the toy world's tokenizer; {option} takes a toy pipeline")
+
+
+def load_pipeline_weights(folder: Path, unet: torch.nn.Module, text: torch.nn.Module,
+                          translate=None, option: str = "init_from") -> None:
+    """Copy a toy pipeline folder's UNet and text-encoder weights (safetensors) into the training modules;
+    ``translate`` (UNet state dict -> state dict) first, where the UNet changes latent space."""
     for module, name in ((unet, "unet/diffusion_pytorch_model.safetensors"), (text, "text_encoder/model.safetensors")):
         tensors = load_file(str(Path(folder) / name))
+        if module is unet and translate is not None:
+            tensors = translate(tensors)
         ref = module.state_dict()
         missing = sorted(set(ref) - set(tensors))
-        if missing:
-            raise ValueError(f"{Path(folder) / name} lacks {len(missing)} tensors of the toy architecture "
-                             f"(e.g. {missing[0]}); init_from takes a toy pipeline")
+        wrong = sorted(k for k in set(ref) & set(tensors) if tensors[k].shape != ref[k].shape)
+        if missing or wrong:
+            example = (missing or wrong)[0]
+            raise ValueError(f"{Path(folder) / name} lacks {len(missing)} tensors of the toy architecture and has "
+                             f"{len(wrong)} of other shapes (e.g. {example}); {option} takes a toy pipeline")
         module.load_state_dict({k: tensors[k].to(ref[k].dtype) for k in ref})
+
+
+@torch.no_grad()
+def transfer_translation(folder: Path, out: Path, scaling: float, n_images: int = 2000):
+    """The function that carries ``folder``'s UNet into this run's latent space (``transfer``): a least-squares
+    map fitted between both VAEs' latents of the run's first renders."""
+    from diffusers import AutoencoderKL
+
+    from .transfer import transfer_unet_weights
+
+    images = np.load(out / "data" / "images.npy", mmap_mode="r")[:n_images]
+    channels = _saved_latent_channels(out / "vae_final.safetensors")
+    ours = torch.from_numpy(np.load(out / "data" / "latents.npy", mmap_mode="r")[:n_images, :channels].astype(np.float32))
+    their_vae = AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=torch.float32, use_safetensors=True).eval()
+    theirs = []
+    for i in range(0, len(images), 250):
+        x = torch.from_numpy(np.array(images[i:i + 250])).permute(0, 3, 1, 2).float() / 127.5 - 1
+        theirs.append(their_vae.encode(x).latent_dist.mean)
+    their_latents = torch.cat(theirs) * their_vae.config.scaling_factor
+
+    def translate(state: dict) -> dict:
+        translated, r2 = transfer_unet_weights(state, ours * scaling, their_latents)
+        print(f"unet_from {folder}: {their_latents.shape[1]} -> {channels} latent channels, "
+              f"the map explains {100 * r2:.1f}% of their latents' variance")
+        return translated
+
+    return translate
 
 
 def _saved_latent_channels(path: Path) -> int:
@@ -599,6 +642,9 @@ def stage_unet(out: Path, cfg: ToyTrainConfig) -> None:
     alphas = noise_sched.alphas_cumprod
     if cfg.init_from and not ckpt.exists():
         load_pipeline_weights(Path(cfg.init_from), unet, text)
+    elif cfg.unet_from and not ckpt.exists():
+        folder = Path(cfg.unet_from)
+        load_pipeline_weights(folder, unet, text, transfer_translation(folder, out, scaling), "unet_from")
     params = list(unet.parameters()) + list(text.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-2)
     ema_u, ema_t = EMA(unet, cfg.ema_decay), EMA(text, cfg.ema_decay)
@@ -750,6 +796,8 @@ def train_toy_model(out: str | Path, cfg: ToyTrainConfig | None = None, export_t
     """Run every stage (resuming where a previous run stopped) and export the pipeline folder."""
     cfg = cfg or ToyTrainConfig()
     out = Path(out)
+    if cfg.init_from and cfg.unet_from:
+        raise ValueError("init_from keeps the pipeline's VAE, unet_from trains a new one: pass one of them")
     check_latent_channels(out, cfg)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(cfg.threads)
