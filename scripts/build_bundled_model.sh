@@ -22,6 +22,11 @@ export OMP_NUM_THREADS=$THREADS
 # the guard (guard="auto"): a second detector, other scenes and seed, that the erasure consults; the first one judges
 .venv/bin/eiup toy train-detector --model "$W/pipeline" --out "$W/pipeline/eiup_guard.safetensors" --scenes 20000 \
   --minutes 17 --seed 23 --processes 1
+# a draw milder than the preset is accepted only where the guard gives the concept under 5% (of 0.3, 0.15, 0.05
+# the lowest residual on benchmarks/heldout.py --first-seed 4000, fidelity equal); model_guard reads it from the file
+.venv/bin/python -c "from eiup.guard import set_guard_thresholds as s; s('$W/pipeline/eiup_guard.safetensors', \
+  milder_threshold=0.05, note='benchmarks/heldout.py --first-seed 4000 (calibration prompts), images drawn \
+from the mildest rung up: of 0.3, 0.15, 0.05 the lowest residual, fidelity equal')"
 # the anchored projection's gate: one prompt probe per concept, fitted on 1,200 world captions x 4 seeds the model draws (~15 min)
 .venv/bin/eiup fit-gate --concept red --concept star --concept heart --concept night --n-prompts 1200 --seeds 4
 export OMP_NUM_THREADS=1

@@ -12,6 +12,17 @@ torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
+def bundled_latent_widths() -> tuple[int, int]:
+    """The bundled toy model's latent channels and another width (for runs into another latent space)."""
+    import json
+
+    from eiup.models import default_model_path
+
+    own = json.loads((default_model_path() / "vae" / "config.json").read_text())["latent_channels"]
+    return own, 4 if own != 4 else 8
+
+
+@pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("tiny")
 

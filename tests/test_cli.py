@@ -506,7 +506,7 @@ def test_train_detector_checks_init_before_any_work(tmp_path):
     assert not (tmp_path / "d.safetensors").exists()
 
 
-def test_toy_training_refuses_a_device_it_cannot_use_before_any_work(tmp_path):
+def test_toy_training_refuses_a_device_it_cannot_use_before_any_work(tmp_path, bundled_latent_widths):
     import torch
 
     for cmd in (("toy", "train", "--out", tmp_path / "run"), ("toy", "train-detector", "--out", tmp_path / "d.safetensors")):
@@ -542,9 +542,10 @@ def test_toy_training_refuses_a_device_it_cannot_use_before_any_work(tmp_path):
     assert sorted(p.name for p in (tmp_path / "old").iterdir()) == ["vae_final.safetensors"]
     from eiup.models import default_model_path
 
-    res = invoke("toy", "train", "--out", tmp_path / "run", "--init-from", default_model_path(), "--latent-channels", "8")
+    bundled, other = bundled_latent_widths
+    res = invoke("toy", "train", "--out", tmp_path / "run", "--init-from", default_model_path(), "--latent-channels", str(other))
     assert res.exit_code == 2 and "Invalid value for --latent-channels:" in flat(res.output)
-    assert "VAE has 4 latent channels and is kept; leave --latent-channels out or pass 4" in flat(res.output)
+    assert f"VAE has {bundled} latent channels and is kept; leave --latent-channels out or pass {bundled}" in flat(res.output)
     res = invoke("toy", "train", "--out", tmp_path / "run", "--init-from", default_model_path(), "--unet-from", default_model_path())
     assert res.exit_code == 2 and "Invalid value for --unet-from: --init-from keeps the pipeline's VAE, --unet-from trains a new one" in flat(res.output)
     assert not (tmp_path / "run").exists() and not (tmp_path / "d.safetensors").exists()

@@ -185,6 +185,30 @@ def test_auto_guard_is_the_model_folders_and_steps_aside_for_a_fixed_strength(sd
         sd1(PROMPTS, guard=False, guard_ladder=[0.5, 1], **run)
 
 
+def test_guard_thresholds_written_to_the_file_reach_the_models_guard(tmp_path):
+    from safetensors.torch import save_file
+
+    from eiup.guard import GUARD_FILE, model_guard, set_guard_thresholds
+    from eiup.io import tensor_metadata
+    from eiup.toy.detect import ConceptDetectorNet
+
+    path = tmp_path / GUARD_FILE
+    save_file({k: v.contiguous() for k, v in ConceptDetectorNet().state_dict().items()}, str(path),
+              metadata={"seed": "23", "milder_threshold_chosen_on": "an older note"})
+    plain = model_guard(tmp_path, ["red", "nudity"])
+    assert plain.concepts == ["red"] and plain.threshold is None and plain.milder_threshold is None
+    set_guard_thresholds(path, milder_threshold=0.05, note="chosen on a development set")
+    assert tensor_metadata(path) == {"seed": "23", "milder_threshold": "0.05", "thresholds_chosen_on": "chosen on a development set"}
+    guard = model_guard(tmp_path, ["red"])
+    assert guard.threshold is None and guard.milder_threshold == 0.05
+    set_guard_thresholds(path, threshold=0.4)  # replaces both thresholds and the note
+    assert tensor_metadata(path) == {"seed": "23", "threshold": "0.4"} and model_guard(tmp_path, ["red"]).threshold == 0.4
+    for bad in (0.0, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="milder_threshold=.*give a probability in \\(0, 1\\)"):
+            set_guard_thresholds(path, milder_threshold=bad)
+    assert tensor_metadata(path)["threshold"] == "0.4" and not list(tmp_path.glob("*.tmp"))
+
+
 class Harming(Scripted):
     """A scripted guard that also says, per attempt, which clean images changed against the originals."""
 

@@ -108,6 +108,22 @@ def test_render_is_deterministic_and_objects_lie_in_separate_halves():
     assert seen_two > 5
 
 
+def test_palette_color_reads_the_rendered_colour_of_every_object_without_a_learned_model():
+    from eiup.toy.detect import GRID, _render_for_detector, palette_color
+
+    checked = 0
+    for seed in range(60):
+        image, cover, scene = _render_for_detector(seed)
+        for k, obj in enumerate(scene.objects):
+            cells = cover[k] >= 0.5  # the cells the detector is trained to claim for this object
+            if cells.sum() >= 3:
+                assert palette_color(image, cells, scene.background) == obj.color, (seed, obj)
+                checked += 1
+    assert checked >= 60
+    with pytest.raises(ValueError, match="no pixel of the object's cells differs from the background"):
+        palette_color(np.full((64, 64, 3), 255, np.uint8), np.ones((GRID, GRID), bool), "white")
+
+
 def test_training_stages_build_a_standard_pipeline_and_resume(tmp_path):
     from diffusers import StableDiffusionPipeline
 
@@ -254,7 +270,8 @@ def test_a_run_with_more_latent_channels_builds_a_pipeline_that_erases_and_refus
     assert not (tmp_path / "other").exists()
 
 
-def test_a_run_with_a_new_vae_starts_its_unet_from_a_pipeline_carried_into_the_new_latent_space(tmp_path, capsys):
+def test_a_run_with_a_new_vae_starts_its_unet_from_a_pipeline_carried_into_the_new_latent_space(tmp_path, capsys,
+                                                                                             bundled_latent_widths):
     import shutil
 
     from safetensors.torch import load_file
@@ -263,13 +280,14 @@ def test_a_run_with_a_new_vae_starts_its_unet_from_a_pipeline_carried_into_the_n
     from eiup.toy.train import ToyTrainConfig, train_toy_model
 
     bundled = default_model_path()
+    own, new = bundled_latent_widths  # into a latent space of another width than the bundled model's
     cfg = ToyTrainConfig(n_scenes=64, vae_minutes=0.01, unet_minutes=0.01, vae_batch=8, unet_batch=4, threads=1,
-                         latent_channels=8, unet_from=str(bundled))
+                         latent_channels=new, unet_from=str(bundled))
     dest = train_toy_model(tmp_path / "run", cfg)
-    assert f"unet_from {bundled}: 4 -> 8 latent channels, the map explains" in capsys.readouterr().out
+    assert f"unet_from {bundled}: {own} -> {new} latent channels, the map explains" in capsys.readouterr().out
     start = load_file(str(bundled / "unet" / "diffusion_pytorch_model.safetensors"))
     after = load_file(str(dest / "unet" / "diffusion_pytorch_model.safetensors"))
-    assert after["conv_in.weight"].shape[1] == after["conv_out.weight"].shape[0] == 8
+    assert after["conv_in.weight"].shape[1] == after["conv_out.weight"].shape[0] == new
     body = [k for k in start if not k.startswith(("conv_in.", "conv_out."))]
     assert max((after[k].float() - start[k].float()).abs().max().item() for k in body) < 0.05
     text_start = load_file(str(bundled / "text_encoder" / "model.safetensors"))

@@ -72,13 +72,14 @@ def test_pixels_are_rows_of_channels():
     assert rows.shape == (8, 3) and torch.equal(rows[1], lat[0, :, 0, 1])
 
 
-def test_weights_of_another_latent_space_are_refused_by_name_unless_translated():
+def test_weights_of_another_latent_space_are_refused_by_name_unless_translated(bundled_latent_widths):
     from eiup.models import default_model_path
     from eiup.toy.train import build_text_encoder, load_pipeline_weights
     from transformers import CLIPTokenizer
 
     tokenizer = CLIPTokenizer.from_pretrained(default_model_path() / "tokenizer")
     text = build_text_encoder(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)
+    other_width = bundled_latent_widths[1]
     with pytest.raises(ValueError, match=r"lacks 0 tensors of the toy architecture and has 3 of other shapes "
                                          r"\(e\.g\. conv_in\.weight\); unet_from takes a toy pipeline"):
-        load_pipeline_weights(default_model_path(), build_unet(8), text, option="unet_from")
+        load_pipeline_weights(default_model_path(), build_unet(other_width), text, option="unet_from")

@@ -61,6 +61,22 @@ def load_guard(spec: str) -> Guard | str | bool:
     return load_judge(spec, "")  # the concept only matters to the toy judge, which "auto" covers
 
 
+def set_guard_thresholds(path: str | Path, threshold: float | None = None, milder_threshold: float | None = None,
+                         note: str | None = None) -> Path:
+    """Store a guard file's ``threshold`` / ``milder_threshold`` (what :func:`model_guard` passes to :class:`ToyGuard`)
+    in its metadata, with ``note`` saying how they were chosen; other metadata kept, the file replaced atomically."""
+    from .io import load_tensors, save_tensors_atomic
+
+    for name, value in (("threshold", threshold), ("milder_threshold", milder_threshold)):
+        if value is not None and not 0 < value < 1:
+            raise ValueError(f"{name}={value!r}: give a probability in (0, 1), or None for the detector's reading")
+    tensors, meta = load_tensors(path)
+    meta = {k: v for k, v in meta.items() if k not in ("threshold", "milder_threshold") and not k.endswith("chosen_on")}
+    meta.update({k: str(v) for k, v in (("threshold", threshold), ("milder_threshold", milder_threshold),
+                                         ("thresholds_chosen_on", note)) if v is not None})
+    return save_tensors_atomic(path, tensors, meta)
+
+
 @functools.lru_cache(maxsize=4)
 def _detector(path: str, mtime_ns: int) -> tuple[Any, float | None, float | None]:
     """The guard detector and its thresholds (the file's ``threshold`` and ``milder_threshold`` metadata; None:

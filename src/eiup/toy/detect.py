@@ -121,6 +121,22 @@ class Detection:
         }
 
 
+def palette_color(image: np.ndarray, cells: np.ndarray, background: str) -> str:
+    """The world colour nearest to an object's pixels, read without any learned model: the median of the
+    brighter half of the pixels under its detector cells that are not near the background colour (pattern
+    marks are dark), ``image`` uint8 (64, 64, 3)."""
+    from .world import BACKGROUND_RGB, COLOR_RGB
+
+    region = np.kron(cells.astype(bool), np.ones((64 // GRID, 64 // GRID), dtype=bool))
+    pixels = np.asarray(image, dtype=np.float64)[region]
+    pixels = pixels[np.abs(pixels - BACKGROUND_RGB[background]).sum(1) > 90]
+    if len(pixels) == 0:
+        raise ValueError("palette_color: no pixel of the object's cells differs from the background")
+    bright = pixels[pixels.max(1) >= np.median(pixels.max(1))]
+    names, rgb = list(COLOR_RGB), np.array(list(COLOR_RGB.values()), dtype=np.float64)
+    return names[int(np.argmin(((rgb - np.median(bright, 0)) ** 2).sum(1)))]
+
+
 def _components(mask: np.ndarray) -> list[np.ndarray]:
     from scipy.ndimage import label
 
