@@ -22,17 +22,6 @@ import json
 import numpy as np
 
 
-def nearest_object(scene, cover, center, grid):
-    """Index of the rendered object whose cell-coverage centre is nearest to ``center``."""
-    yy, xx = np.mgrid[0:grid, 0:grid]
-
-    def distance(k):
-        w = cover[k] / cover[k].sum()
-        return (((xx + 0.5) * w).sum() / grid - center[0]) ** 2 + (((yy + 0.5) * w).sum() / grid - center[1]) ** 2
-
-    return min(range(len(scene.objects)), key=distance)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=None, help="pipeline folder (default: the bundled toy model)")
@@ -48,7 +37,8 @@ def main() -> None:
     from tqdm import tqdm
 
     from eiup.models import load_pipeline
-    from eiup.toy.detect import GRID, ConceptDetector, _render_for_detector, palette_color, vae_round_trip
+    from eiup.toy.detect import (ConceptDetector, cover_center, palette_color, render_detector_scenes,
+                                 vae_round_trip)
     from eiup.toy.quality import image_grid, quality_prompts
     from eiup.toy.world import parse_caption
 
@@ -57,12 +47,14 @@ def main() -> None:
     detector = ConceptDetector.load(args.detector)
     report: dict = {"model": args.model or "bundled", "detector": args.detector or "bundled"}
 
-    renders = [_render_for_detector(4242 * 7_000_003 + i) for i in range(args.renders)]
-    trips = vae_round_trip(pipe.vae, np.stack([r[0] for r in renders]), sample=False)
+    renders, covers, scenes = render_detector_scenes(args.renders, seed=4242, processes=1)
+    trips = vae_round_trip(pipe.vae, renders, sample=False)
     n = pixels_right = detector_right = 0
-    for image, found, (_, cover, scene) in zip(trips, detector.detect(trips), renders):
-        for obj in found.objects:
-            truth = scene.objects[nearest_object(scene, cover, obj.center, GRID)].color
+    for image, found, cover, scene in zip(trips, detector.detect(trips), covers, scenes):
+        for obj in found.objects:  # judged against the rendered object whose coverage centre is nearest
+            centers = [cover_center(c) for c in cover[:len(scene.objects)]]
+            k = min(range(len(centers)), key=lambda i: (centers[i][0] - obj.center[0]) ** 2 + (centers[i][1] - obj.center[1]) ** 2)
+            truth = scene.objects[k].color
             n += 1
             pixels_right += palette_color(image, obj.mask, found.background) == truth
             detector_right += obj.color == truth

@@ -12,7 +12,6 @@ import argparse
 import random
 from collections import Counter, defaultdict
 
-import numpy as np
 
 
 def main() -> None:
@@ -26,22 +25,19 @@ def main() -> None:
     from PIL import Image
 
     from eiup.models import load_pipeline
-    from eiup.toy.detect import GRID, ConceptDetector, _render_for_detector, vae_round_trip
+    from eiup.toy.detect import GRID, ConceptDetector, cover_center, render_detector_scenes, vae_round_trip
     from eiup.toy.quality import image_grid
 
     vae = load_pipeline(args.model).vae
     detector = ConceptDetector.load(args.detector)
-    rows = [_render_for_detector(12345 * 7_000_003 + i) for i in range(args.scenes)]  # evaluate_detector's scenes
-    renders, covers, scenes = np.stack([r[0] for r in rows]), np.stack([r[1] for r in rows]), [r[2] for r in rows]
-    yy, xx = np.mgrid[0:GRID, 0:GRID]
+    renders, covers, scenes = render_detector_scenes(args.scenes, seed=12345, processes=1)  # evaluate_detector's
     decoded = {"renders": renders, "latent means": vae_round_trip(vae, renders, sample=False),
                "sampled latents": vae_round_trip(vae, renders, sample=True)}
     for name, images in decoded.items():
         confusion, by_size = Counter(), defaultdict(lambda: [0, 0])
         for scene, cover, found in zip(scenes, covers, detector.detect(images)):
             for k, obj in enumerate(scene.objects):
-                w = cover[k] / cover[k].sum()
-                cx, cy = ((xx + 0.5) * w).sum() / GRID, ((yy + 0.5) * w).sum() / GRID
+                cx, cy = cover_center(cover[k])
                 near = min(found.objects, key=lambda o: (o.center[0] - cx) ** 2 + (o.center[1] - cy) ** 2, default=None)
                 read = near.pattern if near else "nothing"
                 confusion[(obj.pattern, read)] += 1

@@ -109,15 +109,14 @@ def test_render_is_deterministic_and_objects_lie_in_separate_halves():
 
 
 def test_palette_color_reads_the_rendered_colour_of_every_object_without_a_learned_model():
-    from eiup.toy.detect import GRID, _render_for_detector, palette_color
+    from eiup.toy.detect import GRID, palette_color, render_detector_scenes
 
     checked = 0
-    for seed in range(60):
-        image, cover, scene = _render_for_detector(seed)
+    for image, cover, scene in zip(*render_detector_scenes(60, seed=0, processes=1)):
         for k, obj in enumerate(scene.objects):
             cells = cover[k] >= 0.5  # the cells the detector is trained to claim for this object
             if cells.sum() >= 3:
-                assert palette_color(image, cells, scene.background) == obj.color, (seed, obj)
+                assert palette_color(image, cells, scene.background) == obj.color, (scene, obj)
                 checked += 1
     assert checked >= 60
     with pytest.raises(ValueError, match="no pixel of the object's cells differs from the background"):

@@ -267,13 +267,24 @@ def vae_round_trip(vae, images: np.ndarray, batch: int = 256, sample: bool = Tru
     return np.concatenate(out)
 
 
-def make_detector_data(vae, n: int, seed: int, processes: int = 2):
+def render_detector_scenes(n: int, seed: int, processes: int = 2) -> tuple[np.ndarray, np.ndarray, list[Scene]]:
+    """The detector's scenes of ``seed`` as rendered: uint8 images (n, 64, 64, 3), each object's share of every
+    grid cell (n, 2, GRID, GRID) and the scenes (``evaluate_detector`` uses seed 12345)."""
     with Pool(processes) as pool:
         rows = list(tqdm(pool.imap(_render_for_detector, [seed * 7_000_003 + i for i in range(n)], chunksize=64),
                          total=n, desc="render (detector)"))
-    images = np.stack([r[0] for r in rows])
-    covers = np.stack([r[1] for r in rows])
-    scenes = [r[2] for r in rows]
+    return np.stack([r[0] for r in rows]), np.stack([r[1] for r in rows]), [r[2] for r in rows]
+
+
+def cover_center(cover: np.ndarray) -> tuple[float, float]:
+    """(x, y) in [0, 1] of one object's cell coverage (GRID, GRID): where its detection should be."""
+    yy, xx = np.mgrid[0:GRID, 0:GRID]
+    w = cover / cover.sum()
+    return float(((xx + 0.5) * w).sum() / GRID), float(((yy + 0.5) * w).sum() / GRID)
+
+
+def make_detector_data(vae, n: int, seed: int, processes: int = 2):
+    images, covers, scenes = render_detector_scenes(n, seed, processes)
     return vae_round_trip(vae, images, seed=seed), covers, scenes
 
 
@@ -378,14 +389,12 @@ def evaluate_detector(detector: ConceptDetector, vae, n: int = 2000, seed: int =
     dets = detector.detect(images)
     correct = {name: 0 for name in HEADS}
     total = count_ok = bg_ok = 0
-    yy, xx = np.mgrid[0:GRID, 0:GRID]
     for s, cover, d in zip(scenes, covers, dets):
         count_ok += len(d.objects) == len(s.objects)
         bg_ok += d.background == s.background
         total += len(s.objects)
         for k, obj in enumerate(s.objects):  # the detected object nearest to the rendered one
-            w = cover[k] / cover[k].sum()
-            cx, cy = ((xx + 0.5) * w).sum() / GRID, ((yy + 0.5) * w).sum() / GRID
+            cx, cy = cover_center(cover[k])
             if not d.objects:
                 continue
             near = min(d.objects, key=lambda o: (o.center[0] - cx) ** 2 + (o.center[1] - cy) ** 2)
