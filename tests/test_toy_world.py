@@ -123,6 +123,22 @@ def test_palette_color_reads_the_rendered_colour_of_every_object_without_a_learn
         palette_color(np.full((64, 64, 3), 255, np.uint8), np.ones((GRID, GRID), bool), "white")
 
 
+def test_a_detector_without_vae_trains_on_the_renders_as_rendered(tmp_path):
+    from safetensors.torch import load_file
+
+    from eiup.toy.detect import ConceptDetector, make_detector_data, render_detector_scenes, train_detector
+
+    images, covers, scenes = make_detector_data(None, 80, seed=5, processes=1)
+    rendered, rendered_covers, _ = render_detector_scenes(80, seed=5, processes=1)
+    assert np.array_equal(images, rendered) and np.array_equal(covers, rendered_covers)
+    path = train_detector(None, tmp_path / "raw.safetensors", n_train=80, minutes=0.02, seed=5, processes=1,
+                          cache=tmp_path / "raw.npz")
+    weights = load_file(str(path))
+    assert all(v.dtype == torch.float16 and torch.isfinite(v).all() for v in weights.values())
+    np.testing.assert_array_equal(np.load(tmp_path / "raw.npz")["images"], rendered)  # what it was trained on
+    assert len(ConceptDetector.load(path).detect(rendered[:2])) == 2
+
+
 def test_training_stages_build_a_standard_pipeline_and_resume(tmp_path):
     from diffusers import StableDiffusionPipeline
 

@@ -122,7 +122,9 @@ def finetune_decoder_cmd(
         help="Noise added to the training latents (amplitude uniform below it): a decoder robust to a UNet's latents.")] = 0.0,
 ) -> None:
     """Fine-tune the toy VAE's decoder alone (its latents, hence the UNet, unchanged): truer colours on
-    renders, but generated images show the UNet's latent noise as blotches (docs/experiments/decoder.md)."""
+    renders; without --latent-noise generated images show the UNet's latent noise as blotches
+    (docs/experiments/decoder.md); with --latent-noise 0.6 the 8-channel model draws its colours
+    (docs/experiments/latent-channels.md)."""
     import math
 
     weights = model / "vae" / "diffusion_pytorch_model.safetensors"
@@ -153,6 +155,9 @@ def train_detector_cmd(
     lr: Annotated[float, typer.Option(help="Peak learning rate (cosine decay over --minutes).")] = 2e-3,
     device: Annotated[str, typer.Option(help="cpu or cuda[:N]: where the detector trains (renders stay on the CPU).")] = "cpu",
     processes: Annotated[int, typer.Option(help="Rendering processes.")] = 2,
+    raw_renders: Annotated[bool, typer.Option(
+        help="Train on the renders as rendered, no VAE: a judge that cannot learn a VAE's traces of a colour "
+             "(for benchmarks/colour_check.py --detector); it is measured on raw renders and through --model's VAE.")] = False,
 ) -> None:
     """Train the concept detector on renders passed through the toy VAE; prints its accuracy."""
     _check_device(device)
@@ -168,9 +173,11 @@ def train_detector_cmd(
     from ..toy.detect import ConceptDetector, evaluate_detector, train_detector
 
     vae = AutoencoderKL.from_pretrained(model / "vae", torch_dtype=torch.float32, use_safetensors=True).eval()
-    path = train_detector(vae, out, n_train=scenes, minutes=minutes, seed=seed, init=init, lr=lr, device=device,
-                          processes=processes)
+    path = train_detector(None if raw_renders else vae, out, n_train=scenes, minutes=minutes, seed=seed, init=init,
+                          lr=lr, device=device, processes=processes)
     report = evaluate_detector(ConceptDetector.load(path), vae)
+    if raw_renders:
+        report = {"through_vae": report, "raw_renders": evaluate_detector(ConceptDetector.load(path), None)}
     typer.echo(json.dumps(report, indent=2))
 
 

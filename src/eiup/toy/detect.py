@@ -284,8 +284,9 @@ def cover_center(cover: np.ndarray) -> tuple[float, float]:
 
 
 def make_detector_data(vae, n: int, seed: int, processes: int = 2):
+    """The detector's scenes of ``seed``, round-tripped through ``vae`` (as rendered where ``vae`` is None)."""
     images, covers, scenes = render_detector_scenes(n, seed, processes)
-    return vae_round_trip(vae, images, seed=seed), covers, scenes
+    return (images if vae is None else vae_round_trip(vae, images, seed=seed)), covers, scenes
 
 
 def detector_loss(net, x, targets, idx) -> torch.Tensor:
@@ -326,7 +327,8 @@ def train_detector(vae, out: str | Path, n_train: int = 30_000, minutes: float =
                    init: str | Path | None = None, lr: float = 2e-3, device: str = "cpu") -> Path:
     """Train the detector on VAE-round-tripped renders (optionally continuing from `init`); saves fp16 safetensors.
 
-    The renders and their round trips are made on the CPU (`processes` rendering processes); `device`
+    With `vae` None it trains on the renders as rendered: a judge that cannot learn a VAE's traces of an
+    attribute (benchmarks/colour_check.py). The renders and their round trips are made on the CPU (`processes` rendering processes); `device`
     is where the detector itself trains.
     """
     out = Path(out)
@@ -384,7 +386,7 @@ def match_objects(expected: list, detected: list[DetectedObject]) -> list[tuple[
 
 
 def evaluate_detector(detector: ConceptDetector, vae, n: int = 2000, seed: int = 12345) -> dict:
-    """Accuracy per head on fresh VAE-round-tripped renders (objects matched by attributes)."""
+    """Accuracy per head on fresh VAE-round-tripped renders (as rendered where `vae` is None; objects matched by attributes)."""
     images, covers, scenes = make_detector_data(vae, n, seed)
     dets = detector.detect(images)
     correct = {name: 0 for name in HEADS}
