@@ -328,8 +328,8 @@ def train_detector(vae, out: str | Path, n_train: int = 30_000, minutes: float =
     """Train the detector on VAE-round-tripped renders (optionally continuing from `init`); saves fp16 safetensors.
 
     With `vae` None it trains on the renders as rendered: a judge that cannot learn a VAE's traces of an
-    attribute (benchmarks/colour_check.py). The renders and their round trips are made on the CPU (`processes` rendering processes); `device`
-    is where the detector itself trains.
+    attribute (benchmarks/colour_check.py). The renders and their round trips are made on the CPU
+    (`processes` rendering processes); `device` is where the detector itself trains.
     """
     out = Path(out)
     torch.manual_seed(seed)
@@ -386,7 +386,8 @@ def match_objects(expected: list, detected: list[DetectedObject]) -> list[tuple[
 
 
 def evaluate_detector(detector: ConceptDetector, vae, n: int = 2000, seed: int = 12345) -> dict:
-    """Accuracy per head on fresh VAE-round-tripped renders (as rendered where `vae` is None; objects matched by attributes)."""
+    """Accuracy per head on fresh VAE-round-tripped renders (as rendered where `vae` is None; objects matched
+    by attributes)."""
     images, covers, scenes = make_detector_data(vae, n, seed)
     dets = detector.detect(images)
     correct = {name: 0 for name in HEADS}
