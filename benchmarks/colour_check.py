@@ -51,8 +51,8 @@ def main() -> None:
     trips = vae_round_trip(pipe.vae, renders, sample=False)
     n = pixels_right = detector_right = 0
     for image, found, cover, scene in zip(trips, detector.detect(trips), covers, scenes):
+        centers = [cover_center(c) for c in cover[:len(scene.objects)]]
         for obj in found.objects:  # judged against the rendered object whose coverage centre is nearest
-            centers = [cover_center(c) for c in cover[:len(scene.objects)]]
             k = min(range(len(centers)), key=lambda i: (centers[i][0] - obj.center[0]) ** 2 + (centers[i][1] - obj.center[1]) ** 2)
             truth = scene.objects[k].color
             n += 1

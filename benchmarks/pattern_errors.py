@@ -13,7 +13,6 @@ import random
 from collections import Counter, defaultdict
 
 
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=None, help="pipeline folder whose VAE is used (default: the bundled toy model)")
@@ -25,7 +24,7 @@ def main() -> None:
     from PIL import Image
 
     from eiup.models import load_pipeline
-    from eiup.toy.detect import GRID, ConceptDetector, cover_center, render_detector_scenes, vae_round_trip
+    from eiup.toy.detect import GRID, ConceptDetector, nearest_detection, render_detector_scenes, vae_round_trip
     from eiup.toy.quality import image_grid
 
     vae = load_pipeline(args.model).vae
@@ -37,8 +36,7 @@ def main() -> None:
         confusion, by_size = Counter(), defaultdict(lambda: [0, 0])
         for scene, cover, found in zip(scenes, covers, detector.detect(images)):
             for k, obj in enumerate(scene.objects):
-                cx, cy = cover_center(cover[k])
-                near = min(found.objects, key=lambda o: (o.center[0] - cx) ** 2 + (o.center[1] - cy) ** 2, default=None)
+                near = nearest_detection(found.objects, cover[k])
                 read = near.pattern if near else "nothing"
                 confusion[(obj.pattern, read)] += 1
                 share = cover[k].sum() / GRID**2

@@ -283,6 +283,12 @@ def cover_center(cover: np.ndarray) -> tuple[float, float]:
     return float(((xx + 0.5) * w).sum() / GRID), float(((yy + 0.5) * w).sum() / GRID)
 
 
+def nearest_detection(objects: list[DetectedObject], cover: np.ndarray) -> DetectedObject | None:
+    """The detected object whose centre is nearest to a rendered object's coverage centre (None if none)."""
+    cx, cy = cover_center(cover)
+    return min(objects, key=lambda o: (o.center[0] - cx) ** 2 + (o.center[1] - cy) ** 2, default=None)
+
+
 def make_detector_data(vae, n: int, seed: int, processes: int = 2):
     """The detector's scenes of ``seed``, round-tripped through ``vae`` (as rendered where ``vae`` is None)."""
     images, covers, scenes = render_detector_scenes(n, seed, processes)
@@ -396,11 +402,10 @@ def evaluate_detector(detector: ConceptDetector, vae, n: int = 2000, seed: int =
         count_ok += len(d.objects) == len(s.objects)
         bg_ok += d.background == s.background
         total += len(s.objects)
-        for k, obj in enumerate(s.objects):  # the detected object nearest to the rendered one
-            cx, cy = cover_center(cover[k])
-            if not d.objects:
+        for k, obj in enumerate(s.objects):
+            near = nearest_detection(d.objects, cover[k])
+            if near is None:
                 continue
-            near = min(d.objects, key=lambda o: (o.center[0] - cx) ** 2 + (o.center[1] - cy) ** 2)
             for name in HEADS:
                 correct[name] += getattr(obj, name) == getattr(near, name)
     report = {name: correct[name] / total for name in HEADS}
