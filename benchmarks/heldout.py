@@ -17,7 +17,8 @@ benchmark suites; seeds 3000.. (the benchmark uses 0..19). The measures are thos
 other templates; ``benchmarks/auto_vs_fixed.py`` uses seeds 5000..); ``--prompts confirmation`` a third
 set (:func:`eiup.bench.suites.confirmation_prompts`, seeds 7000.. by convention), kept for confirming a
 design once it was chosen on the first two; ``--prompts reserve`` a fourth (:func:`eiup.bench.suites.reserve_prompts`,
-seeds 8000.. by convention), for the design the confirmation set led to. ``--rewrite`` judges no erasure
+seeds 8000.. by convention), for the design the confirmation set led to; ``--prompt-file FILE`` a file's prompts
+(one per line; ``benchmarks/prompts/red-dark-development.txt``: red on dark backgrounds, seeds 4000..). ``--rewrite`` judges no erasure
 setting: each prompt with the concept is rewritten by hand-made rules to comply (the concept's attribute
 set to another value, round robin over the seeds: "a photo of a tomato" -> "a photo of an orange circle",
 :func:`eiup.toy.world.rewrite_without`) and generated without erasure. It is what a perfect prompt-level
@@ -42,6 +43,9 @@ def main() -> None:
                     help="calibration prompts (default), the auto-scale check's held-out templates, the "
                          "confirmation set (a third, for confirming a design chosen on the other two) or the "
                          "reserve set (a fourth, dark backgrounds among them)")
+    ap.add_argument("--prompt-file", default=None, metavar="FILE",
+                    help="judge these prompts with the concept instead (one per line, '#' comments; one --concepts); "
+                         "the negatives stay --prompts' set's")
     ap.add_argument("--rewrite", action="store_true",
                     help="judge the prompts rewritten without the concept (a reference) instead of an erasure setting")
     ap.add_argument("--guard", default=None, metavar="DETECTOR",
@@ -67,6 +71,17 @@ def main() -> None:
     from eiup.toy.detect import ConceptDetector
 
     kwargs = json.loads(args.kwargs)
+    from_file = None
+    if args.prompt_file:
+        if len(args.concepts) != 1:
+            ap.error("--prompt-file holds one concept's prompts: give one --concepts")
+        from pathlib import Path
+        if not Path(args.prompt_file).is_file():
+            ap.error(f"--prompt-file {args.prompt_file}: no such file")
+        lines = (line.split("#", 1)[0].strip() for line in Path(args.prompt_file).read_text().splitlines())
+        from_file = [line for line in lines if line]
+        if not from_file:
+            ap.error(f"--prompt-file {args.prompt_file}: no prompts in it (one per line)")
     guard = None
     if args.guard:
         guard = ConceptDetector.load(args.guard)
@@ -80,7 +95,8 @@ def main() -> None:
         print(f"| concept | prompts | residual | as plain or as prompted | chosen strength per prompt |  settings: {json.dumps(kwargs)}")
         print("|---|---|---|---|---|")
         for concept in args.concepts:
-            r = strength_oracle(plain, concept, getattr(suites, f"{args.prompts}_prompts")(concept), grid, kwargs)
+            positives = from_file or getattr(suites, f"{args.prompts}_prompts")(concept)
+            r = strength_oracle(plain, concept, positives, grid, kwargs)
             chosen = "; ".join(f"{p}: {s:g}" for p, s in r.chosen.items())
             print(f"| {concept} | {len(r.chosen)} | {r.residual:.1%} (n={r.n_shown}) | {r.as_plain_or_prompted:.1%} | {chosen} |",
                   flush=True)
@@ -89,7 +105,7 @@ def main() -> None:
           f" specificity | median PSNR |  settings: {'rewritten prompts' if args.rewrite else json.dumps(kwargs)}")
     print("|---|---|---|---|---|---|---|")
     for concept in args.concepts:
-        positives = getattr(suites, f"{args.prompts}_prompts")(concept)
+        positives = from_file or getattr(suites, f"{args.prompts}_prompts")(concept)
         negatives = getattr(suites, f"{args.prompts}_negatives")(concept)
         setting = kwargs
         if guard is not None:

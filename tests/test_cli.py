@@ -418,13 +418,13 @@ def test_guard_climbs_and_the_manifest_records_each_images_outcome(tmp_path, mod
     assert res.exit_code == 0, res.output
     assert "the guard still sees an erased concept in 2 image(s)" in flat(res.output)
     lines = [json.loads(x) for x in (tmp_path / "guarded" / "manifest.jsonl").read_text().splitlines()]
-    # flagged at the top, and again without the erasure, the concept as negative prompt at 1, 1.5 and 2x the
-    # guidance: the top's image kept
-    assert [x["outcome"] for x in lines] == [{"guard_flagged": True, "generations": 6, "anchor_strength": {"red": 5.0},
+    # flagged at the top, again without the erasure, the concept as negative prompt at 1, 1.5 and 2x the
+    # guidance, and once with the negative prompt and the erasure: the top's image kept
+    assert [x["outcome"] for x in lines] == [{"guard_flagged": True, "generations": 7, "anchor_strength": {"red": 5.0},
                                               "negative_prompt": False}] * 2
     rec = json.loads((tmp_path / "guarded" / "run.json").read_text())
     assert rec["settings"]["guard"] == "always_guard:flag" and rec["settings"]["guard_ladder"] == [0.5, 1.0, 4.0, 5.0]
-    assert rec["settings"]["guard_negative_prompt"] is True and all(i["outcome"]["generations"] == 6 for i in rec["images"])
+    assert rec["settings"]["guard_negative_prompt"] is True and all(i["outcome"]["generations"] == 7 for i in rec["images"])
     res = invoke(*base, "--guard", "always_guard:flag", "--guard-ladder", "0.5,1,4,5", "--no-guard-negative-prompt",
                  "--out", tmp_path / "no-fallback")
     assert res.exit_code == 0, res.output

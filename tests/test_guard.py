@@ -121,13 +121,21 @@ def test_an_image_still_flagged_at_the_top_is_drawn_again_with_the_concept_as_ne
     np.testing.assert_allclose(out.images[2], plain.images[2], atol=1e-5)
     preset = sd1(PROMPTS, erase="red", guard=False, negative_prompt=["blurry"] * 3, generator=gens(), **KW)
     assert np.abs(out.images[2] - preset.images[2]).max() > 1e-3
-    still = Scripted([[True, False, True], [False, True]] + [[True]] * len(NEGATIVE_PROMPT_GUIDANCE))
-    out = sd1(PROMPTS, guard=still, generator=gens(), **run)  # seen at every multiple: flagged, the top's draw kept
+    still = Scripted([[True, False, True], [False, True]] + [[True]] * (len(NEGATIVE_PROMPT_GUIDANCE) + 1))
+    out = sd1(PROMPTS, guard=still, generator=gens(), **run)  # seen at every multiple and with both: flagged, top kept
     assert out.guard_flagged == [False, False, True] and out.guard_negative_prompt == [False] * 3
-    assert out.anchor_strengths["red"][2] == 2.0 and out.guard_attempts[2] == 2 + len(NEGATIVE_PROMPT_GUIDANCE)
+    assert out.anchor_strengths["red"][2] == 2.0 and out.guard_attempts[2] == 3 + len(NEGATIVE_PROMPT_GUIDANCE)
     fixed = sd1(PROMPTS, erase="red", anchor_strength=[2.0, 1.0, 2.0], negative_prompt=["blurry"] * 3,
                 guidance_scale=6.0, generator=gens(), **KW)
     np.testing.assert_allclose(out.images[2], fixed.images[2], atol=1e-5)
+    both = Scripted([[True, False, True], [False, True]] + [[True]] * len(NEGATIVE_PROMPT_GUIDANCE) + [[False]])
+    out = sd1(PROMPTS, guard=both, generator=gens(), **run)  # clean only with the negative prompt and the erasure
+    assert out.guard_flagged == [False] * 3 and out.guard_negative_prompt == [False, False, True]
+    assert out.anchor_strengths["red"][2] == 1.0 and out.guard_attempts[2] == 3 + len(NEGATIVE_PROMPT_GUIDANCE)
+    combined = sd1(PROMPTS, erase="red", anchor_strength=[1.0] * 3, negative_prompt=["blurry, red"] * 3,
+                   guidance_scale=6.0, generator=gens(), **KW)  # at its first strength, the preset's
+    np.testing.assert_allclose(out.images[2], combined.images[2], atol=1e-5)
+    assert np.abs(out.images[2] - fixed.images[2]).max() > 1e-3
     no_cfg = Scripted([[True, False, True], [False, True]])  # guidance 1: a negative prompt does nothing, none drawn
     assert sd1(PROMPTS, guard=no_cfg, generator=gens(), **{**run, "guidance_scale": 1.0}).guard_flagged[2]
 

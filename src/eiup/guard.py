@@ -10,8 +10,8 @@ image is first drawn as the call would draw it without a guard (the model's pres
 only changes images it finds wanting: up the ladder while it sees the concept, down while the image is
 clean but harmed, stopping where a milder strength shows the concept again; an image still flagged at
 the end is drawn without the erasure and with the concept as negative prompt, at rising guidance, as a
-last resort (:data:`NEGATIVE_PROMPT_GUIDANCE`). A guard is any callable
-``images -> list[bool]`` (True: the concept is still shown), e.g. NudeNet or a product's own safety
+last resort (:data:`NEGATIVE_PROMPT_GUIDANCE`), then with the negative prompt and the erasure together.
+A guard is any callable ``images -> list[bool]`` (True: the concept is still shown), e.g. NudeNet or a product's own safety
 classifier, optionally with ``harmed(images, originals) -> list[bool]`` (:class:`ToyGuard`, the toy
 model's: a second concept detector). It should not be the detector that judges the benchmark.
 """
@@ -30,7 +30,8 @@ DEFAULT_LADDER = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0)
 GUARD_FILE = "eiup_guard.safetensors"  # in a model folder: a toy-world concept detector, what guard="auto" loads
 
 NEGATIVE_PROMPT_GUIDANCE = (1.0, 1.5, 2.0)
-"""The guard's last resort: negative-prompt draws at these multiples of the call's guidance scale, in turn."""
+"""The guard's last resort: negative-prompt draws at these multiples of the call's guidance scale, in turn (then
+one at the call's guidance with the erasure too)."""
 
 
 Guard = Callable[[Any], Sequence[bool]]
@@ -218,7 +219,9 @@ def guarded_call(pipe: Any, guard: Guard, ladder: Sequence[float], call: dict[st
     one, else the last. With ``negative_prompt_fallback``, an image the guard still flags after its walk is
     drawn again from the same noise without the erasure and with the concepts as negative prompt
     (classifier-free guidance away from their names), at the call's guidance scale times each of
-    :data:`NEGATIVE_PROMPT_GUIDANCE` in turn until the guard finds it clean, and keeps that draw."""
+    :data:`NEGATIVE_PROMPT_GUIDANCE` in turn until the guard finds it clean, and keeps that draw; one it
+    flags after all of them is drawn once more with that negative prompt and the erasure at its first
+    strength, at the call's guidance."""
     from diffusers.utils.torch_utils import randn_tensor
 
     from .pipeline import EIUPPipelineOutput, _row_prompts
@@ -311,6 +314,16 @@ def guarded_call(pipe: Any, guard: Guard, ladder: Sequence[float], call: dict[st
                 fallback[i] = True
                 keep(i, out, j, 1 if bad[j] else 2)
         last = [i for j, i in enumerate(last) if seen[j]]
+    if last:  # the negative prompt together with the erasure, at each image's first strength
+        out = draw(last, negative=[f"{negatives[i]}, {names}" if negatives[i] else names for i in last],
+                   erase_config=config, anchor_strength=[walks[i].rungs[walks[i].start] for i in last], guard=False,
+                   **erase_kwargs)
+        seen, bad = check(out.images, last)
+        for j, i in enumerate(last):
+            attempts[i] += 1
+            if not seen[j]:
+                keep(i, out, j, 1 if bad[j] else 2)
+                fallback[i] = True  # after keep: this draw has the erasure's strength, scale and map
     stack = lambda field: {c: np.stack(v) for c, v in keyed[field].items()} or None  # noqa: E731
     result = EIUPPipelineOutput(
         images=_assemble(images, like), nsfw_content_detected=None if all(f is None for f in nsfw) else nsfw,

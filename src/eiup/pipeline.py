@@ -678,9 +678,10 @@ class EIUPMixin:
             guard_negative_prompt: The guard's last resort (default on): an image it still flags at the
                 end of its walk is drawn again from the same noise without the erasure, with the concepts
                 as negative prompt, at 1, 1.5 and 2 times the call's guidance scale in turn
-                (:data:`eiup.guard.NEGATIVE_PROMPT_GUIDANCE`), and keeps the first draw the guard finds
-                clean (on the toy model the projection cannot take red off an object on a black
-                background; the negative prompt can).
+                (:data:`eiup.guard.NEGATIVE_PROMPT_GUIDANCE`), then once with the negative prompt and the
+                erasure together (at the image's first strength), and keeps the first draw the guard finds
+                clean (on the toy model the projection alone does not take red off an object on a black
+                background).
             *args: Positional arguments of the parent ``__call__``.
             **kwargs: Keyword arguments of the parent ``__call__``. In dual mode the step
                 callback's tensors hold both branches (``[original..., erased...]``).

@@ -38,7 +38,7 @@ def _check_device(device: str) -> None:
 @app.command()
 def train(
     out: Annotated[Path, typer.Option(help="Work folder (data, checkpoints); rerun to resume.")] = Path("runs/toy"),
-    minutes: Annotated[float, typer.Option(help="UNet + text encoder training time budget (seconds of steps).")] = 55.0,
+    minutes: Annotated[float, typer.Option(help="UNet + text encoder training time budget (minutes of steps).")] = 55.0,
     vae_minutes: Annotated[float, typer.Option(help="VAE training time budget.")] = 30.0,
     decoder_minutes: Annotated[float, typer.Option(
         help="Then the VAE's decoder alone, on whole images (0 skips; see docs/experiments/decoder.md).")] = 0.0,
@@ -114,7 +114,7 @@ def train(
 def finetune_decoder_cmd(
     model: Annotated[Path, typer.Option(help="Toy pipeline folder whose VAE decoder is fine-tuned, in place "
                                         "(work on a copy of the bundled one).")],
-    minutes: Annotated[float, typer.Option(help="Time budget (seconds of steps).")] = 20.0,
+    minutes: Annotated[float, typer.Option(help="Time budget (minutes of steps).")] = 20.0,
     scenes: Annotated[int, typer.Option(help="Rendered scenes to train on (the last 500 measure PSNR).")] = 24_000,
     seed: int = 91,
     work: Annotated[Path, typer.Option(help="Folder for the rendered data and the checkpoint; rerun to resume.")] = Path("runs/decoder"),
