@@ -741,8 +741,14 @@ def export_pipeline(out: Path, dest: Path, checkpoint: Path | None = None, ema: 
 # Prompts that name the concept move away from their counterfactuals (the word replaced by each anchor),
 # measured on held-out explicit prompts with backgrounds (benchmarks/heldout.py's, seeds 3000-3005):
 # red 1.5 (0%, 67%; 1.25 left 30%, 2 kept 52%), star 1.5 (0%, 85%; 1 left 25%), heart 2 (0%, 92%; 1 left 28%).
-ANCHOR_PRESETS = {"red": (1.25, -1.0), "star": (1.0, -1.0), "heart": (1.0, -1.0), "night": (1.5, -0.25)}
-NAMED_STRENGTHS = {"red": 1.5, "star": 1.5, "heart": 2.0, "night": 1.25}
+# The 8-channel model (2026-12-02) needs red stronger; the rest carried over. Implicit: benchmarks/heldout.py
+# --concepts red, library defaults (guard included), residual / as plain or as prompted at 2.5 and 3: the
+# benchmark's implicit prompts, seeds 900-907, 7.5% / 97.5% and 0% / 100%; the calibration prompts, seeds
+# 3000-3005, 0% / 100% and 0% / 96.3%; benchmarks/prompts/red-dark-development.txt, seeds 4000-4005, 2.2% /
+# 64.4% and 0% / 61.1% (1.25, the 4-channel model's, left 1.9% on the calibration prompts with its old guard,
+# 2.5 0%). Named: 2.5 on the explicit calibration prompts, seeds 3000-3005 (0%, 100% as plain or as prompted).
+ANCHOR_PRESETS = {"red": (3.0, -1.0), "star": (1.0, -1.0), "heart": (1.0, -1.0), "night": (1.5, -0.25)}
+NAMED_STRENGTHS = {"red": 2.5, "star": 1.5, "heart": 2.0, "night": 1.25}
 PRESET_ANCHORS = {"night": ["white background"]}  # instead of all the attribute's other values
 PRESET_ALIASES = {"night": ["black background"]}  # other words of the world that name the concept
 # attributes the projection must not move (erasing star turned the orange starfish yellow without it)
@@ -759,8 +765,11 @@ PRESET_IN_CONTEXT = ("red", "star", "heart")
 # padding everywhere in the image), star within a point either way. Red by its phrase instead (the
 # "phrases" rule: a prompt of one phrase projected everywhere, runs/region/share.py, seeds 0-19): "a tomato
 # and a lime" keeps its lime in 90% (75% unconfined), residual 0%; implicit and explicit prompts as
-# unconfined (seeds 0-11). Heart by the phrase rule kept less of the heart's object (50% vs 83%).
-PRESET_REGION = {"heart": "map", "red": "phrases"}
+# unconfined (seeds 0-11). Heart by the phrase rule kept less of the heart's object (50% vs 83%). On the 8-channel
+# model (2026-12-02) red's phrase rule no longer pays: "a tomato and a lime", presets without the guard, kept red in
+# 25% of seeds 0-19 and 10% of seeds 900-919 (unconfined: 0% and 0%) and the lime as often as unconfined (95% vs
+# 100%, 100% vs 100%; its pixels moved 0.081 vs 0.089 and 0.073 vs 0.073), so red is projected everywhere.
+PRESET_REGION = {"heart": "map"}
 
 
 def write_anchor_file(folder: Path) -> Path:
