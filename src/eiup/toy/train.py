@@ -745,8 +745,8 @@ def export_pipeline(out: Path, dest: Path, checkpoint: Path | None = None, ema: 
 # --concepts red, library defaults (guard included), residual / as plain or as prompted at 2.5 and 3: the
 # benchmark's implicit prompts, seeds 900-907, 7.5% / 97.5% and 0% / 100%; the calibration prompts, seeds
 # 3000-3005, 0% / 100% and 0% / 96.3%; benchmarks/prompts/red-dark-development.txt, seeds 4000-4005, 2.2% /
-# 64.4% and 0% / 61.1% (1.25, the 4-channel model's, left 1.9% on the calibration prompts with its old guard,
-# 2.5 0%). Named: 2.5 on the explicit calibration prompts, seeds 3000-3005 (0%, 100% as plain or as prompted).
+# 64.4% and 0% / 61.1%. Named: 2.5 on the explicit calibration prompts, seeds 3000-3005 (0%, 100% as plain or as
+# prompted; stop 26, docs/experiments/latent-channels.md).
 ANCHOR_PRESETS = {"red": (3.0, -1.0), "star": (1.0, -1.0), "heart": (1.0, -1.0), "night": (1.5, -0.25)}
 NAMED_STRENGTHS = {"red": 2.5, "star": 1.5, "heart": 2.0, "night": 1.25}
 PRESET_ANCHORS = {"night": ["white background"]}  # instead of all the attribute's other values
