@@ -4,8 +4,11 @@ Variants, all built on the SAME components and measured in ONE run, round-robin 
 rotated every repetition), medians reported, ratios to ``plain`` of the same run:
 
     plain        diffusers StableDiffusionPipeline
-    eiup-single  EIUPPipeline, erase_mode="single"
-    eiup-dual    EIUPPipeline, erase_mode="dual"
+    eiup-single  EIUPPipeline, erase_mode="single", guard=False (the erasure itself)
+    eiup-guarded EIUPPipeline, erase_mode="single", the library's defaults: the closed loop
+                 (eiup.guard) on a model folder with a guard (the toy model): a plain draw to compare
+                 with and the redraws it asks for; on a model without one the same as eiup-single
+    eiup-dual    EIUPPipeline, erase_mode="dual", guard=False
     sld-medium   diffusers StableDiffusionPipelineSafe, SafetyConfig.MEDIUM (warm-up scaled to the
                  step count as in eiup.bench), safety_checker=None
 
@@ -49,7 +52,7 @@ from pathlib import Path
 
 import torch
 
-VARIANTS = ("plain", "eiup-single", "eiup-dual", "sld-medium")
+VARIANTS = ("plain", "eiup-single", "eiup-guarded", "eiup-dual", "sld-medium")
 PROMPT = "a red star on a white background"
 CONCEPT = "red"
 MIB = 1024 * 1024
@@ -264,7 +267,9 @@ class Variants:
             return self.plain(prompts, output_type=out_type, **common)
         if variant in ("eiup-single", "eiup-dual"):
             return self.eiup(prompts, erase=[self.concept], erase_scale=-1.0, erase_mode=variant.split("-")[1],
-                             output_type=out_type, **common)
+                             guard=False, output_type=out_type, **common)
+        if variant == "eiup-guarded":
+            return self.eiup(prompts, erase=[self.concept], erase_scale=-1.0, output_type=out_type, **common)
         if variant == "sld-medium":
             sld = dict(self.sld_medium)
             sld["sld_warmup_steps"] = int(round(sld["sld_warmup_steps"] * steps / 50))
