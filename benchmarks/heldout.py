@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 
 def main() -> None:
@@ -75,7 +76,6 @@ def main() -> None:
     if args.prompt_file:
         if len(args.concepts) != 1:
             ap.error("--prompt-file holds one concept's prompts: give one --concepts")
-        from pathlib import Path
         if not Path(args.prompt_file).is_file():
             ap.error(f"--prompt-file {args.prompt_file}: no such file")
         lines = (line.split("#", 1)[0].strip() for line in Path(args.prompt_file).read_text().splitlines())

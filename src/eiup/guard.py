@@ -265,14 +265,14 @@ def guarded_call(pipe: Any, guard: Guard, ladder: Sequence[float], call: dict[st
     like, todo = None, np.arange(n)
     fallback = np.zeros(n, dtype=bool)  # per image: kept from the negative-prompt draw
 
-    def keep(i: int, out: Any, j: int, now: int) -> None:
+    def keep(i: int, out: Any, j: int, now: int, erased: bool = True) -> None:
         """Image ``i`` is row ``j`` of ``out`` now, ranked ``now``; a draw without erasure has no strength, scale or map."""
         rank[i], images[i] = now, out.images[j]
         nsfw[i] = None if out.nsfw_content_detected is None else out.nsfw_content_detected[j]
         for field, per_concept in keyed.items():
             for concept, values in (getattr(out, field) or {}).items():
                 per_concept.setdefault(concept, [None] * n)[i] = values[j]
-            if fallback[i]:
+            if not erased:
                 for values in per_concept.values():
                     if values[i] is not None:
                         values[i] = np.zeros_like(values[i]) if field == "heatmaps" else np.full_like(values[i], np.nan)
@@ -302,28 +302,22 @@ def guarded_call(pipe: Any, guard: Guard, ladder: Sequence[float], call: dict[st
     guidance = float(call.get("guidance_scale") or 0.0)  # a negative prompt acts through classifier-free guidance
     last = [i for i in walks if rank[i] == 0] if negative_prompt_fallback and guidance > 1 else []
     names = ", ".join(config.concepts)
-    for factor in NEGATIVE_PROMPT_GUIDANCE:
+    with_names = [f"{negative}, {names}" if negative else names for negative in negatives]
+    for factor in (*NEGATIVE_PROMPT_GUIDANCE, None):  # None: the call's guidance, the erasure at the first strength
         if not last:
             break
-        out = draw(last, negative=[f"{negatives[i]}, {names}" if negatives[i] else names for i in last], erase=None,
-                   guidance_scale=factor * guidance)
+        if factor is None:
+            out = draw(last, negative=[with_names[i] for i in last], erase_config=config, guard=False,
+                       anchor_strength=[walks[i].rungs[walks[i].start] for i in last], **erase_kwargs)
+        else:
+            out = draw(last, negative=[with_names[i] for i in last], erase=None, guidance_scale=factor * guidance)
         seen, bad = check(out.images, last)
         for j, i in enumerate(last):
             attempts[i] += 1
             if not seen[j]:
                 fallback[i] = True
-                keep(i, out, j, 1 if bad[j] else 2)
+                keep(i, out, j, 1 if bad[j] else 2, erased=factor is None)
         last = [i for j, i in enumerate(last) if seen[j]]
-    if last:  # the negative prompt together with the erasure, at each image's first strength
-        out = draw(last, negative=[f"{negatives[i]}, {names}" if negatives[i] else names for i in last],
-                   erase_config=config, anchor_strength=[walks[i].rungs[walks[i].start] for i in last], guard=False,
-                   **erase_kwargs)
-        seen, bad = check(out.images, last)
-        for j, i in enumerate(last):
-            attempts[i] += 1
-            if not seen[j]:
-                keep(i, out, j, 1 if bad[j] else 2)
-                fallback[i] = True  # after keep: this draw has the erasure's strength, scale and map
     stack = lambda field: {c: np.stack(v) for c, v in keyed[field].items()} or None  # noqa: E731
     result = EIUPPipelineOutput(
         images=_assemble(images, like), nsfw_content_detected=None if all(f is None for f in nsfw) else nsfw,
