@@ -56,6 +56,8 @@ def main() -> None:
                     help="with --guard: flag where the concept's probability reaches this (default: the detector's reading)")
     ap.add_argument("--guard-milder-threshold", type=float, default=None,
                     help="with --guard: a draw milder than the preset counts as seen where the probability reaches this")
+    ap.add_argument("--guard-keep-threshold", type=float, default=None,
+                    help="with --guard: an image is also harmed where a kept colour or shape is read under this probability")
     ap.add_argument("--guard-no-keep", action="store_true",
                     help="with --guard: climb only while the concept is seen (not also while the rest of the image changed)")
     ap.add_argument("--judge", default=None, metavar="DETECTOR",
@@ -110,7 +112,8 @@ def main() -> None:
         setting = kwargs
         if guard is not None:
             setting = dict(kwargs, guard=ToyGuard(guard, [concept], args.guard_threshold, keep=not args.guard_no_keep,
-                                                  milder_threshold=args.guard_milder_threshold))
+                                                  milder_threshold=args.guard_milder_threshold,
+                                                  keep_threshold=args.guard_keep_threshold))
         r = judge_setting(plain, concept, positives, negatives, setting,
                           rewrite=rewrite_reference(concept) if args.rewrite else None)
         extra = (f" mean strength {r.mean_strength:.2f}, {r.mean_generations:.2f} generations per image, "

@@ -35,11 +35,14 @@ OMP_NUM_THREADS=1 .venv/bin/eiup toy train --out runs/lc8w --latent-channels 8 -
 # the guard flags an image where it gives the concept 20% or more (not its reading: red on black backgrounds, which
 # the judge reads as red and the guard as orange, benchmarks/prompts/red-dark-development.txt), and accepts a draw
 # milder than the preset only under 5% (of 0.3, 0.15, 0.05 the lowest residual on benchmarks/heldout.py
-# --first-seed 4000, fidelity equal, on the 4-channel model); model_guard reads both from the file
+# --first-seed 4000, fidelity equal, on the 4-channel model), and finds an image harmed where it reads a kept shape
+# (or colour) under 70% (of 0.7 and 0.8 the better fidelity on the dark development set: 65.6% -> 73.3%, 0.8 71.1%;
+# the two detectors disagree on objects erased into blobs); model_guard reads the three from the file
 .venv/bin/python -c "from eiup.guard import set_guard_thresholds as s; s('$W/pipeline/eiup_guard.safetensors', \
-  threshold=0.2, milder_threshold=0.05, note='threshold: benchmarks/heldout.py --concepts red --prompt-file \
-benchmarks/prompts/red-dark-development.txt --first-seed 4000 and --first-seed 3000; milder threshold: \
---first-seed 4000, images drawn from the mildest rung up: of 0.3, 0.15, 0.05 the lowest residual, fidelity equal')"
+  threshold=0.2, milder_threshold=0.05, keep_threshold=0.7, note='threshold: benchmarks/heldout.py --concepts red \
+--prompt-file benchmarks/prompts/red-dark-development.txt --first-seed 4000 and --first-seed 3000; milder threshold: \
+--first-seed 4000, images drawn from the mildest rung up: of 0.3, 0.15, 0.05 the lowest residual, fidelity equal; \
+keep threshold: the dark development set, of 0.7 and 0.8 the better fidelity')"
 # the anchored projection's gate: one prompt probe per concept, fitted on 1,200 world captions x 4 seeds the model draws (~15 min)
 .venv/bin/eiup fit-gate --concept red --concept star --concept heart --concept night --n-prompts 1200 --seeds 4
 export OMP_NUM_THREADS=1

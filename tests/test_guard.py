@@ -211,9 +211,14 @@ def test_guard_thresholds_written_to_the_file_reach_the_models_guard(tmp_path):
     assert guard.threshold is None and guard.milder_threshold == 0.05
     set_guard_thresholds(path, threshold=0.4)  # replaces both thresholds and the note
     assert tensor_metadata(path) == {"seed": "23", "threshold": "0.4"} and model_guard(tmp_path, ["red"]).threshold == 0.4
+    set_guard_thresholds(path, threshold=0.4, keep_threshold=0.7)
+    guard = model_guard(tmp_path, ["red"])
+    assert (guard.threshold, guard.milder_threshold, guard.keep_threshold) == (0.4, None, 0.7)
     for bad in (0.0, 1.5, float("nan")):
         with pytest.raises(ValueError, match="milder_threshold=.*give a probability in \\(0, 1\\)"):
             set_guard_thresholds(path, milder_threshold=bad)
+        with pytest.raises(ValueError, match="keep_threshold=.*give a probability in \\(0, 1\\)"):
+            set_guard_thresholds(path, keep_threshold=bad)
     assert tensor_metadata(path)["threshold"] == "0.4" and not list(tmp_path.glob("*.tmp"))
 
 
@@ -230,26 +235,40 @@ class Harming(Scripted):
 
 
 def test_a_guard_that_checks_the_rest_walks_down_from_harm_and_keeps_the_first_clean_draw(sd1, model_folder):
+    from eiup.guard import NEGATIVE_PROMPT_GUIDANCE
+
     (model_folder / "eiup_anchors.json").write_text(ANCHORS)  # the preset: strength 1
     ladder = [0.5, 1.0, 2.0]
-    guard = Harming([[False, False, True], [False, True, False], [False]], [[True, True, False], [False, False, True], [True]])
-    out = sd1(PROMPTS, erase="red", guard=guard, guard_ladder=ladder, generator=gens(), return_original=True, **KW)
     # image 0: clean but harmed at 1, clean and unharmed at 0.5; image 1: clean but harmed at 1, seen at 0.5
-    # (milder leaks), clean but harmed at 2: the first clean draw is kept; image 2: seen at 1, clean but harmed
-    # at the top (kept)
-    assert guard.sizes == [3, 3, 1] and out.guard_attempts.tolist() == [2, 3, 2]
-    np.testing.assert_array_equal(out.anchor_strengths["red"], [0.5, 1.0, 2.0])
-    assert out.guard_flagged == [False, False, False] and not any(out.guard_negative_prompt)
+    # (milder leaks), clean but harmed at 2; image 2: seen at 1, clean but harmed at the top. Images 1 and 2, clean
+    # but harmed after their walks, get the negative-prompt draws: image 1's first is clean and unharmed (kept),
+    # image 2's are all harmed, so it keeps its first clean draw (the top)
+    last_resort = [[False, False], [False, True]] + [[False], [True]] * len(NEGATIVE_PROMPT_GUIDANCE)
+    guard = Harming([[False, False, True], [False, True, False], [False]] + last_resort[0::2],
+                    [[True, True, False], [False, False, True], [True]] + last_resort[1::2])
+    out = sd1(PROMPTS, erase="red", guard=guard, guard_ladder=ladder, generator=gens(), return_original=True, **KW)
+    assert guard.sizes == [3, 3, 1, 2] + [1] * len(NEGATIVE_PROMPT_GUIDANCE) and guard.flags == guard.harm == []
+    assert out.guard_attempts.tolist() == [2, 4, 3 + len(NEGATIVE_PROMPT_GUIDANCE)]
+    assert out.guard_flagged == [False, False, False] and out.guard_negative_prompt == [False, True, False]
+    strengths = out.anchor_strengths["red"]
+    assert strengths[0] == 0.5 and np.isnan(strengths[1]) and strengths[2] == 2.0  # image 1: drawn without erasure
     fixed = sd1(PROMPTS, erase="red", anchor_strength=[0.5, 1.0, 2.0], generator=gens(), **KW)
-    np.testing.assert_allclose(out.images, fixed.images, atol=1e-5)
+    np.testing.assert_allclose(out.images[[0, 2]], fixed.images[[0, 2]], atol=1e-5)
+    negative = sd1(PROMPTS, negative_prompt=["red"] * 3, generator=gens(), **KW)
+    np.testing.assert_allclose(out.images[1], negative.images[1], atol=1e-5)
     plain = sd1(PROMPTS, generator=gens(), **KW).images
     np.testing.assert_allclose(guard.originals[0], plain, atol=1e-5)  # compared with the images drawn without erasure
     np.testing.assert_allclose(out.original_images, plain, atol=1e-5)
+    no_cfg = Harming([[False, False, True], [False, True, False], [False]], [[True, True, False], [False, False, True], [True]])
+    out = sd1(PROMPTS, erase="red", guard=no_cfg, guard_ladder=ladder, generator=gens(), guidance_scale=1.0, **KW)
+    assert no_cfg.sizes == [3, 3, 1] and not any(out.guard_negative_prompt)  # no guidance: no negative prompt to draw
 
 
 def test_the_toy_guard_reads_its_concepts_and_compares_the_rest_with_the_original():
+    from PIL import Image
+
     from eiup.guard import ToyGuard
-    from eiup.toy.detect import ConceptDetector
+    from eiup.toy.detect import HEADS, ConceptDetector
     from eiup.toy.render import render
     from eiup.toy.world import Obj, Scene
 
@@ -265,6 +284,14 @@ def test_the_toy_guard_reads_its_concepts_and_compares_the_rest_with_the_origina
     assert night.harmed([image("red", "circle", "white"), image("blue", "circle", "white")],
                         [image("red", "circle", "black")] * 2) == [False, True]
     assert ToyGuard(ConceptDetector.load(), ["red"], keep=False).harmed is None and guard.doubt is None
+    circle, square = (np.asarray(image("blue", s), dtype=np.float32) for s in ("circle", "square"))
+    unsure = Image.fromarray((0.7 * circle + 0.3 * square).round().astype(np.uint8))  # read as a circle, less surely
+    (found,) = ConceptDetector.load().detect([unsure])
+    p = float(found.objects[0].scores["shape"][HEADS["shape"].index("circle")])
+    assert found.objects[0].shape == "circle" and 0.5 < p < 0.99
+    assert guard.harmed([unsure], originals[:1]) == [False]
+    assert ToyGuard(ConceptDetector.load(), ["red"], keep_threshold=p / 2).harmed([unsure], originals[:1]) == [False]
+    assert ToyGuard(ConceptDetector.load(), ["red"], keep_threshold=(1 + p) / 2).harmed([unsure], originals[:1]) == [True]
     doubting = ToyGuard(ConceptDetector.load(), ["red"], milder_threshold=0.05)
     pair = [image("red", "circle"), image("blue", "circle")]
     scores = [d.score("color", "red") for d in ConceptDetector.load().detect(pair)]
@@ -288,7 +315,8 @@ def test_a_milder_draw_the_guard_doubts_counts_as_seen(sd1, model_folder):
     (model_folder / "eiup_anchors.json").write_text(ANCHORS)  # the preset: strength 1
     guard = Doubting([[False, False, False], [False, False], [False]], [[True, True, False], [False, False], [True]],
                      [[True, False]])  # asked only about draws milder than the first
-    out = sd1(PROMPTS, erase="red", guard=guard, guard_ladder=[0.5, 1.0, 2.0], generator=gens(), **KW)
+    out = sd1(PROMPTS, erase="red", guard=guard, guard_ladder=[0.5, 1.0, 2.0], generator=gens(), guidance_scale=1.0,
+              **KW)  # without guidance: no negative-prompt draws after the walks
     # image 0: its milder draw doubted, so tried above the first strength (harmed there too)
     assert guard.sizes == [3, 2, 1] and out.guard_attempts.tolist() == [3, 2, 1] and guard.doubts == []
     np.testing.assert_array_equal(out.anchor_strengths["red"], [1.0, 0.5, 1.0])  # image 0's milder draw doubted

@@ -8,9 +8,10 @@ Which strength a prompt and seed needs is not known in advance (the presets and
 ``anchor_strength="auto"`` guess it per concept or per prompt); a guard looks at the result. Every
 image is first drawn as the call would draw it without a guard (the model's preset), so the guard
 only changes images it finds wanting: up the ladder while it sees the concept, down while the image is
-clean but harmed, stopping where a milder strength shows the concept again; an image still flagged at
-the end is drawn without the erasure and with the concept as negative prompt, at rising guidance, as a
-last resort (:data:`NEGATIVE_PROMPT_GUIDANCE`), then with the negative prompt and the erasure together.
+clean but harmed, stopping where a milder strength shows the concept again; an image still flagged (or,
+with a guard that checks the rest, still harmed) at the end is drawn without the erasure and with the
+concept as negative prompt, at rising guidance, as a last resort (:data:`NEGATIVE_PROMPT_GUIDANCE`), then
+with the negative prompt and the erasure together, and keeps such a draw where it ranks better.
 A guard is any callable ``images -> list[bool]`` (True: the concept is still shown), e.g. NudeNet or a product's own safety
 classifier, optionally with ``harmed(images, originals) -> list[bool]`` (:class:`ToyGuard`, the toy
 model's: a second concept detector). It should not be the detector that judges the benchmark.
@@ -62,32 +63,35 @@ def load_guard(spec: str) -> Guard | str | bool:
     return load_judge(spec, "")  # the concept only matters to the toy judge, which "auto" covers
 
 
+THRESHOLDS = ("threshold", "milder_threshold", "keep_threshold")
+"""The :class:`ToyGuard` thresholds a guard file may carry in its metadata (:func:`set_guard_thresholds`)."""
+
+
 def set_guard_thresholds(path: str | Path, threshold: float | None = None, milder_threshold: float | None = None,
-                         note: str | None = None) -> Path:
-    """Store a guard file's ``threshold`` / ``milder_threshold`` (what :func:`model_guard` passes to :class:`ToyGuard`)
-    in its metadata, with ``note`` saying how they were chosen; other metadata kept, the file replaced atomically."""
+                         note: str | None = None, keep_threshold: float | None = None) -> Path:
+    """Store a guard file's ``threshold`` / ``milder_threshold`` / ``keep_threshold`` (what :func:`model_guard` passes
+    to :class:`ToyGuard`) in its metadata, with ``note`` saying how they were chosen; the three replace those stored
+    (one left None is dropped), other metadata kept, the file replaced atomically."""
     from .io import load_tensors, save_tensors_atomic
 
-    for name, value in (("threshold", threshold), ("milder_threshold", milder_threshold)):
+    values = dict(zip(THRESHOLDS, (threshold, milder_threshold, keep_threshold)))
+    for name, value in values.items():
         if value is not None and not 0 < value < 1:
             raise ValueError(f"{name}={value!r}: give a probability in (0, 1), or None for the detector's reading")
     tensors, meta = load_tensors(path)
-    meta = {k: v for k, v in meta.items() if k not in ("threshold", "milder_threshold") and not k.endswith("chosen_on")}
-    meta.update({k: str(v) for k, v in (("threshold", threshold), ("milder_threshold", milder_threshold),
-                                         ("thresholds_chosen_on", note)) if v is not None})
+    meta = {k: v for k, v in meta.items() if k not in THRESHOLDS and not k.endswith("chosen_on")}
+    meta.update({k: str(v) for k, v in (*values.items(), ("thresholds_chosen_on", note)) if v is not None})
     return save_tensors_atomic(path, tensors, meta)
 
 
 @functools.lru_cache(maxsize=4)
-def _detector(path: str, mtime_ns: int) -> tuple[Any, float | None, float | None]:
-    """The guard detector and its thresholds (the file's ``threshold`` and ``milder_threshold`` metadata; None:
-    its reading, no doubt)."""
+def _detector(path: str, mtime_ns: int) -> tuple[Any, dict[str, float]]:
+    """The guard detector and the thresholds its file's metadata holds (:data:`THRESHOLDS`; one missing: not given)."""
     from .io import tensor_metadata
     from .toy.detect import ConceptDetector
 
     meta = tensor_metadata(path)
-    number = lambda key: None if meta.get(key) is None else float(meta[key])  # noqa: E731
-    return ConceptDetector.load(path), number("threshold"), number("milder_threshold")
+    return ConceptDetector.load(path), {key: float(meta[key]) for key in THRESHOLDS if meta.get(key) is not None}
 
 
 class ToyGuard:
@@ -96,17 +100,19 @@ class ToyGuard:
     ``milder_threshold`` (a stricter bar for drawing an image milder than the preset), and, with ``keep``,
     finds it harmed where the rest of the image differs from the one drawn without erasure (object count,
     background unless erased, colour and shape of each object but the erased attribute:
-    :func:`eiup.bench.metrics.kept_from_plain`; not checked when the concepts are of several attributes)."""
+    :func:`eiup.bench.metrics.kept_from_plain`; not checked when the concepts are of several attributes), or,
+    with ``keep_threshold``, where the detector gives one of those kept colours and shapes a probability under it
+    (an object erased into a shapeless blob can still be read as its old shape, by a small margin)."""
 
     def __init__(self, detector: Any, concepts: Sequence[str], threshold: float | None = None, keep: bool = True,
-                 milder_threshold: float | None = None):
+                 milder_threshold: float | None = None, keep_threshold: float | None = None):
         from .toy.world import CONCEPTS
 
         unknown = [c for c in concepts if c not in CONCEPTS]
         if unknown or not concepts:
             raise ValueError(f"concepts={list(concepts)}: the toy guard knows {sorted(CONCEPTS)}")
         self.detector, self.concepts, self.threshold, self.keep = detector, list(concepts), threshold, keep
-        self.milder_threshold = milder_threshold
+        self.milder_threshold, self.keep_threshold = milder_threshold, keep_threshold
         if not keep:
             self.harmed = None
         if milder_threshold is None:
@@ -127,20 +133,28 @@ class ToyGuard:
 
     def harmed(self, images: Any, originals: Any) -> list[bool]:
         """Per image: the rest of it changed against ``originals`` (for any of the concepts' attributes)."""
-        from .bench.metrics import kept_from_plain
+        from .bench.metrics import RELIABLE_ATTRIBUTES, kept_from_plain
+        from .toy.detect import HEADS, match_objects
         from .toy.world import CONCEPTS
 
         attributes = {CONCEPTS[c][0] for c in self.concepts}
         if len(attributes) > 1:  # concepts of several attributes: what may change is not one attribute; no check
             return [False] * len(images)
         (a,) = attributes
+        skip = None if a == "background" else a
         found, plain = self.detector.detect(images), self.detector.detect(originals)
-        return [not kept_from_plain(d, p, None if a == "background" else a, a == "background") for d, p in zip(found, plain)]
+
+        def sure(d: Any, p: Any) -> bool:  # every kept colour and shape read with at least keep_threshold
+            return self.keep_threshold is None or all(
+                float(d.objects[i].scores[k][HEADS[k].index(getattr(p.objects[j], k))]) >= self.keep_threshold
+                for i, j in match_objects(d.objects, p.objects) for k in RELIABLE_ATTRIBUTES if k != skip)
+
+        return [not (kept_from_plain(d, p, skip, a == "background") and sure(d, p)) for d, p in zip(found, plain)]
 
 
 def model_guard(folder: str | Path | None, concepts: Sequence[str]) -> Guard | None:
     """``guard="auto"``: the model folder's guard (:data:`GUARD_FILE`, a toy-world concept detector; the file's
-    ``threshold`` and ``milder_threshold`` metadata go to :class:`ToyGuard`) for the ``concepts`` it knows, or
+    thresholds in its metadata, :data:`THRESHOLDS`, go to :class:`ToyGuard`) for the ``concepts`` it knows, or
     None when the folder has none or it knows none of them."""
     from .toy.world import CONCEPTS
 
@@ -148,8 +162,8 @@ def model_guard(folder: str | Path | None, concepts: Sequence[str]) -> Guard | N
     known = [c for c in concepts if c in CONCEPTS]
     if path is None or not path.is_file() or not known:
         return None
-    detector, threshold, milder = _detector(str(path), path.stat().st_mtime_ns)
-    return ToyGuard(detector, known, threshold, milder_threshold=milder)
+    detector, thresholds = _detector(str(path), path.stat().st_mtime_ns)
+    return ToyGuard(detector, known, **thresholds)
 
 
 class Walk:
@@ -216,12 +230,12 @@ def guarded_call(pipe: Any, guard: Guard, ladder: Sequence[float], call: dict[st
     strength the call gives it, up while ``guard`` sees the concept, and with a guard that has
     ``harmed(images, originals)`` (one more generation per image: the originals), down while it is clean
     but harmed (:class:`Walk`). An image keeps its first clean and unharmed draw, else its first clean
-    one, else the last. With ``negative_prompt_fallback``, an image the guard still flags after its walk is
-    drawn again from the same noise without the erasure and with the concepts as negative prompt
+    one, else the last. With ``negative_prompt_fallback``, an image without a clean and unharmed draw after its
+    walk is drawn again from the same noise without the erasure and with the concepts as negative prompt
     (classifier-free guidance away from their names), at the call's guidance scale times each of
-    :data:`NEGATIVE_PROMPT_GUIDANCE` in turn until the guard finds it clean, and keeps that draw; one it
-    flags after all of them is drawn once more with that negative prompt and the erasure at its first
-    strength, at the call's guidance."""
+    :data:`NEGATIVE_PROMPT_GUIDANCE` in turn until a draw is clean and unharmed, then once more with that
+    negative prompt and the erasure at its first strength, at the call's guidance; a draw replaces the kept
+    one where it ranks better (clean over seen, unharmed over harmed)."""
     from diffusers.utils.torch_utils import randn_tensor
 
     from .pipeline import EIUPPipelineOutput, _row_prompts
@@ -300,7 +314,7 @@ def guarded_call(pipe: Any, guard: Guard, ladder: Sequence[float], call: dict[st
                 walks[i] = Walk(sorted(set(ladder) | {float(given[j])}), float(given[j]))
         todo = np.array([i for j, i in enumerate(todo) if i in walks and walks[i].step(seen[j], bad[j])], dtype=int)
     guidance = float(call.get("guidance_scale") or 0.0)  # a negative prompt acts through classifier-free guidance
-    last = [i for i in walks if rank[i] == 0] if negative_prompt_fallback and guidance > 1 else []
+    last = [i for i in walks if rank[i] < 2] if negative_prompt_fallback and guidance > 1 else []
     names = ", ".join(config.concepts)
     with_names = [f"{negative}, {names}" if negative else names for negative in negatives]
     for factor in (*NEGATIVE_PROMPT_GUIDANCE, None):  # None: the call's guidance, the erasure at the first strength
@@ -314,10 +328,11 @@ def guarded_call(pipe: Any, guard: Guard, ladder: Sequence[float], call: dict[st
         seen, bad = check(out.images, last)
         for j, i in enumerate(last):
             attempts[i] += 1
-            if not seen[j]:
+            now = 0 if seen[j] else 1 if bad[j] else 2
+            if now > rank[i]:
                 fallback[i] = True
-                keep(i, out, j, 1 if bad[j] else 2, erased=factor is None)
-        last = [i for j, i in enumerate(last) if seen[j]]
+                keep(i, out, j, now, erased=factor is None)
+        last = [i for i in last if rank[i] < 2]
     stack = lambda field: {c: np.stack(v) for c, v in keyed[field].items()} or None  # noqa: E731
     result = EIUPPipelineOutput(
         images=_assemble(images, like), nsfw_content_detected=None if all(f is None for f in nsfw) else nsfw,

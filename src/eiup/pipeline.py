@@ -675,13 +675,13 @@ class EIUPMixin:
                 latents); otherwise no guard. A callable gets the images in the call's ``output_type``.
                 ``False``: off.
             guard_ladder: The strengths the guard climbs (default :data:`eiup.guard.DEFAULT_LADDER`).
-            guard_negative_prompt: The guard's last resort (default on): an image it still flags at the
-                end of its walk is drawn again from the same noise without the erasure, with the concepts
-                as negative prompt, at 1, 1.5 and 2 times the call's guidance scale in turn
-                (:data:`eiup.guard.NEGATIVE_PROMPT_GUIDANCE`), then once with the negative prompt and the
-                erasure together (at the image's first strength), and keeps the first draw the guard finds
-                clean (on the toy model the projection alone does not take red off an object on a black
-                background).
+            guard_negative_prompt: The guard's last resort (default on): an image it still flags (or, with a
+                guard that checks the rest, finds harmed) at the end of its walk is drawn again from the same
+                noise without the erasure, with the concepts as negative prompt, at 1, 1.5 and 2 times the
+                call's guidance scale in turn (:data:`eiup.guard.NEGATIVE_PROMPT_GUIDANCE`), then once with the
+                negative prompt and the erasure together (at the image's first strength), until a draw is clean
+                and unharmed; a draw replaces the kept one where it ranks better (on the toy model the
+                projection alone does not take red off an object on a black background without harming it).
             *args: Positional arguments of the parent ``__call__``.
             **kwargs: Keyword arguments of the parent ``__call__``. In dual mode the step
                 callback's tensors hold both branches (``[original..., erased...]``).

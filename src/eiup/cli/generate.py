@@ -98,9 +98,9 @@ def generate(
         "Default: 0.5,0.75,1,1.25,1.5,2 (eiup.guard.DEFAULT_LADDER)."),
     guard_negative_prompt: bool = typer.Option(
         True, "--guard-negative-prompt/--no-guard-negative-prompt", help="The guard's last resort: an image still "
-        "flagged at the ladder's top is drawn again without the erasure, with the concepts as negative prompt, at 1, "
-        "1.5 and 2 times --guidance in turn, and keeps the first draw the guard finds clean (manifest: "
-        "outcome.negative_prompt)."),
+        "flagged (or harmed) at the end of its walk is drawn again without the erasure, with the concepts as negative "
+        "prompt, at 1, 1.5 and 2 times --guidance in turn, and keeps the first draw the guard finds clean and "
+        "unharmed, else the best (manifest: outcome.negative_prompt)."),
     allow_amplify: bool = typer.Option(False, "--allow-amplify", help="Allow a positive --scale (amplifies the concepts)."),
     mode: Optional[str] = typer.Option(
         None, "--mode", help="single (fast, one branch) or dual (the paper's: keeps the original layout, ~2x cost). "
