@@ -322,13 +322,14 @@ def test_the_bundled_guard_keeps_the_presets_images_it_passes_and_the_judge_agre
                concept_context="separate")
     strengths, attempts = out.anchor_strengths["red"], out.guard_attempts
     preset = json.loads((default_model_path() / "eiup_anchors.json").read_text())["red"]["strength"]
-    assert attempts is not None and not any(out.guard_flagged) and set(strengths) <= set(DEFAULT_LADDER) | {preset}
+    last_resort = np.array(out.guard_negative_prompt)  # the concept as negative prompt (with the erasure: at the preset)
+    assert attempts is not None and not any(out.guard_flagged)
+    assert set(strengths[~last_resort]) <= set(DEFAULT_LADDER) | {preset}
     as_uint8 = (out.images * 255).round().astype(np.uint8)
     assert share(detector, as_uint8, "color", "red") <= 1 / len(SEEDS)
     assert not any(model_guard(default_model_path(), ["red"])(as_uint8))
     unguarded = pipe(prompts, num_inference_steps=STEPS, erase=["red"], generator=gens(), output_type="np",
                      concept_context="separate", guard=False)
-    last_resort = np.array(out.guard_negative_prompt)  # the concept as negative prompt (with the erasure: at the preset)
     first = (strengths == preset) & ~last_resort  # kept their first draw (passed at once, or nothing better on the walk)
     assert (attempts == 1).any() and first[attempts == 1].all() and attempts.max() > 1  # the fog: the preset harms
     np.testing.assert_allclose(out.images[first], unguarded.images[first], atol=1e-4)
@@ -339,6 +340,16 @@ def test_the_bundled_guard_keeps_the_presets_images_it_passes_and_the_judge_agre
                      anchor_strength=[preset] * int(combined.sum()),
                      output_type="np", concept_context="separate")
         np.testing.assert_allclose(out.images[combined], again.images, atol=1e-4)
+    negative = last_resort & np.isnan(strengths)
+    if negative.any():  # without the erasure: one of the negative-prompt draws at rising guidance
+        from eiup.guard import NEGATIVE_PROMPT_GUIDANCE
+
+        rows = [p for p, c in zip(prompts, negative) if c]
+        draws = [pipe(rows, num_inference_steps=STEPS, generator=[g for g, c in zip(gens(), negative) if c],
+                      negative_prompt=["red"] * len(rows), guidance_scale=7.5 * f, output_type="np").images
+                 for f in NEGATIVE_PROMPT_GUIDANCE]
+        for k, image in enumerate(out.images[negative]):
+            assert min(np.abs(image - d[k]).max() for d in draws) < 1e-4
     moved = ~first & ~last_resort
     if moved.any():  # drawn again and kept (tests/test_guard.py checks this on scripted guards): at its own strength
         fixed = pipe([p for p, m in zip(prompts, moved) if m], num_inference_steps=STEPS, erase=["red"],
