@@ -298,6 +298,9 @@ def test_the_toy_guard_reads_its_concepts_and_compares_the_rest_with_the_origina
     assert doubting.doubt(pair) == [s >= 0.05 for s in scores] and doubting.doubt(pair)[0]
     with pytest.raises(ValueError, match="the toy guard knows"):
         ToyGuard(ConceptDetector.load(), ["nudity"])
+    for bad in (0.0, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="keep_threshold=.*give a probability in \\(0, 1\\)"):
+            ToyGuard(ConceptDetector.load(), ["red"], keep_threshold=bad)
 
 
 class Doubting(Harming):
