@@ -1,6 +1,7 @@
 """The bundled toy model and detector: they load through the standard paths, the detector sees
 what the VAE produces, and erasure works on it (detector-measured, a few seeds)."""
 
+import inspect
 import json
 import os
 from pathlib import Path
@@ -342,11 +343,14 @@ def test_the_bundled_guard_keeps_the_presets_images_it_passes_and_the_judge_agre
         np.testing.assert_allclose(out.images[combined], again.images, atol=1e-4)
     negative = last_resort & np.isnan(strengths)
     if negative.any():  # without the erasure: one of the negative-prompt draws at rising guidance
+        from diffusers import StableDiffusionPipeline
+
         from eiup.guard import NEGATIVE_PROMPT_GUIDANCE
 
+        guidance = inspect.signature(StableDiffusionPipeline.__call__).parameters["guidance_scale"].default
         rows = [p for p, c in zip(prompts, negative) if c]
         draws = [pipe(rows, num_inference_steps=STEPS, generator=[g for g, c in zip(gens(), negative) if c],
-                      negative_prompt=["red"] * len(rows), guidance_scale=7.5 * f, output_type="np").images
+                      negative_prompt=["red"] * len(rows), guidance_scale=guidance * f, output_type="np").images
                  for f in NEGATIVE_PROMPT_GUIDANCE]
         for k, image in enumerate(out.images[negative]):
             assert min(np.abs(image - d[k]).max() for d in draws) < 1e-4

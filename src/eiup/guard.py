@@ -67,11 +67,13 @@ THRESHOLDS = ("threshold", "milder_threshold", "keep_threshold")
 """The :class:`ToyGuard` thresholds a guard file may carry in its metadata (:func:`set_guard_thresholds`)."""
 
 
-def check_thresholds(values: dict[str, float | None]) -> None:
-    """A ValueError naming the first of ``values`` (name -> threshold or None) that is not a probability in (0, 1)."""
-    for name, value in values.items():
+def check_thresholds(*values: float | None) -> dict[str, float | None]:
+    """The :data:`THRESHOLDS` by name, or a ValueError naming the first that is not a probability in (0, 1) or None."""
+    named = dict(zip(THRESHOLDS, values, strict=True))
+    for name, value in named.items():
         if value is not None and not 0 < value < 1:
             raise ValueError(f"{name}={value!r}: give a probability in (0, 1), or None for the detector's reading")
+    return named
 
 
 def set_guard_thresholds(path: str | Path, threshold: float | None = None, milder_threshold: float | None = None,
@@ -81,8 +83,7 @@ def set_guard_thresholds(path: str | Path, threshold: float | None = None, milde
     (one left None is dropped), other metadata kept, the file replaced atomically."""
     from .io import load_tensors, save_tensors_atomic
 
-    values = dict(zip(THRESHOLDS, (threshold, milder_threshold, keep_threshold)))
-    check_thresholds(values)
+    values = check_thresholds(threshold, milder_threshold, keep_threshold)
     tensors, meta = load_tensors(path)
     meta = {k: v for k, v in meta.items() if k not in THRESHOLDS and not k.endswith("chosen_on")}
     meta.update({k: str(v) for k, v in (*values.items(), ("thresholds_chosen_on", note)) if v is not None})
@@ -116,7 +117,7 @@ class ToyGuard:
         unknown = [c for c in concepts if c not in CONCEPTS]
         if unknown or not concepts:
             raise ValueError(f"concepts={list(concepts)}: the toy guard knows {sorted(CONCEPTS)}")
-        check_thresholds(dict(zip(THRESHOLDS, (threshold, milder_threshold, keep_threshold))))
+        check_thresholds(threshold, milder_threshold, keep_threshold)
         self.detector, self.concepts, self.threshold, self.keep = detector, list(concepts), threshold, keep
         self.milder_threshold, self.keep_threshold = milder_threshold, keep_threshold
         if not keep:
