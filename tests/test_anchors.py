@@ -302,12 +302,52 @@ def test_model_presets_may_give_prompts_naming_the_concept_their_own_strength(sd
     assert np.allclose(own, one("a red star", anchors=["blue", "green"], anchor_strength=1.0), atol=1e-6)
 
 
+def test_model_presets_may_give_prompts_naming_one_thing_their_own_anchors(sd1, model_folder):
+    """{"one_thing": {...}}: prompts of one thing are projected along its anchors and strengths, prompts of two
+    along the concept's own; a strength the call gives (one, or one per image as the guard gives) is for both."""
+    (model_folder / "eiup_anchors.json").write_text(
+        '{"red": {"anchors": ["blue", "green"], "strength": 2.0, "named_strength": 3.0, '
+        '"one_thing": {"anchors": ["purple"], "strength": 1.0, "named_strength": 1.5}}}')
+    kw = dict(erase="red", erase_scale=-1.5, anchor_gate=False, prompt_gate=False, concept_context="separate", **KW)
+    prompts = ["a red star", "a red star and a tree", "a tree in the fog", "a tree, the red sun"]
+
+    def one(prompt, **extra):
+        return sd1(prompt, generator=gen(), **kw, **extra).images[0]
+
+    preset = sd1(prompts, generator=[gen() for _ in prompts], **kw).images
+    expected = [one(prompts[0], anchors=["purple"], anchor_strength=1.5), one(prompts[1], anchors=["blue", "green"], anchor_strength=3.0),
+                one(prompts[2], anchors=["purple"], anchor_strength=1.0), one(prompts[3], anchors=["blue", "green"], anchor_strength=3.0)]
+    for got, want in zip(preset, expected):
+        assert np.allclose(got, want, atol=2e-5)
+    assert not np.allclose(preset[0], one(prompts[0], anchors=["blue", "green"], anchor_strength=3.0), atol=1e-4)
+    given = sd1(prompts[:2], anchor_strength=[1.25, 0.5], generator=[gen(), gen()], **kw).images
+    assert np.allclose(given[0], one(prompts[0], anchors=["purple"], anchor_strength=1.25), atol=2e-5)
+    assert np.allclose(given[1], one(prompts[1], anchors=["blue", "green"], anchor_strength=0.5), atol=2e-5)
+    spelled = sd1(prompts[0], anchors=["blue", "green"], anchor_strength=1.5, generator=gen(), **kw).images[0]
+    assert not np.allclose(spelled, preset[0], atol=1e-4)  # anchors the call gives replace the preset, for every prompt
+
+
+def test_one_thing_is_one_phrase_naming_a_thing():
+    from eiup.anchors import names_one_thing
+
+    def tokens(text):
+        return ["<s>", *(w + "</w>" for w in text.replace(",", " ,").split()), "</s>"]
+
+    for text in ("a red star on a white background", "a tomato, highly detailed", "a tomato at night", "tomato", ""):
+        assert names_one_thing(tokens(text)), text
+    for text in ("a tomato and a lime", "a lime, the red sun", "a cat with a hat", "a tomato and a lime, 4k"):
+        assert not names_one_thing(tokens(text)), text
+
+
 @pytest.mark.parametrize("entry", ['{"anchors": ["blue"], "named_strength": -1}', '{"anchors": ["blue"], "strength": 0}', '{"anchors": ["blue"], "scale": 0.5}',
                                    '{"anchors": ["blue"], "scale": "strong"}', '{"strength": 1.0, "anchors": "blue"}',
                                    '{"anchors": ["blue"], "aliases": "crimson"}', '{"anchors": ["blue"], "aliases": [""]}',
                                    '{"anchors": ["blue"], "protect": ["star"]}', '{"anchors": ["blue"], "protect": "star"}',
                                    '{"anchors": ["blue"], "in_context": "yes"}', '{"anchors": ["blue"], "region": 1}',
-                                   '{"anchors": ["blue"], "region": "box"}'])
+                                   '{"anchors": ["blue"], "region": "box"}', '{"anchors": ["blue"], "one_thing": ["green"]}',
+                                   '{"anchors": ["blue"], "one_thing": {"anchors": []}}',
+                                   '{"anchors": ["blue"], "one_thing": {"anchors": ["green"], "scale": -1}}',
+                                   '{"anchors": ["blue"], "one_thing": {"anchors": ["green"], "strength": 0}}'])
 def test_malformed_presets_are_refused_before_model_work(sd1, model_folder, entry):
     (model_folder / "eiup_anchors.json").write_text('{"red": %s}' % entry)
     with ModelCalls(sd1) as model, pytest.raises(EraseConfigError, match="eiup_anchors.json"):

@@ -322,7 +322,8 @@ def test_the_bundled_guard_keeps_the_presets_images_it_passes_and_the_judge_agre
     out = pipe(prompts, num_inference_steps=STEPS, erase=["red"], generator=gens(), output_type="np",
                concept_context="separate")
     strengths, attempts = out.anchor_strengths["red"], out.guard_attempts
-    preset = json.loads((default_model_path() / "eiup_anchors.json").read_text())["red"]["strength"]
+    entry = json.loads((default_model_path() / "eiup_anchors.json").read_text())["red"]
+    preset = entry.get("one_thing", entry)["strength"]  # both prompts name one thing
     last_resort = np.array(out.guard_negative_prompt)  # the concept as negative prompt (with the erasure: at the preset)
     assert attempts is not None and not any(out.guard_flagged)
     assert set(strengths[~last_resort]) <= set(DEFAULT_LADDER) | {preset}

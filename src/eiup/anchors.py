@@ -140,11 +140,9 @@ DETERMINERS = frozenset("a an the one two three four five some another".split())
 """Words that open a phrase naming a thing ("a lime"), unlike style phrases (", highly detailed, 4k")."""
 
 
-def phrase_positions(tokens: Sequence[str], carriers: Sequence[int]) -> tuple[list[int], list[int]]:
-    """The content words (not :data:`FUNCTION_WORDS`) of the phrases (split at :data:`CLAUSE_BREAKS`) that
-    hold one of ``carriers``, and those of the other phrases that name a thing (open with one of
-    :data:`DETERMINERS`; style phrases are neither): positions between BOS and EOS (the first and last
-    token); a CLIP tokenizer's end-of-word mark ``</w>`` is ignored."""
+def _phrases(tokens: Sequence[str]) -> tuple[list[str], list[list[int]]]:
+    """The tokens as lower-case words (a CLIP tokenizer's ``</w>`` dropped) and the positions of each phrase
+    (split at :data:`CLAUSE_BREAKS`) between BOS and EOS (the first and last token)."""
     words = [t.removesuffix("</w>").lower() for t in tokens]
     phrases: list[list[int]] = [[]]
     for i, word in enumerate(words[1:-1], start=1):
@@ -152,6 +150,23 @@ def phrase_positions(tokens: Sequence[str], carriers: Sequence[int]) -> tuple[li
             phrases.append([])
         else:
             phrases[-1].append(i)
+    return words, phrases
+
+
+def names_one_thing(tokens: Sequence[str]) -> bool:
+    """Whether the prompt's tokens (BOS ... EOS) hold one phrase naming a thing: none of the phrases after the
+    first (split at :data:`CLAUSE_BREAKS`) opens with one of :data:`DETERMINERS` ("a tomato, highly detailed"
+    and "a red star on a white background" do; "a tomato and a lime" does not)."""
+    words, phrases = _phrases(tokens)
+    return not any(phrase and words[phrase[0]] in DETERMINERS for phrase in phrases[1:])
+
+
+def phrase_positions(tokens: Sequence[str], carriers: Sequence[int]) -> tuple[list[int], list[int]]:
+    """The content words (not :data:`FUNCTION_WORDS`) of the phrases (split at :data:`CLAUSE_BREAKS`) that
+    hold one of ``carriers``, and those of the other phrases that name a thing (open with one of
+    :data:`DETERMINERS`; style phrases are neither): positions between BOS and EOS (the first and last
+    token); a CLIP tokenizer's end-of-word mark ``</w>`` is ignored."""
+    words, phrases = _phrases(tokens)
     held = set(carriers)
     own = [i for phrase in phrases if held.intersection(phrase) for i in phrase if words[i] not in FUNCTION_WORDS]
     others = [i for phrase in phrases if phrase and not held.intersection(phrase) and words[phrase[0]] in DETERMINERS

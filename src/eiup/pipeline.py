@@ -173,7 +173,8 @@ class AnchorPlan:
     whose differences the projection must not move prompts along (``protect``), and whether prompts that
     imply the concept are also projected along in-context anchors (``in_context``, :mod:`eiup.anchors`), and
     where in the image the projection acts (``region``: None everywhere, else a rule of :data:`REGION_RULES`,
-    :class:`eiup.attention.RegionGate`)."""
+    :class:`eiup.attention.RegionGate`); a model's preset may give prompts that name one thing other anchors
+    and strengths (``one_thing``: ``(anchors, strength, named_strength)``, :meth:`for_one_thing`)."""
 
     anchors: tuple[str, ...]
     strength: float
@@ -184,10 +185,19 @@ class AnchorPlan:
     in_context: bool = False
     region: str | None = None
     strength_predictor: Any = dataclasses.field(default=None, compare=False)  # anchor_strength="auto"
+    one_thing: tuple[tuple[str, ...], float, float | None] | None = None
 
     @property
     def strength_when_named(self) -> float:
         return self.strength if self.named_strength is None else self.named_strength
+
+    def for_one_thing(self) -> AnchorPlan:
+        """The plan for a prompt that names one thing (:func:`eiup.anchors.names_one_thing`): this one with the
+        ``one_thing`` anchors and strengths where the preset gives them."""
+        if self.one_thing is None:
+            return self
+        anchors, strength, named = self.one_thing
+        return dataclasses.replace(self, anchors=anchors, strength=strength, named_strength=named, one_thing=None)
 
 
 @dataclass(frozen=True)
@@ -1168,7 +1178,7 @@ class EIUPMixin:
             given = RowStrengths(config.anchor_strength)
             plans = [dataclasses.replace(plan, strength_predictor=given) if plan.anchors else plan for plan in plans]
         limit = self.tokenizer.model_max_length
-        for name, words in (("anchors", (a for plan in plans for a in plan.anchors)),
+        for name, words in (("anchors", (a for plan in plans for a in (*plan.anchors, *plan.for_one_thing().anchors))),
                             ("anchor_protect", (a for plan in plans for a in plan.protect))):
             for i, word in enumerate(dict.fromkeys(words)):
                 n = len(self.tokenizer(word).input_ids)
@@ -1261,6 +1271,7 @@ class EIUPMixin:
                     raise EraseConfigError(f"{path}: {concept!r} region={region!r} must be false, true (\"map\") "
                                            f"or a rule of {REGION_RULES}")
                 region = _region_rule(region, None)
+                one_thing = self._one_thing_preset(preset.get("one_thing"), f"{path}: {concept!r} one_thing", strength)
             except EraseConfigError as e:
                 raise EraseConfigError(f"anchors='auto': {e}") from e
             if scale is not None and not -MAX_ABS_SCALE <= scale < 0:
@@ -1269,13 +1280,31 @@ class EIUPMixin:
             chosen = strength if strength is not None else (own if own is not None else DEFAULT_ANCHOR_STRENGTH)
             named = None if strength is not None else named  # the call's strength is for every prompt
             plans.append(AnchorPlan(tuple(a.strip() for a in anchors), chosen, scale, named,
-                                    tuple(a.strip() for a in aliases), protect, in_context, region))
+                                    tuple(a.strip() for a in aliases), protect, in_context, region, one_thing=one_thing))
         missing = [c for c, plan in zip(concepts, plans) if not plan.anchors]
         if missing and not (quiet_without_file and not table):
             where = path if path is not None else "(no model folder known)"
             warnings.warn(f"anchors='auto': {where} lists no anchors for {missing}; these concepts are erased by "
                           "the concept term alone (pass anchors=[...] to project them too)", stacklevel=4)
         return plans
+
+    @staticmethod
+    def _one_thing_preset(entry: Any, where: str, strength: float | None
+                          ) -> tuple[tuple[str, ...], float, float | None] | None:
+        """A preset's ``"one_thing": {"anchors": [...], "strength": s, "named_strength": s2}`` as
+        :attr:`AnchorPlan.one_thing` (the call's ``strength``, when it gives one, for every prompt); None without one."""
+        if entry is None:
+            return None
+        if not isinstance(entry, dict) or set(entry) - {"anchors", "strength", "named_strength"}:
+            raise EraseConfigError(f"{where}={entry!r}: give {{\"anchors\": [...], \"strength\": s, \"named_strength\": s2}}")
+        anchors = entry.get("anchors")
+        if not isinstance(anchors, list) or not anchors or not all(isinstance(a, str) and a.strip() for a in anchors):
+            raise EraseConfigError(f"{where} anchors={anchors!r}: give a list of one or more words")
+        own = _anchor_strength(entry.get("strength", DEFAULT_ANCHOR_STRENGTH), f"{where} strength")
+        named = _anchor_strength(entry["named_strength"], f"{where} named_strength") if "named_strength" in entry else None
+        if strength is not None:
+            own, named = strength, None
+        return tuple(a.strip() for a in anchors), own, named
 
     def _gate_and_project(self, call: dict[str, Any], config: EraseConfig, plans: list[AnchorPlan] | None,
                           probes: list, named: list[list[bool]] | None, row_prompts: list[str] | None, device,
@@ -1288,8 +1317,8 @@ class EIUPMixin:
         ``region`` plans, also the :class:`RegionGate` that confines the projection (else None), and with
         strength predictors, per concept the strength each row was projected with (NaN: not projected)."""
         from .anchors import (aligned_concept_and_anchors, away_from_counterfactuals, concept_directions,
-                              counterfactual_positions, nearest_to_concept, project_tokens, protect_directions,
-                              word_positions)
+                              counterfactual_positions, names_one_thing, nearest_to_concept, project_tokens,
+                              protect_directions, word_positions)
 
         clip_skip = call.get("clip_skip")
         if m is None:  # single branch: encode the prompt here and hand the parent the edited embeddings
@@ -1323,13 +1352,17 @@ class EIUPMixin:
         # the others would leave every row as it is, so their words are not even encoded
         active = [bool(plan.anchors) and not (config.anchor_gate and gate is not None and not bool(gate.any()))
                   for plan, gate in zip(plans, implied)]
+        one_thing = [row_prompts is not None and names_one_thing(tok.convert_ids_to_tokens(token_ids(row_prompts[r])))
+                     for r in range(edited.shape[0])] if any(p.one_thing for p in plans) else [False] * edited.shape[0]
+        row_plans = [[plan.for_one_thing() if one_thing[r] else plan for r in range(edited.shape[0])] for plan in plans]
         counterfactuals: dict[tuple[int, int], list[str]] = {}  # (concept, row) -> the concept replaced by each anchor
         for k, (concept, plan) in enumerate(zip(config.concepts, plans)):
             for r in range(edited.shape[0]) if active[k] and named is not None and row_prompts is not None else ():
                 if named[k][r]:
-                    counterfactuals[k, r] = [_word_pattern(concept, *plan.aliases).sub(a, row_prompts[r]) for a in plan.anchors]
+                    counterfactuals[k, r] = [_word_pattern(concept, *plan.aliases).sub(a, row_prompts[r])
+                                             for a in row_plans[k][r].anchors]
         needed = [c for c, on in zip(config.concepts, active) if on]
-        needed += [a for plan, on in zip(plans, active) if on for a in (*plan.anchors, *plan.protect)]
+        needed += [a for k, on in enumerate(active) if on for p in dict.fromkeys(row_plans[k]) for a in (*p.anchors, *p.protect)]
         needed += [t for ts in counterfactuals.values() for t in ts]
         needed = list(dict.fromkeys(needed))
         encoded: dict[str, torch.Tensor] = {}
@@ -1348,45 +1381,48 @@ class EIUPMixin:
                 if plan.anchors:
                     strengths[concept] = np.full(edited.shape[0], np.nan, dtype=np.float32)
                 continue
-            c, anchors = aligned(concept, plan.anchors)
-            mean, direction = concept_directions(c, anchors)
-            if plan.protect:
-                direction = protect_directions(direction, mean, c, aligned(concept, plan.protect)[1])
             if plan.strength_predictor is not None:
                 predicted = plan.strength_predictor.predict(original).to(original.device)
-                strengths[concept] = predicted.cpu().numpy().astype(np.float32)
-                base, when_named = predicted[:, None, None], predicted.tolist()
+                base, when_named = predicted, predicted.tolist()
             else:
-                base, when_named = plan.strength, [plan.strength_when_named] * edited.shape[0]
-                strengths[concept] = np.array([when_named[r] if (k, r) in counterfactuals else base
-                                               for r in range(edited.shape[0])], dtype=np.float32)
-            projected = project_tokens(edited, mean, direction, base)
+                base = torch.tensor([p.strength for p in row_plans[k]], device=original.device)
+                when_named = [p.strength_when_named for p in row_plans[k]]
+            strengths[concept] = np.array([when_named[r] if (k, r) in counterfactuals else float(base[r])
+                                           for r in range(edited.shape[0])], dtype=np.float32)
+            projected = edited.clone()
             in_context: dict[str, tuple[torch.Tensor, torch.Tensor, list[int]] | None] = {}
-            for r in range(edited.shape[0]):  # rows naming the concept: e -= s (e0 - mean of counterfactuals)
-                if (k, r) in counterfactuals:
-                    prompt_ids = token_ids(row_prompts[r])
-                    cf = torch.stack([encoded[t][counterfactual_positions(prompt_ids, token_ids(t), edited.shape[1]).to(device)]
-                                      for t in counterfactuals[k, r]]).mean(0)
-                    projected[r] = away_from_counterfactuals(edited[r], original[r], cf, when_named[r])
-                    if plan.region:
-                        carriers[r, word_positions(prompt_ids, [tok(w, add_special_tokens=False).input_ids
-                                                                for w in (concept, *plan.aliases)])] = 1
-                        row_rules[r].add(plan.region)
-                elif ((plan.in_context or plan.region) and row_prompts is not None and implied[k] is not None
-                      and bool(implied[k][r])):
-                    if row_prompts[r] not in in_context:  # rows repeating a prompt share its variants' encoding
-                        in_context[row_prompts[r]] = self._in_context_direction(
-                            original[r], row_prompts[r], concept, plan, token_ids, device, lora_scale, clip_skip)
-                    found = in_context[row_prompts[r]]
-                    if found is not None and plan.in_context:
-                        projected[r] = project_tokens(projected[r][None], *found[:2], when_named[r])[0]
-                    if found is not None and plan.region:
-                        carriers[r, found[2]] = 1
-                        row_rules[r].add(plan.region)
+            for own in dict.fromkeys(row_plans[k]):  # the concept's plan, and its plan for prompts naming one thing
+                c, anchors = aligned(concept, own.anchors)
+                mean, direction = concept_directions(c, anchors)
+                if own.protect:
+                    direction = protect_directions(direction, mean, c, aligned(concept, own.protect)[1])
+                mine = [r for r in range(edited.shape[0]) if row_plans[k][r] == own]
+                projected[mine] = project_tokens(edited[mine], mean, direction, base[mine, None, None])
+                for r in mine:  # rows naming the concept: e -= s (e0 - mean of counterfactuals)
+                    if (k, r) in counterfactuals:
+                        prompt_ids = token_ids(row_prompts[r])
+                        cf = torch.stack([encoded[t][counterfactual_positions(prompt_ids, token_ids(t), edited.shape[1]).to(device)]
+                                          for t in counterfactuals[k, r]]).mean(0)
+                        projected[r] = away_from_counterfactuals(edited[r], original[r], cf, when_named[r])
+                        if own.region:
+                            carriers[r, word_positions(prompt_ids, [tok(w, add_special_tokens=False).input_ids
+                                                                    for w in (concept, *own.aliases)])] = 1
+                            row_rules[r].add(own.region)
+                    elif ((own.in_context or own.region) and row_prompts is not None and implied[k] is not None
+                          and bool(implied[k][r])):
+                        if row_prompts[r] not in in_context:  # rows repeating a prompt share its variants' encoding
+                            in_context[row_prompts[r]] = self._in_context_direction(
+                                original[r], row_prompts[r], concept, own, token_ids, device, lora_scale, clip_skip)
+                        found = in_context[row_prompts[r]]
+                        if found is not None and own.in_context:
+                            projected[r] = project_tokens(projected[r][None], *found[:2], when_named[r])[0]
+                        if found is not None and own.region:
+                            carriers[r, found[2]] = 1
+                            row_rules[r].add(own.region)
             if config.anchor_gate:  # projected: prompts that imply the concept (the model's probe) or name it
                 gate = implied[k]
                 if gate is None:
-                    gate = nearest_to_concept(original, c, anchors)
+                    gate = nearest_to_concept(original, *aligned(concept, plan.anchors))
                     gate = gate if said[k] is None else gate | said[k]
                 projected[~gate] = edited[~gate]
                 if concept in strengths:

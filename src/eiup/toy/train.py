@@ -770,6 +770,13 @@ PRESET_IN_CONTEXT = ("red", "star", "heart")
 # 25% of seeds 0-19 and 10% of seeds 900-919 (unconfined: 0% and 0%) and the lime as often as unconfined (95% vs
 # 100%, 100% vs 100%; its pixels moved 0.081 vs 0.089 and 0.073 vs 0.073), so red is projected everywhere.
 PRESET_REGION = {"heart": "map"}
+# prompts that name one thing (eiup.anchors.names_one_thing): red projected towards orange alone, strength 1 (named
+# 1). Red's five anchors average to no colour the model draws: on black backgrounds the erased object came out a
+# striped blob whose shape the judge no longer read (with the guard, red's held-out fidelity 73-89% on the dark
+# development set and the second to fourth held-out sets; towards orange 98.6-100%, docs/experiments/latent-channels.md).
+# Prompts of two things keep the five anchors: the orange direction recoloured the other object ("a tomato and a
+# lime" both orange).
+PRESET_ONE_THING = {"red": {"anchors": ["orange"], "strength": 1.0, "named_strength": 1.0}}
 
 
 def write_anchor_file(folder: Path) -> Path:
@@ -794,6 +801,8 @@ def write_anchor_file(folder: Path) -> Path:
                 table[concept]["in_context"] = True
             if concept in PRESET_REGION:
                 table[concept]["region"] = PRESET_REGION[concept]
+            if concept in PRESET_ONE_THING:
+                table[concept]["one_thing"] = PRESET_ONE_THING[concept]
         else:
             table[concept] = anchors
     path = Path(folder) / ANCHOR_FILE
