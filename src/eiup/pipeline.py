@@ -244,8 +244,10 @@ class EraseConfig:
             ``{"anchors": [...], "strength": s, "named_strength": s2, "scale": w}``, used when the
             call leaves ``anchor_strength`` / ``erase_scale`` unset. A prompt that names the
             concept moves away from its counterfactuals instead (the concept word replaced by each
-            anchor, where that keeps the token count), with ``named_strength``. ``()``: off. ``None``: :data:`DEFAULT_ANCHORS`.
-            SD 1.x/2.x pipelines.
+            anchor, where that keeps the token count), with ``named_strength``. ``"one_thing": {"anchors":
+            [...], "strength": s, "named_strength": s2}`` gives prompts that name one thing
+            (:func:`eiup.anchors.names_one_thing`) their own anchors and strengths (:meth:`AnchorPlan.for_one_thing`).
+            ``()``: off. ``None``: :data:`DEFAULT_ANCHORS`. SD 1.x/2.x pipelines.
         anchor_strength: s of the anchored projection (1 removes the concept's component, larger
             values push past the anchors), in (0, 8]. ``None``: with ``anchors="auto"`` the model's
             preset for the concept when its ``eiup_anchors.json`` gives one, else
