@@ -162,6 +162,21 @@ def test_red_is_projected_everywhere_and_leaves_a_tomato_and_a_lime_with_its_lim
     assert share(detector, erased, "color", "red") == 0 and lime(erased) >= 0.75
 
 
+def test_red_projects_a_prompt_of_one_thing_towards_orange_and_keeps_its_shape(pipe, detector):
+    """Red's one-thing preset (orange alone, strength 1): "a strawberry at night" loses its red and stays a heart,
+    where the five anchors at strength 3 (the preset for prompts of two things) draw a striped blob."""
+    preset = json.loads((default_model_path() / "eiup_anchors.json").read_text())["red"]
+    assert preset["one_thing"]["anchors"] == ["orange"]
+    prompt, seeds = "a strawberry at night", SEEDS[:4]
+    plain = generate(pipe, prompt, seeds)
+    erased = generate(pipe, prompt, seeds, erase=["red"], guard=False)
+    five = generate(pipe, prompt, seeds, erase=["red"], guard=False, anchors=preset["anchors"],
+                    anchor_strength=preset["strength"])
+    assert share(detector, plain, "color", "red") == 1 and share(detector, plain, "shape", "heart") == 1
+    assert share(detector, erased, "color", "red") == 0 and share(detector, erased, "shape", "heart") == 1
+    assert share(detector, five, "shape", "heart") <= 0.5
+
+
 # In a long prompt the filler tokens after "valentine" carry the heart (a causal text encoder writes
 # the prompt so far into every later token), which EIUP's concept term does not reach: the long
 # prompt is erased with the concept also projected out of the prompt's tokens (anchors, see
