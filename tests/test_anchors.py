@@ -325,6 +325,12 @@ def test_model_presets_may_give_prompts_naming_one_thing_their_own_anchors(sd1, 
     assert np.allclose(given[1], one(prompts[1], anchors=["blue", "green"], anchor_strength=0.5), atol=2e-5)
     spelled = sd1(prompts[0], anchors=["blue", "green"], anchor_strength=1.5, generator=gen(), **kw).images[0]
     assert not np.allclose(spelled, preset[0], atol=1e-4)  # anchors the call gives replace the preset, for every prompt
+    # the gate of a model without prompt probes compares the prompt with the concept's own anchors, also when
+    # every prompt of the call gets the one-thing anchors; "a red star" names red, so it is projected
+    gate_on = {**kw, "anchor_gate": True}
+    gated = sd1(prompts[0], generator=gen(), **gate_on).images[0]
+    spelled = sd1(prompts[0], anchors=["purple"], anchor_strength=1.5, generator=gen(), **gate_on).images[0]
+    assert np.allclose(gated, spelled, atol=1e-6)
 
 
 def test_one_thing_is_one_phrase_naming_a_thing():

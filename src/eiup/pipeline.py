@@ -1364,7 +1364,8 @@ class EIUPMixin:
                     counterfactuals[k, r] = [_word_pattern(concept, *plan.aliases).sub(a, row_prompts[r])
                                              for a in row_plans[k][r].anchors]
         needed = [c for c, on in zip(config.concepts, active) if on]
-        needed += [a for k, on in enumerate(active) if on for p in dict.fromkeys(row_plans[k]) for a in (*p.anchors, *p.protect)]
+        needed += [a for k, on in enumerate(active) if on  # the concept's own anchors too: the gate without a probe reads them
+                   for p in dict.fromkeys([plans[k], *row_plans[k]]) for a in (*p.anchors, *p.protect)]
         needed += [t for ts in counterfactuals.values() for t in ts]
         needed = list(dict.fromkeys(needed))
         encoded: dict[str, torch.Tensor] = {}
