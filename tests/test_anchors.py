@@ -333,6 +333,40 @@ def test_model_presets_may_give_prompts_naming_one_thing_their_own_anchors(sd1, 
     assert np.allclose(gated, spelled, atol=1e-6)
 
 
+def test_thing_phrases_split_a_prompt_into_the_things_it_names():
+    from eiup.anchors import thing_phrases
+
+    assert thing_phrases("a starfish and a lime, highly detailed") == ["a starfish", "a lime"]
+    assert thing_phrases("an image of a starfish and a lime in the fog") == ["an image of a starfish", "a lime in the fog"]
+    assert thing_phrases("a cat with a hat; a dog") == ["a cat", "a hat", "a dog"]
+    assert thing_phrases("a red star on a white background") == ["a red star on a white background"]
+    assert thing_phrases("") == []
+
+
+def test_the_probe_gate_also_asks_each_thing_of_a_prompt_of_several_alone():
+    """A prompt of several things is gated in where one of its thing phrases alone clears PHRASE_PROBE_LOGIT;
+    prompts of one thing are not split, and each phrase is encoded once."""
+    from eiup.pipeline import PHRASE_PROBE_LOGIT, EIUPMixin
+
+    class Probe:  # the logit is the embedding's first number
+        def logits(self, embeds):
+            return embeds[:, 0, 0]
+
+    scores = {"a starfish": 7.0, "a lime": -3.0, "a pear": PHRASE_PROBE_LOGIT - 0.5, "a plum": PHRASE_PROBE_LOGIT + 0.5}
+    encoded_texts = []
+
+    def encode(texts):
+        encoded_texts.extend(texts)
+        return torch.tensor([scores[t] for t in texts])[:, None, None].expand(-1, 3, 2)
+
+    prompts = ["a starfish and a lime", "a lime and a pear", "a pear and a plum", "a starfish", "a lime, a starfish"]
+    whole = torch.tensor([-1.0, -1.0, -1.0, -1.0, 0.5])[:, None, None].expand(-1, 3, 2)
+    gate = EIUPMixin._probe_gate(Probe(), whole, prompts, {}, encode)
+    assert gate.tolist() == [True, False, True, False, True]
+    assert sorted(encoded_texts) == ["a lime", "a pear", "a plum", "a starfish"]  # once each; "a starfish" alone is not split
+    assert EIUPMixin._probe_gate(Probe(), whole, None, {}, encode).tolist() == [False] * 4 + [True]
+
+
 def test_one_thing_is_one_phrase_naming_a_thing():
     from eiup.anchors import names_one_thing
 

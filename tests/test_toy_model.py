@@ -177,6 +177,23 @@ def test_red_projects_a_prompt_of_one_thing_towards_orange_and_keeps_its_shape(p
     assert share(detector, five, "shape", "heart") <= 0.5
 
 
+def test_a_starfish_and_a_lime_loses_its_star_and_keeps_its_lime(pipe, detector):
+    """Star's probe scores "a starfish and a lime" under its gate (the lime dilutes the prompt), "a starfish" alone
+    far above: the phrase gate lets the prompt in, the star goes and the lime stays."""
+    from eiup.probe import find_probe
+
+    probe = find_probe("star", default_model_path())
+    prompt = "a starfish and a lime"
+    embeds = pipe.encode_prompt([prompt, "a starfish"], "cpu", 1, False)[0]
+    assert probe.logits(embeds).tolist()[0] < 0 < probe.logits(embeds).tolist()[1]
+    seeds = SEEDS[:4]
+    plain, erased = generate(pipe, prompt, seeds), generate(pipe, prompt, seeds, erase=["star"])
+    lime = lambda images: float(np.mean([any((o.color, o.shape) == ("green", "circle") for o in d.objects)  # noqa: E731
+                                         for d in detector.detect(images)]))
+    assert share(detector, plain, "shape", "star") >= 0.75 and lime(plain) == 1
+    assert share(detector, erased, "shape", "star") == 0 and lime(erased) == 1
+
+
 # In a long prompt the filler tokens after "valentine" carry the heart (a causal text encoder writes
 # the prompt so far into every later token), which EIUP's concept term does not reach: the long
 # prompt is erased with the concept also projected out of the prompt's tokens (anchors, see

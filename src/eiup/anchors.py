@@ -36,6 +36,7 @@ anchor's (:func:`nearest_to_concept`).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from difflib import SequenceMatcher
 
@@ -159,6 +160,19 @@ def names_one_thing(tokens: Sequence[str]) -> bool:
     and "a red star on a white background" do; "a tomato and a lime" does not)."""
     words, phrases = _phrases(tokens)
     return not any(phrase and words[phrase[0]] in DETERMINERS for phrase in phrases[1:])
+
+
+def thing_phrases(prompt: str) -> list[str]:
+    """The phrases of a prompt that name a thing, as text: split at :data:`CLAUSE_BREAKS` ("a starfish and a lime,
+    highly detailed" -> ["a starfish", "a lime"]); the first phrase, and each later one that opens with one of
+    :data:`DETERMINERS` (style phrases are dropped). One entry for a prompt of one thing (:func:`names_one_thing`)."""
+    phrases: list[list[str]] = [[]]
+    for word in re.sub(r"([,;])", r" \1 ", prompt).split():
+        if word.lower() in CLAUSE_BREAKS:
+            phrases.append([])
+        else:
+            phrases[-1].append(word)
+    return [" ".join(p) for i, p in enumerate(phrases) if p and (i == 0 or p[0].lower() in DETERMINERS)]
 
 
 def phrase_positions(tokens: Sequence[str], carriers: Sequence[int]) -> tuple[list[int], list[int]]:
