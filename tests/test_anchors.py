@@ -370,13 +370,10 @@ def test_the_probe_gate_also_asks_each_thing_of_a_prompt_of_several_alone():
 def test_one_thing_is_one_phrase_naming_a_thing():
     from eiup.anchors import names_one_thing
 
-    def tokens(text):
-        return ["<s>", *(w + "</w>" for w in text.replace(",", " ,").split()), "</s>"]
-
     for text in ("a red star on a white background", "a tomato, highly detailed", "a tomato at night", "tomato", ""):
-        assert names_one_thing(tokens(text)), text
+        assert names_one_thing(text), text
     for text in ("a tomato and a lime", "a lime, the red sun", "a cat with a hat", "a tomato and a lime, 4k"):
-        assert not names_one_thing(tokens(text)), text
+        assert not names_one_thing(text), text
 
 
 @pytest.mark.parametrize("entry", ['{"anchors": ["blue"], "named_strength": -1}', '{"anchors": ["blue"], "strength": 0}', '{"anchors": ["blue"], "scale": 0.5}',

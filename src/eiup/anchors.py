@@ -141,31 +141,16 @@ DETERMINERS = frozenset("a an the one two three four five some another".split())
 """Words that open a phrase naming a thing ("a lime"), unlike style phrases (", highly detailed, 4k")."""
 
 
-def _phrases(tokens: Sequence[str]) -> tuple[list[str], list[list[int]]]:
-    """The tokens as lower-case words (a CLIP tokenizer's ``</w>`` dropped) and the positions of each phrase
-    (split at :data:`CLAUSE_BREAKS`) between BOS and EOS (the first and last token)."""
-    words = [t.removesuffix("</w>").lower() for t in tokens]
-    phrases: list[list[int]] = [[]]
-    for i, word in enumerate(words[1:-1], start=1):
-        if word in CLAUSE_BREAKS:
-            phrases.append([])
-        else:
-            phrases[-1].append(i)
-    return words, phrases
-
-
-def names_one_thing(tokens: Sequence[str]) -> bool:
-    """Whether the prompt's tokens (BOS ... EOS) hold one phrase naming a thing: none of the phrases after the
-    first (split at :data:`CLAUSE_BREAKS`) opens with one of :data:`DETERMINERS` ("a tomato, highly detailed"
-    and "a red star on a white background" do; "a tomato and a lime" does not)."""
-    words, phrases = _phrases(tokens)
-    return not any(phrase and words[phrase[0]] in DETERMINERS for phrase in phrases[1:])
+def names_one_thing(prompt: str) -> bool:
+    """Whether the prompt names one thing (or none): at most one of its :func:`thing_phrases` ("a tomato, highly
+    detailed" and "a red star on a white background" do; "a tomato and a lime" does not)."""
+    return len(thing_phrases(prompt)) <= 1
 
 
 def thing_phrases(prompt: str) -> list[str]:
     """The phrases of a prompt that name a thing, as text: split at :data:`CLAUSE_BREAKS` ("a starfish and a lime,
     highly detailed" -> ["a starfish", "a lime"]); the first phrase, and each later one that opens with one of
-    :data:`DETERMINERS` (style phrases are dropped). One entry for a prompt of one thing (:func:`names_one_thing`)."""
+    :data:`DETERMINERS` (style phrases are dropped)."""
     phrases: list[list[str]] = [[]]
     for word in re.sub(r"([,;])", r" \1 ", prompt).split():
         if word.lower() in CLAUSE_BREAKS:
@@ -180,7 +165,13 @@ def phrase_positions(tokens: Sequence[str], carriers: Sequence[int]) -> tuple[li
     hold one of ``carriers``, and those of the other phrases that name a thing (open with one of
     :data:`DETERMINERS`; style phrases are neither): positions between BOS and EOS (the first and last
     token); a CLIP tokenizer's end-of-word mark ``</w>`` is ignored."""
-    words, phrases = _phrases(tokens)
+    words = [t.removesuffix("</w>").lower() for t in tokens]
+    phrases: list[list[int]] = [[]]
+    for i, word in enumerate(words[1:-1], start=1):
+        if word in CLAUSE_BREAKS:
+            phrases.append([])
+        else:
+            phrases[-1].append(i)
     held = set(carriers)
     own = [i for phrase in phrases if held.intersection(phrase) for i in phrase if words[i] not in FUNCTION_WORDS]
     others = [i for phrase in phrases if phrase and not held.intersection(phrase) and words[phrase[0]] in DETERMINERS

@@ -1381,7 +1381,7 @@ class EIUPMixin:
         # the others would leave every row as it is, so their words are not even encoded
         active = [bool(plan.anchors) and not (config.anchor_gate and gate is not None and not bool(gate.any()))
                   for plan, gate in zip(plans, implied)]
-        one_thing = [row_prompts is not None and names_one_thing(tok.convert_ids_to_tokens(token_ids(row_prompts[r])))
+        one_thing = [row_prompts is not None and names_one_thing(row_prompts[r])
                      for r in range(edited.shape[0])] if any(p.one_thing for p in plans) else [False] * edited.shape[0]
         row_plans = [[plan.for_one_thing() if one_thing[r] else plan for r in range(edited.shape[0])] for plan in plans]
         counterfactuals: dict[tuple[int, int], list[str]] = {}  # (concept, row) -> the concept replaced by each anchor
