@@ -1306,13 +1306,17 @@ class EIUPMixin:
         from .anchors import thing_phrases
 
         gate = probe.logits(embeds) > 0
-        split = [thing_phrases(p) if p is not None else [] for p in prompts] if prompts is not None else []
-        todo = list(dict.fromkeys(t for ts in split if len(ts) > 1 for t in ts if t not in encoded))
+        split = {r: ts for r, ts in enumerate(map(thing_phrases, prompts or [])) if len(ts) > 1 and not bool(gate[r])}
+        asked = list(dict.fromkeys(t for ts in split.values() for t in ts))  # each phrase scored once
+        if not asked:
+            return gate
+        todo = [t for t in asked if t not in encoded]
         if todo:
             encoded.update(zip(todo, encode(todo).float()))
-        for r, ts in enumerate(split):
-            if len(ts) > 1 and not bool(gate[r]):
-                gate[r] = bool((probe.logits(torch.stack([encoded[t] for t in ts]).to(embeds.device)) > PHRASE_PROBE_LOGIT).any())
+        passes = dict(zip(asked, (probe.logits(torch.stack([encoded[t] for t in asked]).to(embeds.device))
+                                  > PHRASE_PROBE_LOGIT).tolist()))
+        for r, ts in split.items():
+            gate[r] = any(passes[t] for t in ts)
         return gate
 
     @staticmethod
@@ -1383,7 +1387,8 @@ class EIUPMixin:
                   for plan, gate in zip(plans, implied)]
         one_thing = [row_prompts is not None and names_one_thing(row_prompts[r])
                      for r in range(edited.shape[0])] if any(p.one_thing for p in plans) else [False] * edited.shape[0]
-        row_plans = [[plan.for_one_thing() if one_thing[r] else plan for r in range(edited.shape[0])] for plan in plans]
+        row_plans = [[alt if one_thing[r] else plan for r in range(edited.shape[0])]
+                     for plan, alt in zip(plans, [plan.for_one_thing() for plan in plans])]
         counterfactuals: dict[tuple[int, int], list[str]] = {}  # (concept, row) -> the concept replaced by each anchor
         for k, (concept, plan) in enumerate(zip(config.concepts, plans)):
             for r in range(edited.shape[0]) if active[k] and named is not None and row_prompts is not None else ():
