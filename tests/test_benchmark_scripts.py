@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -70,3 +71,30 @@ def test_auto_vs_fixed_report_names_each_familys_own_scale_and_compares_the_defa
                            [(own(f"{v:g}")["residual"], own(f"{v:g}")["as_plain_or_prompted"]) for v in fixed])
     assert set(per) == set(concepts) and per["night"]["as_plain_or_prompted"] == expected
     assert (tmp_path / "tradeoff.png").stat().st_size > 0
+
+
+def test_judge_audit_counts_pattern_agreement_and_rescores_groups_with_the_eyes_pattern(monkeypatch):
+    spec = importlib.util.spec_from_file_location("judge_audit", ROOT / "benchmarks" / "judge_audit.py")
+    judge_audit = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "judge_audit", judge_audit)  # its dataclasses look their module up
+    spec.loader.exec_module(judge_audit)
+    from eiup.toy.detect import DetectedObject, Detection
+
+    def seen(*objects):
+        return Detection([DetectedObject(c, s, p, 0.1, (0.25 + 0.5 * k, 0.5)) for k, (c, s, p) in enumerate(objects)],
+                         "white", 1.0)
+
+    prompts = ["a red circle and a blue square", "a red circle and a blue square", "a striped blue circle",
+               "a striped blue circle", "a dotted green square"]
+    detections = [seen(("red", "circle", "dotted"), ("blue", "square", "plain")),  # the judge over-reads a dot
+                  seen(("red", "circle", "plain"), ("blue", "square", "plain")),
+                  seen(("blue", "circle", "striped")),
+                  seen(("blue", "circle", "striped"), ("red", "star", "plain")),  # another count: left out
+                  seen(("green", "square", "dotted"))]
+    eye = [["plain", "plain"], ["plain", "plain"], ["striped"], ["striped"], ["?"]]
+    group_of = {prompts[0]: "two objects", prompts[2]: "patterned", prompts[4]: "patterned"}
+    result = judge_audit.audit(detections, prompts, eye, group_of)
+    assert result.confusion == {("plain", "dotted"): 1, ("plain", "plain"): 3, ("striped", "striped"): 1}
+    assert result.agreement() == (4, 5) and result.miscounted == 1 and result.unsure == 1
+    assert result.read_ok == {"two objects": 1, "patterned": 2} and result.eye_ok == {"two objects": 2, "patterned": 2}
+    assert result.shown == {"two objects": 2, "patterned": 3}

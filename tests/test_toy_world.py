@@ -319,3 +319,39 @@ def test_a_run_with_a_new_vae_starts_its_unet_from_a_pipeline_carried_into_the_n
     with pytest.raises(ValueError, match="init_from keeps the pipeline's VAE, unet_from trains a new one"):
         train_toy_model(tmp_path / "run3", ToyTrainConfig(init_from=str(bundled), unet_from=str(bundled)))
     assert not (tmp_path / "run3").exists()
+
+
+def test_shading_augmentation_blotches_the_objects_not_the_background():
+    from eiup.toy.detect import augment, render_detector_scenes
+
+    images, covers, scenes = render_detector_scenes(16, seed=9, processes=1)
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+    plain_out, plain_flip = augment(x, torch.Generator().manual_seed(0), shading=0.0)
+    shaded, flip = augment(x, torch.Generator().manual_seed(0), shading=0.25)
+    again, _ = augment(x, torch.Generator().manual_seed(0), shading=0.25)
+    assert torch.equal(shaded, again)  # seeded
+    unflipped = torch.where(flip[:, None, None, None], shaded.flip(-1), shaded)
+    objects = torch.from_numpy(covers.max(1) >= 0.99).repeat_interleave(4, 1).repeat_interleave(4, 2)
+    background = torch.from_numpy(covers.sum(1) == 0).repeat_interleave(4, 1).repeat_interleave(4, 2)
+    change = (unflipped - x).abs().mean(1)  # pixel noise and blur included
+    assert change[objects].mean() > 2 * change[background].mean()
+    plain_unflipped = torch.where(plain_flip[:, None, None, None], plain_out.flip(-1), plain_out)
+    assert change[objects].mean() > 2 * (plain_unflipped - x).abs().mean(1)[objects].mean()
+
+
+def test_brightness_augmentation_scales_each_images_objects_by_one_factor():
+    from eiup.toy.detect import augment, render_detector_scenes
+
+    images, covers, _ = render_detector_scenes(24, seed=11, processes=1)
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+    objects = torch.from_numpy(covers.max(1) >= 0.99).repeat_interleave(4, 1).repeat_interleave(4, 2)
+
+    def object_gain(brightness):
+        out, flip = augment(x, torch.Generator().manual_seed(0), brightness=brightness)
+        out = torch.where(flip[:, None, None, None], out.flip(-1), out)
+        ratio = ((out + 1) / (x + 1).clamp_min(0.05)).mean(1)
+        return torch.stack([ratio[i][objects[i]].median() for i in range(len(x))])
+
+    plain, varied = object_gain(0.0), object_gain(0.2)
+    assert plain.std() < 0.03 and varied.std() > 0.06
+    assert 0.8 - 0.03 <= varied.min() and varied.max() <= 1.2 + 0.03

@@ -158,6 +158,12 @@ def train_detector_cmd(
     raw_renders: Annotated[bool, typer.Option(
         help="Train on the renders as rendered, no VAE: a judge that cannot learn a VAE's traces of a colour "
              "(for benchmarks/colour_check.py --detector); it is measured on raw renders and through --model's VAE.")] = False,
+    shading: Annotated[float, typer.Option(
+        help="Train also on blotchy images: brightness scaled by 1 + a x (smooth random field), a up to this "
+             "(0: off), so that a generated plain object's blotches do not read as a pattern.")] = 0.0,
+    brightness: Annotated[float, typer.Option(
+        help="Train also on objects made up to this share brighter or darker (0: off), so that the pattern is "
+             "read from its marks, not from the mean colour they darken.")] = 0.0,
 ) -> None:
     """Train the concept detector on renders passed through the toy VAE; prints its accuracy."""
     _check_device(device)
@@ -167,6 +173,9 @@ def train_detector_cmd(
         raise typer.BadParameter(f"no detector weights at {init}", param_hint="--init")
     if not (minutes > 0 and lr > 0 and scenes >= 64):
         raise typer.BadParameter("--minutes and --lr must be > 0 and --scenes >= 64")
+    for name, value in (("--shading", shading), ("--brightness", brightness)):
+        if not 0 <= value < 1:
+            raise typer.BadParameter(f"must be in [0, 1), got {value}", param_hint=name)
     import torch
     from diffusers import AutoencoderKL
 
@@ -174,7 +183,8 @@ def train_detector_cmd(
 
     vae = AutoencoderKL.from_pretrained(model / "vae", torch_dtype=torch.float32, use_safetensors=True).eval()
     path = train_detector(None if raw_renders else vae, out, n_train=scenes, minutes=minutes, seed=seed, init=init,
-                          lr=lr, device=device, processes=processes)
+                          lr=lr, device=device, processes=processes, shading=shading,
+                          brightness=brightness)
     report = evaluate_detector(ConceptDetector.load(path), vae)
     if raw_renders:
         report = {"through_vae": report, "raw_renders": evaluate_detector(ConceptDetector.load(path), None)}

@@ -305,9 +305,38 @@ def detector_loss(net, x, targets, idx) -> torch.Tensor:
     return loss + F.cross_entropy(bg, target["background"])
 
 
-def augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    """Mild generation-like noise: pixel noise and a little blur; colours are left alone."""
+def shading_field(shape: tuple[int, ...], g: torch.Generator, cells: tuple[int, ...] = (4, 8)) -> torch.Tensor:
+    """Smooth random field of unit spread per image, (B, 1, H, W): sums of upsampled coarse Gaussian grids."""
+    b, h, w = shape[0], shape[-2], shape[-1]
+    field = sum(F.interpolate(torch.randn(b, 1, c, c, generator=g), size=(h, w), mode="bicubic", align_corners=False)
+                for c in cells)
+    return field / field.flatten(1).std(1).clamp_min(1e-6)[:, None, None, None]
+
+
+def augment(x: torch.Tensor, g: torch.Generator, shading: float = 0.0,
+            brightness: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mild generation-like noise: pixel noise and a little blur; hues are left alone.
+
+    Two options act on the objects only (where the image differs from its border's median colour):
+    ``brightness`` scales each image's objects by one factor drawn from [1 - brightness, 1 + brightness], so
+    that a pattern has to be read from its marks, not from the darker mean colour they give (a generated plain
+    object is often a few percent darker than its render, a dotted one after the VAE a few percent darker
+    with its dots blurred away); ``shading`` scales them by 1 + a * (smooth random field), a drawn from
+    [0, shading], each channel by a field a fifth as strong: blotches.
+    """
     x = x + 0.03 * torch.randn(x.shape, generator=g) * torch.rand(x.shape[0], 1, 1, 1, generator=g)
+    if shading > 0 or brightness > 0:
+        scale = torch.ones(x.shape[0], 1, 1, 1)
+        if brightness > 0:
+            scale = scale * (1 + brightness * (2 * torch.rand(x.shape[0], 1, 1, 1, generator=g) - 1))
+        if shading > 0:
+            strength = shading * torch.rand(x.shape[0], 1, 1, 1, generator=g)
+            tint = torch.cat([shading_field(x.shape, g) for _ in range(x.shape[1])], 1)
+            scale = scale * (1 + strength * (shading_field(x.shape, g) + 0.2 * tint))
+        border = torch.cat([x[..., 0, :], x[..., -1, :], x[..., :, 0], x[..., :, -1]], -1)
+        off_background = (x - border.median(-1).values[..., None, None]).abs().sum(1, keepdim=True).clamp(0, 1)
+        scaled = ((x + 1) * scale.clamp_min(0.0) - 1).clamp(-1, 1)
+        x = x + off_background * (scaled - x)
     if torch.rand((), generator=g) < 0.3:
         x = F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), 3, 1)
     flip = torch.rand(x.shape[0], generator=g) < 0.5
@@ -330,12 +359,14 @@ def cached_detector_data(vae, n: int, seed: int, processes: int, cache: Path | N
 
 def train_detector(vae, out: str | Path, n_train: int = 30_000, minutes: float = 8.0, seed: int = 1,
                    batch: int = 64, processes: int = 2, cache: str | Path | None = None,
-                   init: str | Path | None = None, lr: float = 2e-3, device: str = "cpu") -> Path:
+                   init: str | Path | None = None, lr: float = 2e-3, device: str = "cpu",
+                   shading: float = 0.0, brightness: float = 0.0) -> Path:
     """Train the detector on VAE-round-tripped renders (optionally continuing from `init`); saves fp16 safetensors.
 
     With `vae` None it trains on the renders as rendered: a judge that cannot learn a VAE's traces of an
     attribute (benchmarks/colour_check.py). The renders and their round trips are made on the CPU
-    (`processes` rendering processes); `device` is where the detector itself trains.
+    (`processes` rendering processes); `device` is where the detector itself trains. ``shading`` and
+    ``brightness``: see :func:`augment` (0: off).
     """
     out = Path(out)
     torch.manual_seed(seed)
@@ -354,7 +385,7 @@ def train_detector(vae, out: str | Path, n_train: int = 30_000, minutes: float =
         t0 = time.time()
         idx = rng.choice(len(images), batch, replace=False)
         x = torch.from_numpy(images[idx]).permute(0, 3, 1, 2).float() / 127.5 - 1
-        x, flip = augment(x, g)
+        x, flip = augment(x, g, shading, brightness)
         x = x.to(device)
         t = {k: v.copy() for k, v in ((k, targets[k][idx]) for k in targets)}
         for k in ("object", *HEADS):
@@ -373,7 +404,8 @@ def train_detector(vae, out: str | Path, n_train: int = 30_000, minutes: float =
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
     save_file({k: v.half().cpu().contiguous() for k, v in net.state_dict().items()}, str(tmp),
-              metadata={"steps": str(step), "n_train": str(n_train), "seed": str(seed)})
+              metadata={"steps": str(step), "n_train": str(n_train), "seed": str(seed), "shading": str(shading),
+                        "brightness": str(brightness)})
     tmp.replace(out)
     return out
 
