@@ -6,8 +6,10 @@ images, whose objects carry textures no render has. This script checks it where 
 * ``make`` generates the quality report's prompts with the bundled model (seeds outside the report's) and
   writes contact sheets of the images *without* their prompts or any detector reading, so that a person can
   label each object's pattern blind (left to right, then top to bottom: the detector's order).
-* ``score`` compares detectors with those labels: per head agreement on the labelled objects (colour and
-  pattern; images where the count differs are reported apart).
+* ``score`` compares detectors with those labels: pattern agreement on the labelled objects, and each prompt
+  group's "all attributes correct" as read and with the eye's pattern.
+* ``brightness`` counts the dotted objects a detector reads on fresh round trips whose objects are made a few
+  percent darker or brighter: whether its pattern head reads marks or mean brightness.
 
 Labels (``benchmarks/judge-audit/labels.json``): ``{"<image index>": ["plain", "dotted"], ...}``, one entry
 per object; ``"?"`` where the eye cannot tell, left out of the agreement.
@@ -57,6 +59,8 @@ def make(args) -> None:
         images.extend((result.images * 255).round().astype(np.uint8))
     np.savez_compressed(out / "images.npz", images=np.stack(images))
     (out / "items.json").write_text(json.dumps([{"prompt": p, "seed": s} for p, s in items], indent=1))
+    template = out / "labels-template.json"  # one "?" per image: replace by each object's pattern, left to right
+    template.write_text(json.dumps({str(i): ["?"] for i in range(len(items))}, indent=0))
     zoom, per_sheet, cols = 4, 20, 5
     for sheet in range(0, len(images), per_sheet):
         batch = images[sheet:sheet + per_sheet]
@@ -147,6 +151,35 @@ def score(args) -> None:
                       f"{100 * result.eye_ok[group] / result.shown[group]:5.1f}%  ({result.shown[group]} images)")
 
 
+def scale_objects(image, factor: float):
+    """``image`` (uint8) with every pixel that differs from its border's median colour scaled by ``factor``."""
+    import numpy as np
+
+    x = image.astype(np.float32)
+    border = np.concatenate([x[0], x[-1], x[:, 0], x[:, -1]])
+    weight = np.clip(np.abs(x - np.median(border, 0)).sum(-1, keepdims=True) / 255, 0, 1)
+    return np.clip(x + weight * (factor - 1) * x, 0, 255).round().astype(np.uint8)
+
+
+def brightness(args) -> None:
+    """How many dotted objects the detector reads on fresh round trips with their objects made darker or brighter."""
+    import numpy as np
+
+    from eiup.models import load_pipeline
+    from eiup.toy.detect import ConceptDetector, make_detector_data
+
+    images, _, scenes = make_detector_data(load_pipeline(None).vae, args.scenes, seed=4321, processes=1)
+    truth = Counter(o.pattern for s in scenes for o in s.objects)
+    print(f"{args.scenes} fresh round trips: {truth['dotted']} dotted, {truth['striped']} striped objects")
+    for path in args.detector or [None]:
+        detector = ConceptDetector.load(path)
+        for factor in args.factors:
+            found = detector.detect(np.stack([scale_objects(im, factor) for im in images]))
+            read = Counter(o.pattern for d in found for o in d.objects)
+            print(f"  {path or 'bundled detector'}, objects x {factor}: read {read['dotted']} dotted, "
+                  f"{read['striped']} striped")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="command", required=True)
@@ -158,8 +191,12 @@ def main() -> None:
     s.add_argument("--images", action="append", required=True, help="a folder `make` wrote (repeat, one per --labels)")
     s.add_argument("--labels", action="append", required=True, help="its labels (repeat, in the order of --images)")
     s.add_argument("--detector", action="append", default=None, help="detector weights (repeat; default: bundled)")
+    b = sub.add_parser("brightness", help="dotted reads on round trips with objects made darker or brighter")
+    b.add_argument("--scenes", type=int, default=400)
+    b.add_argument("--factors", type=float, nargs="+", default=[0.93, 1.0, 1.07])
+    b.add_argument("--detector", action="append", default=None, help="detector weights (repeat; default: bundled)")
     args = ap.parse_args()
-    {"make": make, "score": score}[args.command](args)
+    {"make": make, "score": score, "brightness": brightness}[args.command](args)
 
 
 if __name__ == "__main__":
