@@ -503,6 +503,9 @@ def test_train_detector_checks_init_before_any_work(tmp_path):
     assert res.exit_code == 2 and "Invalid value for --init: no detector weights" in flat(res.output)
     res = invoke("toy", "train-detector", "--lr", "0", "--out", tmp_path / "d.safetensors")
     assert res.exit_code == 2 and "--lr must be > 0" in flat(res.output)
+    for option, value in (("--shading", "nan"), ("--brightness", "1.5"), ("--brightness", "-0.1")):
+        res = invoke("toy", "train-detector", option, value, "--out", tmp_path / "d.safetensors")
+        assert res.exit_code == 2 and f"Invalid value for {option}: must be in [0, 1)" in flat(res.output), option
     assert not (tmp_path / "d.safetensors").exists()
 
 

@@ -355,3 +355,7 @@ def test_brightness_augmentation_scales_each_images_objects_by_one_factor():
     plain, varied = object_gain(0.0), object_gain(0.2)
     assert plain.std() < 0.03 and varied.std() > 0.06
     assert 0.8 - 0.03 <= varied.min() and varied.max() <= 1.2 + 0.03
+    from eiup.toy.detect import train_detector
+
+    with pytest.raises(ValueError, match=r"brightness must be in \[0, 1\)"):
+        train_detector(None, "unused.safetensors", brightness=float("nan"))

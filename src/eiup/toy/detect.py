@@ -368,6 +368,9 @@ def train_detector(vae, out: str | Path, n_train: int = 30_000, minutes: float =
     (`processes` rendering processes); `device` is where the detector itself trains. ``shading`` and
     ``brightness``: see :func:`augment` (0: off).
     """
+    for name, value in (("shading", shading), ("brightness", brightness)):
+        if not 0 <= value < 1:
+            raise ValueError(f"train_detector: {name} must be in [0, 1) (0: off), got {value}")
     out = Path(out)
     torch.manual_seed(seed)
     images, covers, scenes = cached_detector_data(vae, n_train, seed, processes, Path(cache) if cache else None)
