@@ -151,30 +151,22 @@ def score(args) -> None:
                       f"{100 * result.eye_ok[group] / result.shown[group]:5.1f}%  ({result.shown[group]} images)")
 
 
-def scale_objects(image, factor: float):
-    """``image`` (uint8) with every pixel that differs from its border's median colour scaled by ``factor``."""
-    import numpy as np
-
-    x = image.astype(np.float32)
-    border = np.concatenate([x[0], x[-1], x[:, 0], x[:, -1]])
-    weight = np.clip(np.abs(x - np.median(border, 0)).sum(-1, keepdims=True) / 255, 0, 1)
-    return np.clip(x + weight * (factor - 1) * x, 0, 255).round().astype(np.uint8)
-
-
 def brightness(args) -> None:
     """How many dotted objects the detector reads on fresh round trips with their objects made darker or brighter."""
-    import numpy as np
+    import torch
 
     from eiup.models import load_pipeline
-    from eiup.toy.detect import ConceptDetector, make_detector_data
+    from eiup.toy.detect import ConceptDetector, make_detector_data, scale_objects
 
     images, _, scenes = make_detector_data(load_pipeline(None).vae, args.scenes, seed=4321, processes=1)
     truth = Counter(o.pattern for s in scenes for o in s.objects)
     print(f"{args.scenes} fresh round trips: {truth['dotted']} dotted, {truth['striped']} striped objects")
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
     for path in args.detector or [None]:
         detector = ConceptDetector.load(path)
         for factor in args.factors:
-            found = detector.detect(np.stack([scale_objects(im, factor) for im in images]))
+            scaled = scale_objects(x, factor)
+            found = detector.detect(((scaled + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy())
             read = Counter(o.pattern for d in found for o in d.objects)
             print(f"  {path or 'bundled detector'}, objects x {factor}: read {read['dotted']} dotted, "
                   f"{read['striped']} striped")

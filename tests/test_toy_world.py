@@ -359,3 +359,17 @@ def test_brightness_augmentation_scales_each_images_objects_by_one_factor():
 
     with pytest.raises(ValueError, match=r"brightness must be in \[0, 1\)"):
         train_detector(None, "unused.safetensors", brightness=float("nan"))
+
+
+def test_scale_objects_scales_what_differs_from_the_border_and_keeps_the_background():
+    from eiup.toy.detect import render_detector_scenes, scale_objects
+
+    images, covers, _ = render_detector_scenes(12, seed=13, processes=1)
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+    darker = scale_objects(x, 0.9)
+    objects = torch.from_numpy(covers.max(1) >= 0.99).repeat_interleave(4, 1).repeat_interleave(4, 2)
+    background = torch.from_numpy(covers.sum(1) == 0).repeat_interleave(4, 1).repeat_interleave(4, 2)
+    assert torch.equal(darker.permute(0, 2, 3, 1)[background], x.permute(0, 2, 3, 1)[background])
+    ratio = ((darker + 1) / (x + 1).clamp_min(1e-3)).permute(0, 2, 3, 1)[objects]
+    lit = (x + 1).permute(0, 2, 3, 1)[objects] > 0.5  # channels far from black
+    assert ratio[lit].median().item() == pytest.approx(0.9, abs=0.02)

@@ -313,6 +313,16 @@ def shading_field(shape: tuple[int, ...], g: torch.Generator, cells: tuple[int, 
     return field / field.flatten(1).std(1).clamp_min(1e-6)[:, None, None, None]
 
 
+def scale_objects(x: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
+    """Images (B, 3, H, W) in [-1, 1] with their objects' brightness scaled by ``scale`` (a number, or per image
+    or pixel: (B, 1, 1, 1), (B, 1, H, W)); a pixel counts as object as far as it differs from its image's
+    border's median colour, so the background stays as it is."""
+    border = torch.cat([x[..., 0, :], x[..., -1, :], x[..., :, 0], x[..., :, -1]], -1)
+    off_background = (x - border.median(-1).values[..., None, None]).abs().sum(1, keepdim=True).clamp(0, 1)
+    scaled = ((x + 1) * torch.as_tensor(scale, dtype=x.dtype).clamp_min(0.0) - 1).clamp(-1, 1)
+    return x + off_background * (scaled - x)
+
+
 def augment(x: torch.Tensor, g: torch.Generator, shading: float = 0.0,
             brightness: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Mild generation-like noise: pixel noise and a little blur; hues are left alone.
@@ -333,10 +343,7 @@ def augment(x: torch.Tensor, g: torch.Generator, shading: float = 0.0,
             strength = shading * torch.rand(x.shape[0], 1, 1, 1, generator=g)
             tint = torch.cat([shading_field(x.shape, g) for _ in range(x.shape[1])], 1)
             scale = scale * (1 + strength * (shading_field(x.shape, g) + 0.2 * tint))
-        border = torch.cat([x[..., 0, :], x[..., -1, :], x[..., :, 0], x[..., :, -1]], -1)
-        off_background = (x - border.median(-1).values[..., None, None]).abs().sum(1, keepdim=True).clamp(0, 1)
-        scaled = ((x + 1) * scale.clamp_min(0.0) - 1).clamp(-1, 1)
-        x = x + off_background * (scaled - x)
+        x = scale_objects(x, scale)
     if torch.rand((), generator=g) < 0.3:
         x = F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), 3, 1)
     flip = torch.rand(x.shape[0], generator=g) < 0.5
