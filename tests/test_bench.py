@@ -169,6 +169,19 @@ def test_judgements_follow_the_definitions():
     lime = det(("green", "circle", "plain"))
     assert judge_toy("a lime", "specificity", 0, "red", lime, lime, 40, 1).specific is True
     assert judge_toy("a lime", "specificity", 0, "red", det(("blue", "circle", "plain")), lime, 40, 1).specific is False
+    # on the reliable attributes (colour, shape) and the erased one's: a pattern read otherwise counts only
+    # where the concept is a pattern
+    dotted_lime = det(("green", "circle", "dotted"))
+    assert judge_toy("a lime", "specificity", 0, "red", dotted_lime, lime, 40, 1).specific is True
+    assert judge_toy("a lime", "specificity", 0, "striped", dotted_lime, lime, 40, 1).specific is False
+    assert judge_toy("a lime", "specificity", 0, "night", lime, det(("green", "circle", "plain"), background="black"),
+                     40, 1).specific is False  # the background always counts
+    tomato_dotted_lime = det(("orange", "circle", "plain"), ("green", "circle", "dotted"))
+    assert judge_toy("a tomato and a lime", "two-object", 0, "red", tomato_dotted_lime, two, 30, 1).specific is True
+    tomato_square_lime = det(("orange", "circle", "plain"), ("green", "square", "plain"))
+    assert judge_toy("a tomato and a lime", "two-object", 0, "red", tomato_square_lime, two, 30, 1).specific is False
+    assert judge_toy("a striped red star and a lime", "two-object", 0, "striped",
+                     det(("red", "star", "plain"), ("green", "circle", "dotted")), two, 30, 1).specific is False
     # night: background is the concept
     j = judge_toy("a lemon at night", "implicit", 0, "night", det(("yellow", "circle", "plain"), background="gray"), plain, 1, 1)
     assert j.residual is False and j.fidelity is True

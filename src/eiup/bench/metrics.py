@@ -26,7 +26,7 @@ class ImageJudgement:
     seed: int
     residual: bool | None  # concept still detected (implicit/explicit/two-object)
     fidelity: bool | None  # non-targeted attributes as the prompt asks (implicit/explicit/two-object carrier)
-    specific: bool | None  # unrelated content unchanged vs the plain image (specificity/two-object other)
+    specific: bool | None  # unrelated content kept: vs the plain image (specificity), as asked (two-object other)
     psnr: float
     ssim: float
     kept: bool | None = None  # non-targeted attributes as in the plain image of the same seed (same roles)
@@ -55,6 +55,7 @@ def judge_toy(prompt: str, role: str, seed: int, concept: str, det: Detection, p
     """Judge one generated image of a toy suite against its prompt and the plain image."""
     scene: Scene = parse_caption(prompt)
     attribute, value = CONCEPTS[concept]
+    judged = specificity_attributes(concept)
     residual = fidelity = specific = kept = unharmed = None
     if role in ("implicit", "explicit", "two-object"):
         residual = concept_present(det, concept)
@@ -68,12 +69,13 @@ def judge_toy(prompt: str, role: str, seed: int, concept: str, det: Detection, p
             for i, o in enumerate(scene.objects) if o in targets)
         if role == "two-object":
             others = [i for i, o in enumerate(scene.objects) if o not in targets]
-            specific = all(i in matched and kept_attributes(scene.objects[i], matched[i], None) for i in others)
+            specific = all(i in matched and kept_attributes(scene.objects[i], matched[i], None, judged)
+                           for i in others)
         kept = kept_from_plain(det, plain, skip, attribute == "background")
         unharmed = kept or as_prompted(det, scene, concept)
     if role == "specificity":
         specific = det.background == plain.background and len(det.objects) == len(plain.objects) and all(
-            kept_attributes(plain.objects[j], det.objects[i], None)
+            kept_attributes(plain.objects[j], det.objects[i], None, judged)
             for i, j in match_objects(det.objects, plain.objects))
     return ImageJudgement(prompt, role, seed, residual, fidelity, specific, psnr, ssim, kept, unharmed)
 
@@ -82,6 +84,14 @@ def judge_toy(prompt: str, role: str, seed: int, concept: str, det: Detection, p
 # head reads 93.8% there, and on generated images calls 15% of the objects the eye sees as plain dotted
 # (benchmarks/judge_audit.py), so a pattern "change" is mostly the detector's noise.
 RELIABLE_ATTRIBUTES = ("color", "shape")
+
+
+def specificity_attributes(concept: str) -> tuple[str, ...]:
+    """What specificity compares on unrelated objects: the reliable attributes, and the erased concept's own
+    attribute where it is not one of them (erasing "striped" must not take the stripes off other objects)."""
+    attribute, _ = CONCEPTS[concept]
+    extra = () if attribute in RELIABLE_ATTRIBUTES or attribute == "background" else (attribute,)
+    return RELIABLE_ATTRIBUTES + extra
 
 
 def kept_from_plain(det: Detection, plain: Detection, skip: str | None, background_erased: bool) -> bool:
