@@ -302,7 +302,12 @@ def test_quality_report_judges_every_group_with_and_without_the_pattern(tmp_path
         assert 0 <= value <= rep.accuracy_without_pattern[group] <= 1  # dropping a condition can only admit more
     assert rep.accuracy_without_pattern["implicit"] > 0.5  # the bundled model draws its nouns' colour and shape
     md = (tmp_path / "toy-quality.md").read_text()
-    assert "| prompt group | all attributes correct | pattern not judged |" in md
+    assert "| prompt group | all attributes correct | pattern not judged | target (issue #3) |" in md
+    two = rep.accuracy_without_pattern["two objects"]  # the two-object target asks for colour and shape only
+    assert rep.target_rows()["two objects"] == (two, 0.70, "colour and shape")
+    assert (f"| met: {two:.1%} >= 70% (colour and shape) |" if two >= 0.7
+            else f"| not met: {two:.1%} < 70% (colour and shape) |") in md
+    assert rep.target_rows()["implicit"] == (rep.accuracy["implicit"], 0.90, "all")
     assert (tmp_path / "toy-quality-grid.png").exists() and len(rep.per_prompt) == sum(map(len, quality_prompts().values()))
 
 
