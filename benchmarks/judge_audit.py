@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +39,14 @@ def audit_prompts(groups: list[str] | None = None) -> list[str]:
     return [p for name, group in known.items() if groups is None or name in groups for p in group]
 
 
+def guidance_scale(text: str) -> float:
+    """argparse type of ``--guidance``: a finite, non-negative number."""
+    value = float(text)
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a finite guidance scale >= 0 (e.g. 7.5)")
+    return value
+
+
 def make(args) -> None:
     import numpy as np
     from PIL import Image, ImageDraw
@@ -54,10 +63,11 @@ def make(args) -> None:
     images = []
     for i in range(0, len(items), 16):
         chunk = items[i:i + 16]
-        result = pipe([p for p, _ in chunk], num_inference_steps=25, guidance_scale=7.5,
+        result = pipe([p for p, _ in chunk], num_inference_steps=25, guidance_scale=args.guidance,
                       generator=seed_generators([s for _, s in chunk]), output_type="np")
         images.extend((result.images * 255).round().astype(np.uint8))
     np.savez_compressed(out / "images.npz", images=np.stack(images))
+    (out / "settings.json").write_text(json.dumps({"steps": 25, "guidance": args.guidance, "seeds": args.seeds}))
     (out / "items.json").write_text(json.dumps([{"prompt": p, "seed": s} for p, s in items], indent=1))
     template = out / "labels-template.json"  # one "?" per image: replace by each object's pattern, left to right
     template.write_text(json.dumps({str(i): ["?"] for i in range(len(items))}, indent=0))
@@ -178,6 +188,7 @@ def main() -> None:
     m = sub.add_parser("make", help="generate the audit images and their blind contact sheets")
     m.add_argument("--seeds", type=int, nargs="+", default=[2000, 2001])
     m.add_argument("--group", action="append", default=None, help="a quality report prompt group (repeat; default: all)")
+    m.add_argument("--guidance", type=guidance_scale, default=7.5, help="classifier-free guidance (default 7.5)")
     m.add_argument("--out", default="runs/judge-audit")
     s = sub.add_parser("score", help="agreement of detectors with the labels")
     s.add_argument("--images", action="append", required=True, help="a folder `make` wrote (repeat, one per --labels)")

@@ -73,11 +73,25 @@ def test_auto_vs_fixed_report_names_each_familys_own_scale_and_compares_the_defa
     assert (tmp_path / "tradeoff.png").stat().st_size > 0
 
 
-def test_judge_audit_counts_pattern_agreement_and_rescores_groups_with_the_eyes_pattern(monkeypatch):
+@pytest.fixture()
+def judge_audit(monkeypatch):
     spec = importlib.util.spec_from_file_location("judge_audit", ROOT / "benchmarks" / "judge_audit.py")
-    judge_audit = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "judge_audit", judge_audit)  # its dataclasses look their module up
-    spec.loader.exec_module(judge_audit)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "judge_audit", module)  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_judge_audit_make_refuses_a_guidance_scale_that_is_not_a_finite_non_negative_number(judge_audit):
+    import argparse
+
+    assert judge_audit.guidance_scale("3") == 3.0 and judge_audit.guidance_scale("0") == 0.0
+    for bad in ("nan", "inf", "-1"):
+        with pytest.raises(argparse.ArgumentTypeError, match="guidance"):
+            judge_audit.guidance_scale(bad)
+
+
+def test_judge_audit_counts_pattern_agreement_and_rescores_groups_with_the_eyes_pattern(judge_audit):
     from eiup.toy.detect import DetectedObject, Detection
 
     def seen(*objects):
