@@ -534,6 +534,11 @@ def test_toy_training_refuses_a_device_it_cannot_use_before_any_work(tmp_path, b
     assert res.exit_code == 2 and "Invalid value for --processes: must be >= 1" in flat(res.output)
     res = invoke("toy", "train", "--out", tmp_path / "run", "--latent-channels", "0")
     assert res.exit_code == 2 and "Invalid value for --latent-channels: must be in 1..64, got 0" in flat(res.output)
+    for value in ("0", "nan", "inf", "-2"):
+        res = invoke("toy", "train", "--out", tmp_path / "run", "--patterned-weight", value)
+        assert res.exit_code == 2 and "Invalid value for --patterned-weight: must be a finite number > 0" in flat(res.output)
+    res = invoke("toy", "train", "--out", tmp_path / "run", "--minutes", "nan")
+    assert res.exit_code == 2 and "--minutes and --vae-minutes must be > 0" in flat(res.output)
     assert not (tmp_path / "run").exists()
     from safetensors.torch import save_file
 

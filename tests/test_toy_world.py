@@ -373,3 +373,17 @@ def test_scale_objects_scales_what_differs_from_the_border_and_keeps_the_backgro
     ratio = ((darker + 1) / (x + 1).clamp_min(1e-3)).permute(0, 2, 3, 1)[objects]
     lit = (x + 1).permute(0, 2, 3, 1)[objects] > 0.5  # channels far from black
     assert ratio[lit].median().item() == pytest.approx(0.9, abs=0.02)
+
+
+def test_patterned_weight_draws_scenes_with_a_striped_or_dotted_object_that_much_more_often():
+    from eiup.toy.train import scene_sampling_probabilities
+    from eiup.toy.world import Obj, Scene
+
+    plain = Scene((Obj("red", "circle", "plain"),), "white", 0)
+    dotted_second = Scene((Obj("red", "circle", "plain"), Obj("blue", "star", "dotted")), "white", 1)
+    ladybug = Scene((Obj("red", "circle", "dotted", noun="ladybug"),), "gray", 2)  # an implicit noun's pattern counts
+    assert scene_sampling_probabilities([plain, dotted_second, ladybug], 1.0) is None  # the default sampler
+    p = scene_sampling_probabilities([plain, dotted_second, ladybug], 3.0)
+    assert p == pytest.approx([1 / 7, 3 / 7, 3 / 7])
+    drawn = np.random.default_rng(0).choice(3, size=(4000, 1), p=p)
+    assert abs((drawn == 0).mean() - 1 / 7) < 0.03

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Annotated
 
@@ -65,6 +66,9 @@ def train(
         help="Start the UNet and text encoder from this toy pipeline folder's weights while training a new VAE "
              "(e.g. with more --latent-channels): its UNet's first and last convolutions are carried into the "
              "new latent space by a least-squares map between both VAEs' latents.")] = None,
+    patterned_weight: Annotated[float, typer.Option(
+        help="UNet batches draw scenes holding a striped or dotted object this many times more often (1: "
+             "uniform).")] = 1.0,
 ) -> None:
     """Train the toy Stable Diffusion pipeline from scratch (resumable; on the CPU unless --device cuda)."""
     _check_device(device)
@@ -80,8 +84,11 @@ def train(
             raise typer.BadParameter(f"{folder} is not a pipeline folder (no {', '.join(lacking)})", param_hint=hint)
     from ..toy.train import ToyTrainConfig, check_latent_channels, train_toy_model
 
-    if minutes <= 0 or vae_minutes <= 0 or scenes < 64:
+    if not (minutes > 0 and vae_minutes > 0) or scenes < 64:
         raise typer.BadParameter("--minutes and --vae-minutes must be > 0 and --scenes >= 64")
+    if not 0 < patterned_weight < math.inf:
+        raise typer.BadParameter(f"must be a finite number > 0 (1 samples uniformly), got {patterned_weight}",
+                                 param_hint="--patterned-weight")
     if not decoder_minutes >= 0:
         raise typer.BadParameter("--decoder-minutes must be >= 0 (0 skips the decoder fine-tuning)")
     if not (localisation_weight >= 0 and lr > 0):
@@ -101,7 +108,7 @@ def train(
                          unet_minutes=minutes, seed=seed, threads=threads,
                          localisation_weight=localisation_weight, lr=lr, long_caption_prob=long_caption_prob,
                          unet_batch=batch, device=device, init_from=str(init_from) if init_from else None,
-                         unet_from=str(unet_from) if unet_from else None)
+                         unet_from=str(unet_from) if unet_from else None, patterned_weight=patterned_weight)
     try:
         check_latent_channels(out, cfg)
     except ValueError as e:

@@ -55,6 +55,7 @@ class ToyTrainConfig:
     init_from: str | None = None  # a toy pipeline folder: keep its VAE, start the UNet and text encoder from its weights
     latent_channels: int = 4  # SD 1.x's 4; more keep finer detail through the 8x compression (SD3 has 16)
     unet_from: str | None = None  # a toy pipeline folder whose UNet and text encoder start this run's (own VAE)
+    patterned_weight: float = 1.0  # how much more often UNet batches draw scenes with a striped or dotted object
 
 
 # ---------------------------------------------------------------- architecture
@@ -619,6 +620,15 @@ def sample_batch(rng: random.Random, scenes: list[Scene], idx: np.ndarray, token
     return encode_captions(tokenizer, texts), labels
 
 
+def scene_sampling_probabilities(scenes: list[Scene], patterned_weight: float) -> np.ndarray | None:
+    """Probability of each scene in a UNet batch: ``patterned_weight`` times more for scenes holding a striped
+    or dotted object; None (uniform, the default sampler) at weight 1."""
+    if patterned_weight == 1:
+        return None
+    w = np.array([patterned_weight if any(o.pattern != "plain" for o in s.objects) else 1.0 for s in scenes])
+    return w / w.sum()
+
+
 def stage_unet(out: Path, cfg: ToyTrainConfig) -> None:
     final = out / "unet_final.safetensors"
     ckpt = out / "unet_ckpt.safetensors"
@@ -631,6 +641,7 @@ def stage_unet(out: Path, cfg: ToyTrainConfig) -> None:
     torch.manual_seed(cfg.seed)
     tokenizer = CLIPTokenizer.from_pretrained(out / "tokenizer")
     scenes = [scene_from_json(d) for d in json.loads((out / "data" / "scenes.json").read_text())]
+    sampling = scene_sampling_probabilities(scenes, cfg.patterned_weight)
     latents = np.load(out / "data" / "latents.npy")
     masks8 = np.load(out / "data" / "masks8.npy")
     vae = load_vae(out)
@@ -665,7 +676,7 @@ def stage_unet(out: Path, cfg: ToyTrainConfig) -> None:
     bar = tqdm(total=int(budget), desc="unet (s)", initial=int(meta["seconds"]))
     while meta["seconds"] < budget:
         t0 = time.time()
-        idx = nrng.choice(len(scenes), cfg.unet_batch, replace=False)
+        idx = nrng.choice(len(scenes), cfg.unet_batch, replace=False, p=sampling)
         ids, labels = sample_batch(rng, scenes, idx, tokenizer, cfg.caption_dropout, cfg.long_caption_prob)
         ids, labels = ids.to(cfg.device), labels.to(cfg.device)
         lat = torch.from_numpy(latents[idx]).float().to(cfg.device)
