@@ -5,7 +5,8 @@ generated plain once and then under each setting, from the same seeds. Residual:
 images that still show the concept, among those whose plain image shows it. Fidelity vs plain: share
 of those whose other attributes (background included, unless it is the concept) are as in the plain
 image; as plain or as prompted: ... or as the prompt asks. Specificity: share of negative images
-whose background, object count and objects' attributes the setting leaves unchanged, and their median
+whose background, object count and objects' colour and shape (and the concept's attribute, where it is a
+pattern) the setting leaves unchanged, and their median
 PSNR against the plain image. Every image is judged as the benchmark judges it (:func:`judge_toy`).
 """
 

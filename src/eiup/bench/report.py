@@ -23,7 +23,7 @@ COLUMNS = [
     ("fidelity", "fidelity", "{:.1%}"),
     ("fidelity_vs_plain", "fidelity vs plain (colour, shape)", "{:.1%}"),
     ("fidelity_unharmed", "fidelity: as plain or as prompted", "{:.1%}"),
-    ("specificity", "specificity (attributes)", "{:.1%}"),
+    ("specificity", "specificity (colour, shape)", "{:.1%}"),
     ("specificity_psnr", "median PSNR (dB)", "{:.1f}"),
     ("specificity_ssim", "median SSIM", "{:.3f}"),
     ("seconds_per_image", "s / image", "{:.3f}"),
@@ -43,7 +43,9 @@ TOY_NOTE = ("Residual: share of images where the detector still finds the erased
             "(the plain model itself does not reach 100%); vs plain: as in the plain image of the same seed "
             "(colour, shape, object count, background; the erasure's own changes); as plain or as prompted: "
             "either of the two (an erasure that corrects the model's mistake is not charged). Specificity: "
-            "unrelated prompts, and the other object of two-object prompts, unchanged against the plain image; "
+            "unrelated prompts unchanged against the plain image (object count, background, colour, shape) and "
+            "the other object of two-object prompts as the prompt asks (colour, shape); the pattern only where "
+            "it is the erased concept; "
             "PSNR/SSIM of the unrelated prompts' images against the plain ones (100 dB: identical).")
 COCO_NOTE = ("CLIP score: mean of 100 * max(cos, 0) between each image and its prompt (higher is better; "
              "n/a without --clip-model). FID against the reference images (lower is better; n/a without "
@@ -120,7 +122,7 @@ def tradeoff_plot(summary: dict, path: Path) -> None:
     colors = dict(zip(families, plt.get_cmap("tab20")(np.linspace(0, 1, max(len(families), 2)))))  # one per family
     vs_plain = all(not math.isnan(m.get("fidelity_vs_plain", math.nan)) for m in summary.values())
     fidelity = ("fidelity_vs_plain", "fidelity vs plain (colour, shape)") if vs_plain else ("fidelity", "fidelity")
-    for ax, key, label in ((axes[0], *fidelity), (axes[1], "specificity", "specificity (attributes)")):
+    for ax, key, label in ((axes[0], *fidelity), (axes[1], "specificity", "specificity (colour, shape)")):
         for fam, items in families.items():
             xs = [m["residual_implicit"] for _, m in items]
             ys = [m[key] for _, m in items]
