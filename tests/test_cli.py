@@ -567,6 +567,8 @@ def test_toy_training_refuses_a_device_it_cannot_use_before_any_work(tmp_path, b
     (["--target", "strength", "--grid", "0,1"], "--grid", "strengths in (0, 8]"),
     (["--target", "strength", "--mode", "dual"], "--mode", "is for --target scale"),
     (["--target", "strength", "--coverage", "1"], "--coverage", "must be in (0, 1)"),
+    (["--guidance", "nan"], "--guidance", "must be a finite number >= 0"),
+    (["--steps", "0"], "--steps", "must be >= 1, got 0"),
 ])
 def test_calibrate_checks_its_arguments_before_the_model(monkeypatch, args, option, text):
     def forbidden(*a, **k):
@@ -577,3 +579,28 @@ def test_calibrate_checks_its_arguments_before_the_model(monkeypatch, args, opti
     assert res.exit_code == 2, res.output
     out = flat(res.output).replace("'", "")
     assert f"Invalid value for {option}" in out and text in out, out
+
+
+@pytest.mark.parametrize("command", [("bench", "--concept", "red"), ("fit-gate", "--concept", "red"), ("toy", "report")])
+@pytest.mark.parametrize("args, option, text", [
+    (["--guidance", "nan"], "--guidance", "must be a finite number >= 0 (e.g. 7.5), got nan"),
+    (["--guidance", "-1"], "--guidance", "must be a finite number >= 0"),
+    (["--steps", "0"], "--steps", "must be >= 1"),
+])
+def test_sampling_options_are_checked_before_the_model(monkeypatch, tmp_path, command, args, option, text):
+    def forbidden(*a, **k):
+        raise AssertionError("the model must not be touched before the arguments are checked")
+
+    monkeypatch.setattr(models, "load_pipeline", forbidden)
+    res = invoke(*command, *args, "--out", tmp_path / "out")
+    assert res.exit_code == 2, res.output
+    assert f"Invalid value for {option}: {text}" in flat(res.output) or (
+        command[0] == "bench" and option == "--steps" and "--seeds and --steps must be >= 1" in flat(res.output))
+    assert not (tmp_path / "out").exists()
+
+
+def test_toy_report_refuses_no_seeds_before_the_model(monkeypatch, tmp_path):
+    monkeypatch.setattr(models, "load_pipeline", lambda *a, **k: pytest.fail("the model must not be loaded"))
+    res = invoke("toy", "report", "--seeds", "0", "--out", tmp_path / "rep")
+    assert res.exit_code == 2 and "Invalid value for --seeds: must be >= 1, got 0" in flat(res.output)
+    assert not (tmp_path / "rep").exists()

@@ -13,6 +13,8 @@ from typing import Annotated
 
 import typer
 
+from .options import check_sampling
+
 app = typer.Typer(help="Benchmark erasure methods on named suites.", invoke_without_command=True)
 
 
@@ -79,6 +81,7 @@ def bench(
         raise typer.BadParameter(f"unknown mode(s) {bad_modes}: use single and/or dual", param_hint="--modes")
     if seeds < 1 or steps < 1:
         raise typer.BadParameter("--seeds and --steps must be >= 1")
+    check_sampling(steps, guidance)
     try:
         extra = [parse_method(m) for m in method or []]
     except ValueError as e:

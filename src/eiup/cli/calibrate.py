@@ -8,6 +8,8 @@ from typing import Annotated
 
 import typer
 
+from .options import check_sampling
+
 
 def calibrate(
     concept: Annotated[str, typer.Option(help="Concept to calibrate, e.g. red (toy) or nudity.")],
@@ -58,6 +60,7 @@ def calibrate(
                                      param_hint=next(k for k, v in scale_only.items() if v))
     if not concept.strip():
         raise typer.BadParameter("give a concept", param_hint="--concept")
+    check_sampling(steps, guidance)
     if mode not in ("single", "dual"):
         raise typer.BadParameter(f"{mode!r}: use single or dual", param_hint="--mode")
     if concept_context not in ("separate", "prompt"):

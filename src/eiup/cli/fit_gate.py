@@ -8,6 +8,8 @@ from typing import Annotated
 
 import typer
 
+from .options import check_sampling
+
 
 def fit_gate(
     concept: Annotated[list[str], typer.Option(help="Concept(s) to fit a probe for (repeat), e.g. red (toy) or nudity.")],
@@ -28,6 +30,7 @@ def fit_gate(
     from ..calibrate import load_judge, read_prompt_lines
     from ..probe import fit_gate as run
 
+    check_sampling(steps, guidance)
     concepts = [c.strip() for c in concept]
     if not all(concepts):
         raise typer.BadParameter("give non-empty concepts", param_hint="--concept")

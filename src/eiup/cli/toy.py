@@ -9,6 +9,8 @@ from typing import Annotated
 
 import typer
 
+from .options import check_sampling
+
 app = typer.Typer(help="The bundled toy-world model: train it, detect concepts, report its quality.", no_args_is_help=True)
 
 WEIGHTS = Path(__file__).resolve().parent.parent / "toy" / "weights"
@@ -229,6 +231,9 @@ def report(
              "another VAE is judged by a detector trained through it: eiup toy train-detector --model).")] = None,
 ) -> None:
     """Measure the toy model against its quality targets (detector-judged) and write a report."""
+    if seeds < 1:
+        raise typer.BadParameter(f"must be >= 1, got {seeds}", param_hint="--seeds")
+    check_sampling(steps, guidance)
     if detector is not None and not detector.is_file():
         raise typer.BadParameter(f"no detector weights at {detector}", param_hint="--detector")
     from ..models import load_pipeline
