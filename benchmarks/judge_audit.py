@@ -47,6 +47,14 @@ def guidance_scale(text: str) -> float:
     return value
 
 
+def model_folder(text: str) -> Path:
+    """argparse type of ``--model``: a diffusers pipeline folder."""
+    path = Path(text)
+    if not (path / "model_index.json").is_file():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a pipeline folder (no model_index.json)")
+    return path
+
+
 def make(args) -> None:
     import numpy as np
     from PIL import Image, ImageDraw
@@ -54,7 +62,7 @@ def make(args) -> None:
     from eiup.models import load_pipeline
     from eiup.toy.quality import seed_generators
 
-    pipe = load_pipeline(None)
+    pipe = load_pipeline(args.model)
     pipe.set_progress_bar_config(disable=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -67,7 +75,8 @@ def make(args) -> None:
                       generator=seed_generators([s for _, s in chunk]), output_type="np")
         images.extend((result.images * 255).round().astype(np.uint8))
     np.savez_compressed(out / "images.npz", images=np.stack(images))
-    (out / "settings.json").write_text(json.dumps({"steps": 25, "guidance": args.guidance, "seeds": args.seeds}))
+    (out / "settings.json").write_text(json.dumps({"model": str(args.model or "bundled"), "steps": 25,
+                                                   "guidance": args.guidance, "seeds": args.seeds}))
     (out / "items.json").write_text(json.dumps([{"prompt": p, "seed": s} for p, s in items], indent=1))
     template = out / "labels-template.json"  # one "?" per image: replace by each object's pattern, left to right
     template.write_text(json.dumps({str(i): ["?"] for i in range(len(items))}, indent=0))
@@ -189,6 +198,7 @@ def main() -> None:
     m.add_argument("--seeds", type=int, nargs="+", default=[2000, 2001])
     m.add_argument("--group", action="append", default=None, help="a quality report prompt group (repeat; default: all)")
     m.add_argument("--guidance", type=guidance_scale, default=7.5, help="classifier-free guidance (default 7.5)")
+    m.add_argument("--model", type=model_folder, default=None, help="toy pipeline folder (default: the bundled model)")
     m.add_argument("--out", default="runs/judge-audit")
     s = sub.add_parser("score", help="agreement of detectors with the labels")
     s.add_argument("--images", action="append", required=True, help="a folder `make` wrote (repeat, one per --labels)")

@@ -91,6 +91,16 @@ def test_judge_audit_make_refuses_a_guidance_scale_that_is_not_a_finite_non_nega
             judge_audit.guidance_scale(bad)
 
 
+def test_judge_audit_make_takes_a_pipeline_folder_only(judge_audit, tmp_path):
+    import argparse
+
+    from eiup.models import default_model_path
+
+    assert judge_audit.model_folder(str(default_model_path())) == default_model_path()
+    with pytest.raises(argparse.ArgumentTypeError, match="no model_index.json"):
+        judge_audit.model_folder(str(tmp_path))
+
+
 def test_judge_audit_counts_pattern_agreement_and_rescores_groups_with_the_eyes_pattern(judge_audit):
     from eiup.toy.detect import DetectedObject, Detection
 
