@@ -79,8 +79,8 @@ def bench(
     bad_modes = [m for m in mode_list if m not in ("single", "dual")]
     if bad_modes:
         raise typer.BadParameter(f"unknown mode(s) {bad_modes}: use single and/or dual", param_hint="--modes")
-    if seeds < 1 or steps < 1:
-        raise typer.BadParameter("--seeds and --steps must be >= 1")
+    if seeds < 1:
+        raise typer.BadParameter(f"must be >= 1, got {seeds}", param_hint="--seeds")
     check_sampling(steps, guidance)
     try:
         extra = [parse_method(m) for m in method or []]
