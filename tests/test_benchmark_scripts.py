@@ -122,3 +122,43 @@ def test_judge_audit_counts_pattern_agreement_and_rescores_groups_with_the_eyes_
     assert result.agreement() == (4, 5) and result.miscounted == 1 and result.unsure == 1
     assert result.read_ok == {"two objects": 1, "patterned": 2} and result.eye_ok == {"two objects": 2, "patterned": 2}
     assert result.shown == {"two objects": 2, "patterned": 3}
+
+
+@pytest.fixture(scope="module")
+def mark_contrast():
+    spec = importlib.util.spec_from_file_location("mark_contrast", ROOT / "benchmarks" / "mark_contrast.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_mark_contrast_finds_the_rendered_marks_and_reads_none_on_the_plain_render(mark_contrast):
+    from eiup.toy.render import render
+    from eiup.toy.world import Obj, Scene
+
+    for pattern in ("dotted", "striped"):
+        drawn = render(Scene((Obj("yellow", "square", pattern),), "white", 7))
+        plain = render(Scene((Obj("yellow", "square", "plain"),), "white", 7))
+        marks, bare = mark_contrast.pattern_marks(drawn.image, plain.image, drawn.masks[0])
+        inside = drawn.masks[0] > 0.99
+        assert marks.sum() > 20 and bare.sum() > 20 and not (marks & bare).any() and not (marks & ~inside).any()
+        assert 0.4 < mark_contrast.mark_contrast(drawn.image, marks, bare) < 0.61  # marks are 40% of the colour
+        assert abs(mark_contrast.mark_contrast(plain.image, marks, bare)) < 0.02  # the same places, no marks
+
+
+def test_mark_contrast_summary_bins_dotted_objects_by_area_and_reports_each_stages_share(mark_contrast):
+    stages = {"render": 0.5, "x0 t=20": 0.2}
+    rows = [{"pattern": "dotted", "area": a, "round trip": t, "SDEdit 0.3": s, **stages}
+            for a, t, s in ((0.03, 0.0, 0.0), (0.2, 0.3, 0.1), (0.3, 0.1, 0.1))]
+    rows.append({"pattern": "striped", "area": 0.1, "round trip": 0.4, "SDEdit 0.3": 0.5, **stages})
+    summary = mark_contrast.summarise(rows)
+    assert list(summary) == ["dotted 0%-6%", "dotted 12%-100%", "dotted all", "striped all"]  # no empty bin
+    big = summary["dotted 12%-100%"]
+    assert big["n"] == 2 and big["round trip"]["contrast"] == pytest.approx(0.2)
+    assert big["round trip"]["kept"] == pytest.approx(0.4) and big["render"]["kept"] == 1
+    assert summary["dotted all"]["SDEdit 0.3"]["kept"] == pytest.approx(0.2 / 3 / 0.5)
+    assert "x0 t=100" not in big  # stages the rows lack are left out, not counted as zero
+    text = mark_contrast.markdown(summary, {})
+    assert "| stage | dotted 0%-6% (1) | dotted 12%-100% (2) | dotted all (3) | striped all (1) |" in text
+    assert "| round trip | 0.00 (0%) | 0.20 (40%) | 0.13 (27%) | 0.40 (80%) |" in text
+    assert "| x0 t=100 |  |  |  |  |" in text

@@ -1,5 +1,6 @@
 """The toy world: vocabulary, captions, tokenizer, renderer and the training stages."""
 
+import math
 import random
 
 import numpy as np
@@ -387,3 +388,16 @@ def test_patterned_weight_draws_scenes_with_a_striped_or_dotted_object_that_much
     assert p == pytest.approx([1 / 7, 3 / 7, 3 / 7])
     drawn = np.random.default_rng(0).choice(3, size=(4000, 1), p=p)
     assert abs((drawn == 0).mean() - 1 / 7) < 0.03
+
+
+def test_min_snr_weights_cap_the_low_noise_timesteps_and_inf_gives_the_plain_noise_loss():
+    from eiup.toy.train import build_noise_scheduler, min_snr_weights
+
+    alphas = build_noise_scheduler().alphas_cumprod
+    t = torch.tensor([0, 100, 400, 700, 999])
+    snr = alphas[t] / (1 - alphas[t])
+    w = min_snr_weights(snr, 5.0)
+    assert torch.all(w[snr <= 5] == 1) and torch.all(w[snr > 5] < 1)  # noisy steps in full, clean ones capped
+    assert w[0].item() == pytest.approx(5 / snr[0].item())  # min(SNR, 5) / SNR
+    assert torch.all(w[:-1] <= w[1:])  # more noise never weighs less
+    assert torch.equal(min_snr_weights(snr, math.inf), torch.ones(5))

@@ -71,6 +71,10 @@ def train(
     patterned_weight: Annotated[float, typer.Option(
         help="UNet batches draw scenes holding a striped or dotted object this many times more often (1: "
              "uniform).")] = 1.0,
+    snr_gamma: Annotated[float, typer.Option(
+        help="Min-SNR weighting of the diffusion loss: timesteps whose signal-to-noise ratio exceeds it weigh "
+             "less (inf: the plain noise-prediction loss, low-noise steps, where fine texture is drawn, in full).")
+    ] = 5.0,
 ) -> None:
     """Train the toy Stable Diffusion pipeline from scratch (resumable; on the CPU unless --device cuda)."""
     _check_device(device)
@@ -91,6 +95,9 @@ def train(
     if not 0 < patterned_weight < math.inf:
         raise typer.BadParameter(f"must be a finite number > 0 (1 samples uniformly), got {patterned_weight}",
                                  param_hint="--patterned-weight")
+    if not snr_gamma > 0:
+        raise typer.BadParameter(f"must be a number > 0 (inf turns the weighting off), got {snr_gamma}",
+                                 param_hint="--snr-gamma")
     if not decoder_minutes >= 0:
         raise typer.BadParameter("--decoder-minutes must be >= 0 (0 skips the decoder fine-tuning)")
     if not (localisation_weight >= 0 and lr > 0):
@@ -110,7 +117,8 @@ def train(
                          unet_minutes=minutes, seed=seed, threads=threads,
                          localisation_weight=localisation_weight, lr=lr, long_caption_prob=long_caption_prob,
                          unet_batch=batch, device=device, init_from=str(init_from) if init_from else None,
-                         unet_from=str(unet_from) if unet_from else None, patterned_weight=patterned_weight)
+                         unet_from=str(unet_from) if unet_from else None, patterned_weight=patterned_weight,
+                         snr_gamma=snr_gamma)
     try:
         check_latent_channels(out, cfg)
     except ValueError as e:

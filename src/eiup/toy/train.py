@@ -56,6 +56,7 @@ class ToyTrainConfig:
     latent_channels: int = 4  # SD 1.x's 4; more keep finer detail through the 8x compression (SD3 has 16)
     unet_from: str | None = None  # a toy pipeline folder whose UNet and text encoder start this run's (own VAE)
     patterned_weight: float = 1.0  # how much more often UNet batches draw scenes with a striped or dotted object
+    snr_gamma: float = 5.0  # Min-SNR loss weighting; inf = the plain noise-prediction loss (every timestep alike)
 
 
 # ---------------------------------------------------------------- architecture
@@ -629,6 +630,11 @@ def scene_sampling_probabilities(scenes: list[Scene], patterned_weight: float) -
     return w / w.sum()
 
 
+def min_snr_weights(snr: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Per-sample weight of the noise-prediction loss, min(SNR, gamma) / SNR (Hang et al. 2023, Min-SNR, eq. 9)."""
+    return torch.clamp(snr, max=gamma) / snr
+
+
 def stage_unet(out: Path, cfg: ToyTrainConfig) -> None:
     final = out / "unet_final.safetensors"
     ckpt = out / "unet_ckpt.safetensors"
@@ -692,7 +698,7 @@ def stage_unet(out: Path, cfg: ToyTrainConfig) -> None:
         emb = text(ids).last_hidden_state
         pred = unet(xt, t, emb).sample
         snr = alphas[t] / (1 - alphas[t])
-        weight = torch.clamp(snr, max=5.0) / snr
+        weight = min_snr_weights(snr, cfg.snr_gamma)
         diff = ((pred - noise) ** 2).mean(dim=(1, 2, 3))
         loss_mse = (diff * weight).mean()
         loss_loc = localisation_loss(store, torch.from_numpy(masks8[idx]).float().to(cfg.device), labels)
