@@ -537,6 +537,11 @@ def test_toy_training_refuses_a_device_it_cannot_use_before_any_work(tmp_path, b
     for value in ("0", "nan", "inf", "-2"):
         res = invoke("toy", "train", "--out", tmp_path / "run", "--patterned-weight", value)
         assert res.exit_code == 2 and "Invalid value for --patterned-weight: must be a finite number > 0" in flat(res.output)
+    for value in ("nan", "inf", "-1"):
+        res = invoke("toy", "train", "--out", tmp_path / "run", "--vae-mark-weight", value)
+        assert res.exit_code == 2 and "Invalid value for --vae-mark-weight: must be a finite number >= 0" in flat(res.output)
+    res = invoke("toy", "train", "--out", tmp_path / "run", "--init-from", models.default_model_path(), "--vae-mark-weight", "4")
+    assert res.exit_code == 2 and "Invalid value for --vae-mark-weight: --init-from keeps the pipeline's VAE" in flat(res.output)
     for value in ("0", "nan", "-1"):
         res = invoke("toy", "train", "--out", tmp_path / "run", "--snr-gamma", value)
         assert res.exit_code == 2 and "Invalid value for --snr-gamma: must be a number > 0 (inf turns the weighting off)" in flat(res.output)

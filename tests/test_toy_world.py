@@ -1,5 +1,6 @@
 """The toy world: vocabulary, captions, tokenizer, renderer and the training stages."""
 
+import json
 import math
 import random
 
@@ -401,3 +402,64 @@ def test_min_snr_weights_cap_the_low_noise_timesteps_and_inf_gives_the_plain_noi
     assert w[0].item() == pytest.approx(5 / snr[0].item())  # min(SNR, 5) / SNR
     assert torch.all(w[:-1] <= w[1:])  # more noise never weighs less
     assert torch.equal(min_snr_weights(snr, math.inf), torch.ones(5))
+
+
+def test_render_reports_where_the_dots_and_stripes_are():
+    from eiup.toy.world import Obj, Scene
+
+    for pattern, share in (("plain", 0.0), ("dotted", math.pi * 0.27**2), ("striped", 0.5)):
+        r = render(Scene((Obj("green", "square", pattern),), "white", 3))
+        inside = r.masks[0] > 0.99
+        assert r.marks.shape == (64, 64) and r.marks.min() >= 0 and r.marks.max() <= 1
+        assert r.marks[r.masks[0] == 0].max() == 0  # marks only on the object
+        assert r.marks[inside].mean() == pytest.approx(share, abs=0.08), pattern
+        if pattern != "plain":  # the marks are the object's dark pixels
+            dark = r.image[inside].astype(int).sum(-1) < 0.7 * r.image[inside].astype(int).sum(-1).max()
+            assert (r.marks[inside] > 0.5)[dark].mean() > 0.9
+
+
+def test_marks_weighted_mse_counts_only_the_marks_and_their_rims():
+    from eiup.toy.train import marks_weighted_mse
+
+    x = torch.zeros(2, 3, 8, 8)
+    marks = torch.zeros(2, 1, 8, 8)
+    marks[0, 0, 4, 4] = 1.0  # one marked pixel in the first image, none in the second
+    rec = x.clone()
+    rec[1] += 1.0  # the unmarked image wrong everywhere: not counted
+    rec[0, :, 0, 0] = 1.0  # far from the mark: not counted
+    assert marks_weighted_mse(rec, x, marks).item() == 0
+    rec[0, :, 5, 5] = 0.5  # on the mark's rim (3x3 around it): counted
+    assert marks_weighted_mse(rec, x, marks).item() == pytest.approx(3 * 0.25 / 9)
+    assert marks_weighted_mse(x, x, torch.zeros_like(marks)).item() == 0  # no marks anywhere: nothing added
+
+
+def test_mark_weighted_vae_stage_renders_the_marks_of_its_scenes_and_refuses_a_kept_vae(tmp_path, monkeypatch):
+    import eiup.toy.train as train
+    from eiup.models import default_model_path
+    from eiup.toy.train import ToyTrainConfig, scene_from_json, train_toy_model
+
+    seen = []
+
+    def recording(rec, x, marks):
+        seen.append(marks)
+        return real(rec, x, marks)
+
+    real = train.marks_weighted_mse
+    monkeypatch.setattr(train, "marks_weighted_mse", recording)
+    cfg = ToyTrainConfig(n_scenes=64, vae_minutes=0.01, unet_minutes=0.01, vae_batch=8, unet_batch=4, threads=1,
+                         vae_mark_weight=4.0)
+    train_toy_model(tmp_path / "run", cfg)
+    assert seen and all(m.shape == (8, 1, 32, 32) and 0 <= m.min() and m.max() <= 1 for m in seen)  # cropped as x
+    marks = np.load(tmp_path / "run" / "data" / "marks.npy")
+    scenes = json.loads((tmp_path / "run" / "data" / "scenes.json").read_text())
+    assert marks.shape == (64, 64, 64) and marks.dtype == np.uint8
+    for k in (0, 7, 63):
+        expected = (render(scene_from_json(scenes[k])).marks * 255).round()
+        assert np.array_equal(marks[k], expected.astype(np.uint8))
+        assert (marks[k].max() > 0) == any(o["pattern"] != "plain" for o in scenes[k]["objects"])
+    with pytest.raises(ValueError, match="init_from keeps the pipeline's"):
+        train_toy_model(tmp_path / "other", ToyTrainConfig(n_scenes=64, init_from=str(default_model_path()),
+                                                           vae_mark_weight=1.0))
+    with pytest.raises(ValueError, match="vae_mark_weight must be a finite number >= 0, got nan"):
+        train_toy_model(tmp_path / "other", ToyTrainConfig(n_scenes=64, vae_mark_weight=float("nan")))
+    assert not (tmp_path / "other").exists()

@@ -18,6 +18,7 @@ SUPERSAMPLE = 4
 class Rendered:
     image: np.ndarray  # (H, W, 3) uint8
     masks: list[np.ndarray]  # one (H, W) float mask in [0, 1] per object, in caption order
+    marks: np.ndarray | None = None  # (H, W) float in [0, 1]: coverage by the objects' dots and stripes
 
 
 def _polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> list[tuple[float, float]]:
@@ -100,6 +101,7 @@ def render(scene: Scene, size: int = 64) -> Rendered:
     canvas = np.empty((big, big, 3), dtype=np.float32)
     canvas[:] = BACKGROUND_RGB[scene.background]
     masks = []
+    marked = np.zeros((big, big), dtype=np.float32)
     places = place_objects(len(scene.objects), rng, size)
     if len(scene.objects) == 2 and rng.random() < 0.5:
         places = places[::-1]
@@ -111,10 +113,11 @@ def render(scene: Scene, size: int = 64) -> Rendered:
         base = np.array(COLOR_RGB[obj.color], dtype=np.float32)
         colour = base[None, None, :] * (1 - 0.6 * marks[..., None])
         canvas = canvas * (1 - shape[..., None]) + colour * shape[..., None]
+        marked = marked * (1 - shape) + marks * shape
         masks.append(shape)
     img = Image.fromarray(np.clip(canvas, 0, 255).round().astype(np.uint8)).resize((size, size), Image.BOX)
     small_masks = [
         np.asarray(Image.fromarray((m * 255).astype(np.uint8)).resize((size, size), Image.BOX), dtype=np.float32) / 255
-        for m in masks
+        for m in masks + [marked]
     ]
-    return Rendered(np.asarray(img), small_masks)
+    return Rendered(np.asarray(img), small_masks[:-1], small_masks[-1])

@@ -41,6 +41,7 @@ class ToyTrainConfig:
     vae_minutes: float = 8.0
     vae_batch: int = 32
     vae_crop: int = 32  # train the (fully convolutional) VAE on random crops: 4x cheaper per image
+    vae_mark_weight: float = 0.0  # extra loss on the pattern marks' pixels: the latents keep dots (docs/experiments/dots.md)
     decoder_minutes: float = 0.0  # then fine-tune the decoder alone on whole images (docs/experiments/decoder.md)
     unet_minutes: float = 80.0
     unet_batch: int = 64
@@ -232,6 +233,35 @@ def reconstruction_loss(rec: torch.Tensor, x: torch.Tensor, colour_weight: float
     return loss
 
 
+def marks_weighted_mse(rec: torch.Tensor, x: torch.Tensor, marks: torch.Tensor) -> torch.Tensor:
+    """Squared error summed over channels, averaged over the marks' pixels and their 1-pixel rims.
+
+    `marks` (B, 1, H, W) is the coverage by dots and stripes (`Rendered.marks`); an image without
+    marks adds nothing. Small dots are a few pixels of a 64x64 image, so the plain loss hardly sees them.
+    """
+    weight = F.max_pool2d(marks, 3, stride=1, padding=1)
+    return ((rec - x) ** 2 * weight).sum() / weight.sum().clamp_min(1.0)
+
+
+def _marks_one(args) -> np.ndarray:
+    scene_json, size = args
+    return (render(scene_from_json(scene_json), size).marks * 255).round().astype(np.uint8)
+
+
+def stage_marks(out: Path, cfg: ToyTrainConfig) -> None:
+    """data/marks.npy: each training image's pattern-mark coverage (uint8), rendered again from its scene."""
+    path = out / "data" / "marks.npy"
+    if cfg.vae_mark_weight <= 0 or path.exists() or (out / "vae_final.safetensors").exists():
+        return
+    scenes = json.loads((out / "data" / "scenes.json").read_text())
+    with Pool(cfg.threads) as pool:
+        marks = list(tqdm(pool.imap(_marks_one, [(d, cfg.image_size) for d in scenes], chunksize=64),
+                          total=len(scenes), desc="render marks"))
+    tmp = path.with_suffix(".tmp.npy")
+    np.save(tmp, np.stack(marks))
+    tmp.replace(path)
+
+
 def stage_init(out: Path, cfg: ToyTrainConfig) -> None:
     """With `init_from`: the run's VAE is the pipeline's (so its latents, and the UNet trained on them, keep their
     meaning) and the run's tokenizer must give the pipeline's token ids (also ``unet_from``'s, before any work)."""
@@ -338,6 +368,7 @@ def stage_vae(out: Path, cfg: ToyTrainConfig) -> None:
         return
     torch.manual_seed(cfg.seed)
     images = np.load(out / "data" / "images.npy", mmap_mode="r")
+    marks = np.load(out / "data" / "marks.npy", mmap_mode="r") if cfg.vae_mark_weight > 0 else None
     vae = build_vae(cfg.latent_channels).to(cfg.device)
     opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
     ckpt = out / "vae_ckpt.safetensors"
@@ -352,9 +383,11 @@ def stage_vae(out: Path, cfg: ToyTrainConfig) -> None:
         t0 = time.time()
         idx = np.sort(rng.choice(len(images), cfg.vae_batch, replace=False))
         x = torch.from_numpy(np.asarray(images[idx])).permute(0, 3, 1, 2).float() / 127.5 - 1
+        m = torch.from_numpy(np.asarray(marks[idx]))[:, None].float() / 255 if marks is not None else None
         if cfg.vae_crop < x.shape[-1]:
             oy, ox = (int(v) for v in rng.integers(0, x.shape[-1] - cfg.vae_crop + 1, 2) // 8 * 8)
             x = x[:, :, oy:oy + cfg.vae_crop, ox:ox + cfg.vae_crop]
+            m = m[:, :, oy:oy + cfg.vae_crop, ox:ox + cfg.vae_crop] if m is not None else None
         x = x.to(cfg.device)
         lr = 1e-3 * 0.5 * (1 + math.cos(math.pi * min(1.0, meta["seconds"] / budget))) + 2e-5
         for g in opt.param_groups:
@@ -362,6 +395,8 @@ def stage_vae(out: Path, cfg: ToyTrainConfig) -> None:
         post = vae.encode(x).latent_dist
         rec = vae.decode(post.sample()).sample
         loss = reconstruction_loss(rec, x) + 1e-6 * post.kl().mean()
+        if m is not None:
+            loss = loss + cfg.vae_mark_weight * marks_weighted_mse(rec, x, m.to(cfg.device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -833,6 +868,10 @@ def train_toy_model(out: str | Path, cfg: ToyTrainConfig | None = None, export_t
     out = Path(out)
     if cfg.init_from and cfg.unet_from:
         raise ValueError("init_from keeps the pipeline's VAE, unet_from trains a new one: pass one of them")
+    if not (math.isfinite(cfg.vae_mark_weight) and cfg.vae_mark_weight >= 0):
+        raise ValueError(f"vae_mark_weight must be a finite number >= 0, got {cfg.vae_mark_weight}")
+    if cfg.init_from and cfg.vae_mark_weight:
+        raise ValueError("vae_mark_weight weighs the loss of a new VAE; init_from keeps the pipeline's (no VAE stage)")
     check_latent_channels(out, cfg)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(cfg.threads)
@@ -840,7 +879,7 @@ def train_toy_model(out: str | Path, cfg: ToyTrainConfig | None = None, export_t
     if not (out / "tokenizer" / "vocab.json").exists():
         build_clip_tokenizer(words(), out / "tokenizer")
     t0 = time.time()
-    for stage in (stage_init, stage_data, stage_vae, stage_latents, stage_decoder, stage_unet):
+    for stage in (stage_init, stage_data, stage_marks, stage_vae, stage_latents, stage_decoder, stage_unet):
         stage(out, cfg)
     dest = Path(export_to) if export_to else out / "pipeline"
     export_pipeline(out, dest)
