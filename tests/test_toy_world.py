@@ -463,3 +463,37 @@ def test_mark_weighted_vae_stage_renders_the_marks_of_its_scenes_and_refuses_a_k
     with pytest.raises(ValueError, match="vae_mark_weight must be a finite number >= 0, got nan"):
         train_toy_model(tmp_path / "other", ToyTrainConfig(n_scenes=64, vae_mark_weight=float("nan")))
     assert not (tmp_path / "other").exists()
+
+
+def test_finetune_vae_moves_the_encoder_and_a_rerun_leaves_the_finished_folder_alone(tmp_path):
+    import shutil
+
+    from diffusers import AutoencoderKL
+
+    from eiup.models import default_model_path
+    from eiup.toy.train import finetune_pipeline_vae
+
+    model = tmp_path / "model"
+    shutil.copytree(default_model_path() / "vae", model / "vae")
+    before = AutoencoderKL.from_pretrained(model / "vae", torch_dtype=torch.float32)
+    result = finetune_pipeline_vae(model, minutes=0.005, scenes=80, seed=3, work=tmp_path / "work", mark_weight=4.0)
+    after = AutoencoderKL.from_pretrained(model / "vae", torch_dtype=torch.float32)
+    assert result.steps >= 1 and math.isfinite(result.psnr_after)
+    moved = lambda part: any(not torch.equal(a, b) for a, b in  # noqa: E731
+                             zip(getattr(before, part).parameters(), getattr(after, part).parameters()))
+    assert moved("encoder") and moved("decoder")
+    assert after.config.scaling_factor != before.config.scaling_factor  # re-estimated on the new latents
+    stamp = (model / "vae" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns
+    again = finetune_pipeline_vae(model, minutes=0.005, scenes=80, seed=3, work=tmp_path / "work", mark_weight=4.0)
+    assert again == result and (model / "vae" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns == stamp
+    other = tmp_path / "other"
+    with torch.no_grad():
+        before.encoder.conv_in.bias += 0.01  # another VAE than the one the work folder started from
+    before.save_pretrained(other / "vae", safe_serialization=True)
+    with pytest.raises(ValueError, match="holds a fine-tune of another VAE"):
+        finetune_pipeline_vae(other, minutes=0.005, scenes=80, seed=3, work=tmp_path / "work", mark_weight=4.0)
+    with pytest.raises(ValueError, match="mark_weight must be a finite number >= 0, got nan"):
+        from eiup.toy.train import finetune_vae
+
+        finetune_vae(before, np.zeros((80, 64, 64, 3), np.uint8), np.zeros((80, 64, 64), np.uint8), 0.01,
+                     mark_weight=float("nan"))

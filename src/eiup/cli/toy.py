@@ -170,6 +170,42 @@ def finetune_decoder_cmd(
                f"written to {model / 'vae'}")
 
 
+@app.command("finetune-vae")
+def finetune_vae_cmd(
+    model: Annotated[Path, typer.Option(help="Toy pipeline folder whose VAE is fine-tuned, in place (work on a copy "
+                                        "of the bundled one).")],
+    minutes: Annotated[float, typer.Option(help="Time budget (minutes of steps).")] = 20.0,
+    mark_weight: Annotated[float, typer.Option(
+        help="Weight of the extra loss on the pixels of dots and stripes (0: the VAE's own loss only).")] = 4.0,
+    scenes: Annotated[int, typer.Option(help="Rendered scenes to train on (the last 500 measure PSNR).")] = 12_000,
+    seed: int = 777,
+    work: Annotated[Path, typer.Option(help="Folder for the rendered data and the checkpoint; rerun to resume.")] = Path("runs/vae-marks"),
+) -> None:
+    """Fine-tune the toy VAE, encoder included, so that its latents keep dots (docs/experiments/dots.md).
+
+    The latent space moves: train the UNet on in it (eiup toy train --init-from MODEL) and retrain the
+    detector and guard through it before using the folder."""
+    import math
+
+    weights = model / "vae" / "diffusion_pytorch_model.safetensors"
+    if not (model / "vae" / "config.json").exists() or not weights.exists():
+        raise typer.BadParameter(f"no VAE with safetensors weights at {model / 'vae'}; --model takes a toy pipeline "
+                                 "folder", param_hint="--model")
+    if not 0 < minutes < math.inf or scenes < 1000:
+        raise typer.BadParameter("--minutes must be a finite number > 0 and --scenes >= 1000")
+    if not 0 <= mark_weight < math.inf:
+        raise typer.BadParameter(f"must be a finite number >= 0, got {mark_weight}", param_hint="--mark-weight")
+    from ..toy.train import finetune_pipeline_vae
+
+    try:
+        result = finetune_pipeline_vae(model, minutes, scenes, seed, work, mark_weight)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--work") from None
+    typer.echo(f"{result.steps} steps; held-out PSNR {result.psnr_before:.2f} -> {result.psnr_after:.2f} dB; "
+               f"written to {model / 'vae'}; train the UNet on in the new latent space before use "
+               f"(eiup toy train --init-from {model}) and retrain the detector through it")
+
+
 @app.command("train-detector")
 def train_detector_cmd(
     model: Annotated[Path, typer.Option(help="Toy pipeline folder whose VAE the detector learns to see through.")] = WEIGHTS / "pipeline",

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from ..io import cached_npz, replace_dir
+from ..io import cached_npz, replace_dir, write_json_atomic
 from .render import render
 from .tokenizer import build_clip_tokenizer
 from .world import Scene, caption_words, filler_tail, random_scene, words
@@ -580,6 +580,131 @@ def finetune_pipeline_decoder(model: str | Path, minutes: float, scenes: int = 2
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
     replace_dir(folder, write)
+    return result
+
+
+@torch.no_grad()
+def vae_psnr(vae, images: np.ndarray, batch: int = 250) -> float:
+    """PSNR (dB, 8-bit) of images through the VAE, posterior mean decoded."""
+    se = 0.0
+    for i in range(0, len(images), batch):
+        x = torch.from_numpy(np.asarray(images[i:i + batch])).permute(0, 3, 1, 2).float() / 127.5 - 1
+        se += ((vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1) - x) * 127.5).pow(2).sum().item()
+    return 10 * math.log10(255**2 / (se / (len(images) * x[0].numel())))
+
+
+def finetune_vae(vae, images: np.ndarray, marks: np.ndarray, minutes: float, mark_weight: float = 4.0,
+                 checkpoint: Path | None = None, seed: int = 0, batch: int = 32, lr: float = 2e-4,
+                 n_eval: int | None = None, checkpoint_minutes: float = 5.0,
+                 max_steps: int | None = None) -> DecoderFinetune:
+    """Fine-tune the whole VAE (encoder too), in place, with `mark_weight` x `marks_weighted_mse` on top of its loss.
+
+    The latents move, so a UNet trained on the old ones must be trained on in the new space, and
+    detectors retrained through it. `marks` (N, H, W) uint8 are `Rendered.marks` x 255. The last
+    `n_eval` images (default a tenth, at most 500) measure PSNR. Resumes from `checkpoint`; the
+    scaling factor is re-estimated at the end, as the VAE stage sets it.
+    """
+    if not (math.isfinite(mark_weight) and mark_weight >= 0):
+        raise ValueError(f"mark_weight must be a finite number >= 0, got {mark_weight}")
+    n_eval = min(500, len(images) // 10) if n_eval is None else n_eval
+    if not len(images) > n_eval + batch:
+        raise ValueError(f"finetune_vae needs more than {n_eval + batch} images, got {len(images)}")
+    n_train = len(images) - n_eval
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    meta = {"step": 0, "seconds": 0.0}
+    if checkpoint is not None and checkpoint.exists():
+        meta = load_checkpoint(checkpoint, {"vae": vae}, opt)
+    vae.requires_grad_(True)
+    meta.setdefault("psnr_before", vae_psnr(vae.eval(), images[n_train:]))
+    vae.train()
+    rng = np.random.default_rng(seed + meta["step"])
+    torch.manual_seed(seed + meta["step"])
+    budget, last_ckpt = minutes * 60, time.time()
+    bar = tqdm(total=int(budget), desc="vae (s)", initial=int(min(meta["seconds"], budget)))
+    while meta["seconds"] < budget and (max_steps is None or meta["step"] < max_steps):
+        t0 = time.time()
+        idx = np.sort(rng.choice(n_train, batch, replace=False))
+        x = torch.from_numpy(np.asarray(images[idx])).permute(0, 3, 1, 2).float() / 127.5 - 1
+        m = torch.from_numpy(np.asarray(marks[idx]))[:, None].float() / 255
+        for group in opt.param_groups:
+            group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * min(1.0, meta["seconds"] / budget))) + 1e-6
+        post = vae.encode(x).latent_dist
+        rec = vae.decode(post.sample()).sample
+        loss = reconstruction_loss(rec, x) + mark_weight * marks_weighted_mse(rec, x, m) + 1e-6 * post.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        meta["step"] += 1
+        meta["seconds"] += time.time() - t0
+        bar.update(int(min(meta["seconds"], budget)) - bar.n)
+        bar.set_postfix(loss=f"{loss.item():.4f}", step=meta["step"])
+        if checkpoint is not None and time.time() - last_ckpt > checkpoint_minutes * 60:
+            save_checkpoint(checkpoint, {"vae": vae}, opt, meta)
+            last_ckpt = time.time()
+    bar.close()
+    vae.requires_grad_(False).eval()
+    if checkpoint is not None:
+        save_checkpoint(checkpoint, {"vae": vae}, opt, meta)
+    with torch.no_grad():  # latent statistics set the scaling factor, as in stage_vae
+        x = torch.from_numpy(np.asarray(images[:512])).permute(0, 3, 1, 2).float() / 127.5 - 1
+        vae.register_to_config(scaling_factor=1.0 / vae.encode(x).latent_dist.mean.std().item())
+    return DecoderFinetune(meta["step"], meta["seconds"], meta["psnr_before"], vae_psnr(vae, images[n_train:]))
+
+
+def _vae_digest(vae) -> str:
+    import hashlib
+
+    digest = hashlib.sha1()
+    for name, tensor in sorted(vae.state_dict().items()):
+        digest.update(name.encode() + tensor.float().numpy().tobytes())
+    return digest.hexdigest()[:12]
+
+
+def finetune_pipeline_vae(model: str | Path, minutes: float, scenes: int = 12_000, seed: int = 777,
+                          work: str | Path = "runs/vae-marks", mark_weight: float = 4.0) -> DecoderFinetune:
+    """`finetune_vae` on a pipeline folder's VAE, written back in place (its precision, a new scaling factor).
+
+    Renders `scenes` scenes with their marks into `work` (kept for a rerun), with the checkpoint. A
+    rerun resumes an unfinished fine-tune of the same VAE and leaves a finished one (the folder
+    holding its result) alone; a work folder holding another VAE's fine-tune is refused.
+    """
+    from diffusers import AutoencoderKL
+    from safetensors import safe_open
+
+    folder, work = Path(model) / "vae", Path(work)
+    with safe_open(str(folder / "diffusion_pytorch_model.safetensors"), "pt") as f:
+        stored = f.get_slice(next(iter(f.keys()))).get_dtype()
+    dtype = {"F16": torch.float16, "BF16": torch.bfloat16}.get(stored, torch.float32)
+    vae = AutoencoderKL.from_pretrained(folder, torch_dtype=torch.float32, use_safetensors=True)
+    here = _vae_digest(vae)
+    checkpoint = work / f"vae-{scenes}-{seed}-marks{mark_weight:g}.safetensors"
+    record_path = checkpoint.with_suffix(".json")  # which VAE the fine-tune started from, and what it wrote
+    record = json.loads(record_path.read_text()) if record_path.exists() else {"start": here}
+    if record.get("result") == here:
+        return DecoderFinetune(**record["finetune"])
+    if record["start"] != here:
+        raise ValueError(f"{work} holds a fine-tune of another VAE; pass another work folder")
+    work.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(record_path, record)
+
+    def make() -> dict:
+        images, _, scene_dicts = render_dataset(scenes, seed, 64, desc="render (vae)")
+        with Pool(2) as pool:
+            marks = list(pool.imap(_marks_one, [(d, 64) for d in scene_dicts], chunksize=64))
+        return {"images": images, "marks": np.stack(marks)}
+
+    data = cached_npz(work / f"data-{scenes}-{seed}.npz", make)
+    result = finetune_vae(vae, data["images"], data["marks"], minutes, mark_weight, checkpoint=checkpoint, seed=seed)
+
+    def write(tmp: Path) -> None:
+        vae.to(dtype).save_pretrained(tmp, safe_serialization=True)
+        config = json.loads((tmp / "config.json").read_text())
+        config.pop("_name_or_path", None)  # where it was loaded from: a path of this machine
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+    replace_dir(folder, write)
+    written = AutoencoderKL.from_pretrained(folder, torch_dtype=torch.float32, use_safetensors=True)
+    write_json_atomic(record_path, {"start": here, "result": _vae_digest(written), "finetune": asdict(result)})
     return result
 
 
