@@ -10,12 +10,19 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def auto_vs_fixed():
-    spec = importlib.util.spec_from_file_location("auto_vs_fixed", ROOT / "benchmarks" / "auto_vs_fixed.py")
+def load_script(name: str, monkeypatch=None):
+    """benchmarks/NAME.py as a module (the scripts are no package); registered in sys.modules with `monkeypatch`."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    if monkeypatch is not None:
+        monkeypatch.setitem(sys.modules, name, module)  # dataclasses look their module up
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="module")
+def auto_vs_fixed():
+    return load_script("auto_vs_fixed")
 
 
 def test_auto_vs_fixed_units_key_on_the_erasure_files_only_where_they_are_read(auto_vs_fixed):
@@ -75,11 +82,7 @@ def test_auto_vs_fixed_report_names_each_familys_own_scale_and_compares_the_defa
 
 @pytest.fixture()
 def judge_audit(monkeypatch):
-    spec = importlib.util.spec_from_file_location("judge_audit", ROOT / "benchmarks" / "judge_audit.py")
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "judge_audit", module)  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return load_script("judge_audit", monkeypatch)
 
 
 def test_judge_audit_make_refuses_a_guidance_scale_that_is_not_a_finite_non_negative_number(judge_audit):
@@ -126,10 +129,7 @@ def test_judge_audit_counts_pattern_agreement_and_rescores_groups_with_the_eyes_
 
 @pytest.fixture(scope="module")
 def mark_contrast():
-    spec = importlib.util.spec_from_file_location("mark_contrast", ROOT / "benchmarks" / "mark_contrast.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("mark_contrast")
 
 
 def test_mark_contrast_finds_the_rendered_marks_and_reads_none_on_the_plain_render(mark_contrast):

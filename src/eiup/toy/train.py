@@ -483,6 +483,33 @@ def decoder_psnr(vae, images: np.ndarray, stats: np.ndarray, seed: int = 0, batc
     return 10 * math.log10(255**2 / (se / (len(images) * x[0].numel())))
 
 
+def _cosine_steps(meta: dict, budget_s: float, opt: torch.optim.Optimizer, lr: float, step_loss, desc: str,
+                  checkpoint: Path | None, modules: dict, max_steps: int | None = None,
+                  checkpoint_minutes: float = 5.0) -> None:
+    """Optimise `step_loss()` until `budget_s` seconds of steps (or `max_steps`): cosine learning rate from `lr`,
+    `meta` (step, seconds) updated, a checkpoint every `checkpoint_minutes` and at the end."""
+    last_ckpt = time.time()
+    bar = tqdm(total=int(budget_s), desc=desc, initial=int(min(meta["seconds"], budget_s)))
+    while meta["seconds"] < budget_s and (max_steps is None or meta["step"] < max_steps):
+        t0 = time.time()
+        for group in opt.param_groups:
+            group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * min(1.0, meta["seconds"] / budget_s))) + 1e-6
+        loss = step_loss()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        meta["step"] += 1
+        meta["seconds"] += time.time() - t0
+        bar.update(int(min(meta["seconds"], budget_s)) - bar.n)
+        bar.set_postfix(loss=f"{loss.item():.4f}", step=meta["step"])
+        if checkpoint is not None and time.time() - last_ckpt > checkpoint_minutes * 60:
+            save_checkpoint(checkpoint, modules, opt, meta)
+            last_ckpt = time.time()
+    bar.close()
+    if checkpoint is not None:
+        save_checkpoint(checkpoint, modules, opt, meta)
+
+
 def finetune_decoder(vae, images: np.ndarray, stats: np.ndarray, minutes: float, checkpoint: Path | None = None,
                      seed: int = 0, batch: int = 32, lr: float = 3e-4, colour_weight: float = 2.0,
                      n_eval: int | None = None, checkpoint_minutes: float = 5.0,
@@ -516,29 +543,32 @@ def finetune_decoder(vae, images: np.ndarray, stats: np.ndarray, minutes: float,
     vae.train()
     rng = np.random.default_rng(seed + meta["step"])
     g = torch.Generator().manual_seed(seed + meta["step"])
-    budget, last_ckpt = minutes * 60, time.time()
-    bar = tqdm(total=int(budget), desc="decoder (s)", initial=int(min(meta["seconds"], budget)))
-    while meta["seconds"] < budget and (max_steps is None or meta["step"] < max_steps):
-        t0 = time.time()
+
+    def step_loss() -> torch.Tensor:
         x, z = _batch(images, stats, np.sort(rng.choice(n_train, batch, replace=False)), g, latent_noise)
-        for group in opt.param_groups:
-            group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * min(1.0, meta["seconds"] / budget))) + 1e-6
-        loss = reconstruction_loss(vae.decode(z).sample, x, colour_weight)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        meta["step"] += 1
-        meta["seconds"] += time.time() - t0
-        bar.update(int(min(meta["seconds"], budget)) - bar.n)
-        bar.set_postfix(loss=f"{loss.item():.4f}", step=meta["step"])
-        if checkpoint is not None and time.time() - last_ckpt > checkpoint_minutes * 60:
-            save_checkpoint(checkpoint, {"vae": vae}, opt, meta)
-            last_ckpt = time.time()
-    bar.close()
+        return reconstruction_loss(vae.decode(z).sample, x, colour_weight)
+
+    _cosine_steps(meta, minutes * 60, opt, lr, step_loss, "decoder (s)", checkpoint, {"vae": vae}, max_steps,
+                  checkpoint_minutes)
     vae.requires_grad_(False)
-    if checkpoint is not None:
-        save_checkpoint(checkpoint, {"vae": vae}, opt, meta)
     return DecoderFinetune(meta["step"], meta["seconds"], meta["psnr_before"], decoder_psnr(vae.eval(), *held))
+
+
+def write_vae(folder: Path, vae) -> None:
+    """Replace the VAE folder atomically with `vae`, in the precision the folder's weights were stored in."""
+    from safetensors import safe_open
+
+    with safe_open(str(folder / "diffusion_pytorch_model.safetensors"), "pt") as f:
+        stored = f.get_slice(next(iter(f.keys()))).get_dtype()
+    dtype = {"F16": torch.float16, "BF16": torch.bfloat16}.get(stored, torch.float32)
+
+    def write(tmp: Path) -> None:
+        vae.to(dtype).save_pretrained(tmp, safe_serialization=True)
+        config = json.loads((tmp / "config.json").read_text())
+        config.pop("_name_or_path", None)  # where it was loaded from: a path of this machine
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+    replace_dir(folder, write)
 
 
 def finetune_pipeline_decoder(model: str | Path, minutes: float, scenes: int = 24_000, seed: int = 91,
@@ -553,12 +583,8 @@ def finetune_pipeline_decoder(model: str | Path, minutes: float, scenes: int = 2
     import hashlib
 
     from diffusers import AutoencoderKL
-    from safetensors import safe_open
 
     folder, work = Path(model) / "vae", Path(work)
-    with safe_open(str(folder / "diffusion_pytorch_model.safetensors"), "pt") as f:
-        stored = f.get_slice(next(iter(f.keys()))).get_dtype()
-    dtype = {"F16": torch.float16, "BF16": torch.bfloat16}.get(stored, torch.float32)
     vae = AutoencoderKL.from_pretrained(folder, torch_dtype=torch.float32, use_safetensors=True)
     encoder = hashlib.sha1()
     for name, tensor in sorted({**vae.encoder.state_dict(), **vae.quant_conv.state_dict()}.items()):
@@ -573,13 +599,7 @@ def finetune_pipeline_decoder(model: str | Path, minutes: float, scenes: int = 2
     result = finetune_decoder(vae, data["images"], data["stats"], minutes, seed=seed, latent_noise=latent_noise,
                               checkpoint=work / f"decoder-{key}-noise{latent_noise:g}.safetensors")
 
-    def write(tmp: Path) -> None:
-        vae.to(dtype).save_pretrained(tmp, safe_serialization=True)
-        config = json.loads((tmp / "config.json").read_text())
-        config.pop("_name_or_path", None)  # where it was loaded from: a path of this machine
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-
-    replace_dir(folder, write)
+    write_vae(folder, vae)
     return result
 
 
@@ -619,32 +639,18 @@ def finetune_vae(vae, images: np.ndarray, marks: np.ndarray, minutes: float, mar
     vae.train()
     rng = np.random.default_rng(seed + meta["step"])
     torch.manual_seed(seed + meta["step"])
-    budget, last_ckpt = minutes * 60, time.time()
-    bar = tqdm(total=int(budget), desc="vae (s)", initial=int(min(meta["seconds"], budget)))
-    while meta["seconds"] < budget and (max_steps is None or meta["step"] < max_steps):
-        t0 = time.time()
+
+    def step_loss() -> torch.Tensor:
         idx = np.sort(rng.choice(n_train, batch, replace=False))
         x = torch.from_numpy(np.asarray(images[idx])).permute(0, 3, 1, 2).float() / 127.5 - 1
         m = torch.from_numpy(np.asarray(marks[idx]))[:, None].float() / 255
-        for group in opt.param_groups:
-            group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * min(1.0, meta["seconds"] / budget))) + 1e-6
         post = vae.encode(x).latent_dist
         rec = vae.decode(post.sample()).sample
-        loss = reconstruction_loss(rec, x) + mark_weight * marks_weighted_mse(rec, x, m) + 1e-6 * post.kl().mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        meta["step"] += 1
-        meta["seconds"] += time.time() - t0
-        bar.update(int(min(meta["seconds"], budget)) - bar.n)
-        bar.set_postfix(loss=f"{loss.item():.4f}", step=meta["step"])
-        if checkpoint is not None and time.time() - last_ckpt > checkpoint_minutes * 60:
-            save_checkpoint(checkpoint, {"vae": vae}, opt, meta)
-            last_ckpt = time.time()
-    bar.close()
+        return reconstruction_loss(rec, x) + mark_weight * marks_weighted_mse(rec, x, m) + 1e-6 * post.kl().mean()
+
+    _cosine_steps(meta, minutes * 60, opt, lr, step_loss, "vae (s)", checkpoint, {"vae": vae}, max_steps,
+                  checkpoint_minutes)
     vae.requires_grad_(False).eval()
-    if checkpoint is not None:
-        save_checkpoint(checkpoint, {"vae": vae}, opt, meta)
     with torch.no_grad():  # latent statistics set the scaling factor, as in stage_vae
         x = torch.from_numpy(np.asarray(images[:512])).permute(0, 3, 1, 2).float() / 127.5 - 1
         vae.register_to_config(scaling_factor=1.0 / vae.encode(x).latent_dist.mean.std().item())
@@ -669,12 +675,8 @@ def finetune_pipeline_vae(model: str | Path, minutes: float, scenes: int = 12_00
     holding its result) alone; a work folder holding another VAE's fine-tune is refused.
     """
     from diffusers import AutoencoderKL
-    from safetensors import safe_open
 
     folder, work = Path(model) / "vae", Path(work)
-    with safe_open(str(folder / "diffusion_pytorch_model.safetensors"), "pt") as f:
-        stored = f.get_slice(next(iter(f.keys()))).get_dtype()
-    dtype = {"F16": torch.float16, "BF16": torch.bfloat16}.get(stored, torch.float32)
     vae = AutoencoderKL.from_pretrained(folder, torch_dtype=torch.float32, use_safetensors=True)
     here = _vae_digest(vae)
     checkpoint = work / f"vae-{scenes}-{seed}-marks{mark_weight:g}.safetensors"
@@ -696,13 +698,7 @@ def finetune_pipeline_vae(model: str | Path, minutes: float, scenes: int = 12_00
     data = cached_npz(work / f"data-{scenes}-{seed}.npz", make)
     result = finetune_vae(vae, data["images"], data["marks"], minutes, mark_weight, checkpoint=checkpoint, seed=seed)
 
-    def write(tmp: Path) -> None:
-        vae.to(dtype).save_pretrained(tmp, safe_serialization=True)
-        config = json.loads((tmp / "config.json").read_text())
-        config.pop("_name_or_path", None)  # where it was loaded from: a path of this machine
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-
-    replace_dir(folder, write)
+    write_vae(folder, vae)
     written = AutoencoderKL.from_pretrained(folder, torch_dtype=torch.float32, use_safetensors=True)
     write_json_atomic(record_path, {"start": here, "result": _vae_digest(written), "finetune": asdict(result)})
     return result
