@@ -457,6 +457,10 @@ def test_mark_weighted_vae_stage_renders_the_marks_of_its_scenes_and_refuses_a_k
         expected = (render(scene_from_json(scenes[k])).marks * 255).round()
         assert np.array_equal(marks[k], expected.astype(np.uint8))
         assert (marks[k].max() > 0) == any(o["pattern"] != "plain" for o in scenes[k]["objects"])
+    (tmp_path / "run" / "data" / "marks.npy").unlink()  # data rendered by a run without a mark weight
+    (tmp_path / "run" / "vae_final.safetensors").unlink()
+    train.stage_marks(tmp_path / "run", cfg)  # renders them again from the scenes
+    assert np.array_equal(np.load(tmp_path / "run" / "data" / "marks.npy"), marks)
     with pytest.raises(ValueError, match="init_from keeps the pipeline's"):
         train_toy_model(tmp_path / "other", ToyTrainConfig(n_scenes=64, init_from=str(default_model_path()),
                                                            vae_mark_weight=1.0))

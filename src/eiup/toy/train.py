@@ -106,7 +106,7 @@ def build_noise_scheduler():
 # ---------------------------------------------------------------- data
 
 def _render_one(args):
-    seed, size = args
+    seed, size, with_marks = args
     scene = random_scene(random.Random(seed))
     r = render(scene, size)
     masks = np.zeros((3, size, size), dtype=np.float32)
@@ -114,7 +114,8 @@ def _render_one(args):
         masks[k] = m
     masks[2] = 1.0 - np.clip(sum(r.masks), 0, 1)  # background region
     pooled = masks.reshape(3, 8, size // 8, 8, size // 8).mean(axis=(2, 4))
-    return r.image, pooled.astype(np.float16), scene_to_json(scene)
+    marks = (r.marks * 255).round().astype(np.uint8) if with_marks else None
+    return r.image, pooled.astype(np.float16), scene_to_json(scene), marks
 
 
 def scene_to_json(scene: Scene) -> dict:
@@ -131,14 +132,16 @@ def scene_from_json(d: dict) -> Scene:
     return Scene(tuple(Obj(**o) for o in d["objects"]), d["background"], d["layout_seed"])
 
 
-def render_dataset(n: int, seed: int, size: int, processes: int = 2, desc: str = "render"):
-    """Render n random scenes: images (n,H,W,3) uint8, region masks at 8x8 (n,3,8,8), scene dicts."""
-    seeds = [(seed * 1_000_003 + i, size) for i in range(n)]
+def render_dataset(n: int, seed: int, size: int, processes: int = 2, desc: str = "render", with_marks: bool = False):
+    """Render n random scenes: images (n,H,W,3) uint8, region masks at 8x8 (n,3,8,8), scene dicts; with
+    `with_marks` also their pattern marks (n,H,W) uint8 (`Rendered.marks` x 255)."""
+    seeds = [(seed * 1_000_003 + i, size, with_marks) for i in range(n)]
     with Pool(processes) as pool:
         results = list(tqdm(pool.imap(_render_one, seeds, chunksize=64), total=n, desc=desc))
     images = np.stack([r[0] for r in results])
     masks = np.stack([r[1] for r in results])
-    return images, masks, [r[2] for r in results]
+    scenes = [r[2] for r in results]
+    return (images, masks, scenes, np.stack([r[3] for r in results])) if with_marks else (images, masks, scenes)
 
 
 def stage_data(out: Path, cfg: ToyTrainConfig) -> None:
@@ -146,7 +149,10 @@ def stage_data(out: Path, cfg: ToyTrainConfig) -> None:
     if (data / "scenes.json").exists():
         return
     data.mkdir(parents=True, exist_ok=True)
-    images, masks, scenes = render_dataset(cfg.n_scenes, cfg.seed, cfg.image_size, cfg.threads)
+    rendered = render_dataset(cfg.n_scenes, cfg.seed, cfg.image_size, cfg.threads, with_marks=cfg.vae_mark_weight > 0)
+    images, masks, scenes = rendered[:3]
+    if cfg.vae_mark_weight > 0:  # else stage_marks renders them when a later run asks
+        np.save(data / "marks.npy", rendered[3])
     np.save(data / "images.npy", images)
     np.save(data / "masks8.npy", masks)
     (data / "scenes.json").write_text(json.dumps(scenes))
@@ -249,7 +255,8 @@ def _marks_one(args) -> np.ndarray:
 
 
 def stage_marks(out: Path, cfg: ToyTrainConfig) -> None:
-    """data/marks.npy: each training image's pattern-mark coverage (uint8), rendered again from its scene."""
+    """data/marks.npy: each training image's pattern-mark coverage (uint8), rendered again from its scene when the
+    data was rendered without them (a run started without a mark weight)."""
     path = out / "data" / "marks.npy"
     if cfg.vae_mark_weight <= 0 or path.exists() or (out / "vae_final.safetensors").exists():
         return
@@ -362,6 +369,13 @@ def check_latent_channels(out: Path, cfg: ToyTrainConfig) -> None:
                              f"resume it with latent_channels={have} (--latent-channels {have}) or use a fresh work folder")
 
 
+@torch.no_grad()
+def latent_scaling_factor(vae, images: np.ndarray, device: str = "cpu") -> float:
+    """1 / the spread of the first 512 images' latent means: unit-variance latents, as SD's 0.18215."""
+    x = torch.from_numpy(np.asarray(images[:512])).permute(0, 3, 1, 2).float() / 127.5 - 1
+    return 1.0 / vae.encode(x.to(device)).latent_dist.mean.std().item()
+
+
 def stage_vae(out: Path, cfg: ToyTrainConfig) -> None:
     final = out / "vae_final.safetensors"
     if final.exists():
@@ -410,9 +424,7 @@ def stage_vae(out: Path, cfg: ToyTrainConfig) -> None:
             last_ckpt = time.time()
     bar.close()
     # latent statistics set the scaling factor, as SD's 0.18215
-    with torch.no_grad():
-        x = torch.from_numpy(np.asarray(images[:512])).permute(0, 3, 1, 2).float() / 127.5 - 1
-        std = vae.encode(x.to(cfg.device)).latent_dist.mean.std().item()
+    std = 1.0 / latent_scaling_factor(vae, images, cfg.device)
     vae.cpu().register_to_config(scaling_factor=1.0 / std)
     save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, str(final),
               metadata={"scaling_factor": str(1.0 / std), "meta": json.dumps(meta)})
@@ -651,9 +663,7 @@ def finetune_vae(vae, images: np.ndarray, marks: np.ndarray, minutes: float, mar
     _cosine_steps(meta, minutes * 60, opt, lr, step_loss, "vae (s)", checkpoint, {"vae": vae}, max_steps,
                   checkpoint_minutes)
     vae.requires_grad_(False).eval()
-    with torch.no_grad():  # latent statistics set the scaling factor, as in stage_vae
-        x = torch.from_numpy(np.asarray(images[:512])).permute(0, 3, 1, 2).float() / 127.5 - 1
-        vae.register_to_config(scaling_factor=1.0 / vae.encode(x).latent_dist.mean.std().item())
+    vae.register_to_config(scaling_factor=latent_scaling_factor(vae, images))
     return DecoderFinetune(meta["step"], meta["seconds"], meta["psnr_before"], vae_psnr(vae, images[n_train:]))
 
 
@@ -690,10 +700,8 @@ def finetune_pipeline_vae(model: str | Path, minutes: float, scenes: int = 12_00
     write_json_atomic(record_path, record)
 
     def make() -> dict:
-        images, _, scene_dicts = render_dataset(scenes, seed, 64, desc="render (vae)")
-        with Pool(2) as pool:
-            marks = list(pool.imap(_marks_one, [(d, 64) for d in scene_dicts], chunksize=64))
-        return {"images": images, "marks": np.stack(marks)}
+        images, _, _, marks = render_dataset(scenes, seed, 64, desc="render (vae)", with_marks=True)
+        return {"images": images, "marks": marks}
 
     data = cached_npz(work / f"data-{scenes}-{seed}.npz", make)
     result = finetune_vae(vae, data["images"], data["marks"], minutes, mark_weight, checkpoint=checkpoint, seed=seed)
