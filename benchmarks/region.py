@@ -5,7 +5,7 @@ its implicit and two-object prompts padded with style phrases (", highly detaile
 the benchmark makes them, judged by the toy detector against the plain image of the same seed: residual
 (the concept still shows), kept (the concept's object keeps its other attributes), other (two-object
 prompts: the other object keeps its attributes). Rules: ``default`` (the model's preset), ``off`` (the
-projection everywhere), ``map`` and ``phrases`` (:data:`eiup.pipeline.REGION_RULES`).
+projection everywhere), ``map`` and ``phrases`` (:data:`eiup.config.REGION_RULES`).
 
     python benchmarks/region.py --rules off map phrases --json region.json   # the README's figures (20 seeds)
     python benchmarks/region.py --concepts red --rules off phrases --seeds 4 --json region.json

@@ -258,9 +258,9 @@ def test_malformed_anchor_file_is_refused_before_model_work(sd1, model_folder, c
 def test_default_auto_is_quiet_without_an_anchor_file_and_used_with_one(sd1, model_folder, monkeypatch):
     import warnings
 
-    import eiup.pipeline as pipeline_module
+    import eiup.config as config_module
 
-    monkeypatch.setattr(pipeline_module, "DEFAULT_ANCHORS", "auto")
+    monkeypatch.setattr(config_module, "DEFAULT_ANCHORS", "auto")
     kw = dict(erase="red", erase_scale=-2.0, anchor_gate=False, concept_context="separate", **KW)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no anchor file: the default stays quiet
@@ -346,7 +346,8 @@ def test_thing_phrases_split_a_prompt_into_the_things_it_names():
 def test_the_probe_gate_also_asks_each_thing_of_a_prompt_of_several_alone():
     """A prompt of several things is gated in where one of its thing phrases alone clears PHRASE_PROBE_LOGIT;
     prompts of one thing are not split, and each phrase is encoded once."""
-    from eiup.pipeline import PHRASE_PROBE_LOGIT, EIUPMixin
+    from eiup.config import PHRASE_PROBE_LOGIT
+    from eiup.pipeline import EIUPMixin
 
     class Probe:  # the logit is the embedding's first number
         def logits(self, embeds):

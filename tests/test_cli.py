@@ -389,7 +389,7 @@ def test_anchors_reach_the_pipeline_and_are_recorded(tmp_path, model_dir, monkey
     assert np.array_equal(np.asarray(Image.open(c)), np.asarray(Image.open(b)))  # pixels; the PNG text records settings
     named = ["generate", "-p", "a red star", "--model", model_dir, "--steps", STEPS, "--erase", "red", "--anchor", "blue",
              "--anchor", "green", "--no-progress"]  # names red: confined to the map of "red" with --region
-    from eiup.pipeline import REGION_THRESHOLDS
+    from eiup.config import REGION_THRESHOLDS
 
     monkeypatch.setitem(REGION_THRESHOLDS, "map", (0.98, 0.99))  # the tiny model's maps are nearly flat
     assert invoke(*named, "--region", "--out", tmp_path / "region").exit_code == 0

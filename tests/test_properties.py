@@ -18,7 +18,7 @@ magnitudes which only destroy the image or overflow float16 (``test_reliability.
 
 from __future__ import annotations
 
-from eiup.pipeline import MAX_ABS_SCALE
+from eiup.config import MAX_ABS_SCALE
 
 import math
 import re
@@ -29,7 +29,7 @@ import torch
 from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
-from eiup.pipeline import EraseConfigError
+from eiup.config import EraseConfigError
 from eiup.toy.world import words
 
 KW = dict(num_inference_steps=2, height=16, width=16, output_type="np")

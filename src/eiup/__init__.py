@@ -16,12 +16,12 @@ _EXPORTS = {
     "EIUPPipeline": "pipeline",
     "EIUPXLPipeline": "pipeline",
     "EIUPPipelineOutput": "pipeline",
-    "EraseConfig": "pipeline",
-    "EraseConfigError": "pipeline",
+    "EraseConfig": "config",
+    "EraseConfigError": "config",
     "from_pipe": "pipeline",
-    "DEFAULT_ERASE_SCALE": "pipeline",
-    "DEFAULT_ERASE_MODE": "pipeline",
-    "ERASE_MODES": "pipeline",
+    "DEFAULT_ERASE_SCALE": "config",
+    "DEFAULT_ERASE_MODE": "config",
+    "ERASE_MODES": "config",
     "ConceptAttentionRecorder": "attention",
     "EraseContext": "attention",
     "concept_term": "attention",
@@ -32,17 +32,8 @@ __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:  # pragma: no cover
     from .attention import ConceptAttentionRecorder, EraseContext, concept_term
-    from .pipeline import (
-        DEFAULT_ERASE_MODE,
-        DEFAULT_ERASE_SCALE,
-        ERASE_MODES,
-        EIUPPipeline,
-        EIUPPipelineOutput,
-        EIUPXLPipeline,
-        EraseConfig,
-        EraseConfigError,
-        from_pipe,
-    )
+    from .config import DEFAULT_ERASE_MODE, DEFAULT_ERASE_SCALE, ERASE_MODES, EraseConfig, EraseConfigError
+    from .pipeline import EIUPPipeline, EIUPPipelineOutput, EIUPXLPipeline, from_pipe
     from .testing import tiny_pipeline
 
 

@@ -149,7 +149,7 @@ def calibrate(pipe, concept: str, prompts: Sequence[str], judge: Callable, seeds
     if unerasable not in UNERASABLE:
         raise ValueError(f"unerasable={unerasable!r}: use {' or '.join(UNERASABLE)}")
     if concept_context is None:
-        from .pipeline import DEFAULT_CONCEPT_CONTEXT
+        from .config import DEFAULT_CONCEPT_CONTEXT
 
         concept_context = DEFAULT_CONCEPT_CONTEXT
     data = collect(pipe, concept, prompts, judge, seeds, steps, guidance, grid, gate, mode, concept_context, anchors,

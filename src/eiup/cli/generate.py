@@ -29,8 +29,8 @@ def _fail(message: str, code: int = 1) -> typer.Exit:
 
 
 def _library_defaults() -> tuple[float | str, str, str | None, str, tuple[str, ...]]:
-    from eiup.pipeline import (DEFAULT_ANCHORS, DEFAULT_CONCEPT_CONTEXT, DEFAULT_ERASE_MODE, DEFAULT_ERASE_SCALE,
-                               DEFAULT_GATE)
+    from eiup.config import (DEFAULT_ANCHORS, DEFAULT_CONCEPT_CONTEXT, DEFAULT_ERASE_MODE, DEFAULT_ERASE_SCALE,
+                             DEFAULT_GATE)
 
     anchors = () if DEFAULT_ANCHORS is None else ((DEFAULT_ANCHORS,) if isinstance(DEFAULT_ANCHORS, str) else tuple(DEFAULT_ANCHORS))
     return DEFAULT_ERASE_SCALE, str(DEFAULT_ERASE_MODE), DEFAULT_GATE, str(DEFAULT_CONCEPT_CONTEXT), anchors
@@ -180,7 +180,7 @@ def generate(
     if anchor_strength is not None and anchor_strength.strip().lower() == "auto":
         strength = "auto"
     elif anchor_strength is not None:
-        from eiup.pipeline import MAX_ANCHOR_STRENGTH
+        from eiup.config import MAX_ANCHOR_STRENGTH
 
         try:
             strength = float(anchor_strength)
@@ -199,7 +199,7 @@ def generate(
             raise _bad("--guard chooses each image's strength from --guard-ladder; drop --anchor-strength", "--guard")
     if guard_ladder is not None:
         from eiup.guard import check_ladder
-        from eiup.pipeline import MAX_ANCHOR_STRENGTH
+        from eiup.config import MAX_ANCHOR_STRENGTH
 
         if guard == "none" or (guard is None and strength is not None):
             raise _bad("--guard-ladder is the strengths a guard climbs, and this run has none", "--guard-ladder")
@@ -259,7 +259,7 @@ def generate(
             raise _bad("CUDA is not available on this machine; use --device cpu", "--device")
 
     if region_rule is not None:
-        from eiup.pipeline import REGION_RULES
+        from eiup.config import REGION_RULES
 
         if region_rule not in REGION_RULES:
             raise _bad(f"--region-rule {region_rule!r} is unknown; use one of {', '.join(REGION_RULES)}", "--region-rule")
@@ -269,7 +269,7 @@ def generate(
         region = region_rule
     _, default_mode, default_gate, default_context, default_anchors = _library_defaults()
     if guard is None:
-        from eiup.pipeline import DEFAULT_GUARD
+        from eiup.config import DEFAULT_GUARD
 
         guard = "none" if strength is not None else DEFAULT_GUARD
     if not anchors:

@@ -963,7 +963,7 @@ PRESET_ONE_THING = {"red": {"anchors": ["orange"], "strength": 1.0, "named_stren
 def write_anchor_file(folder: Path) -> Path:
     """``eiup_anchors.json``: each toy concept's anchors (the other values of its attribute) and, where
     measured, its preset strength and scale, for ``anchors="auto"``."""
-    from ..pipeline import ANCHOR_FILE
+    from ..config import ANCHOR_FILE
     from .world import CONCEPTS, anchor_concepts
 
     table: dict = {}
