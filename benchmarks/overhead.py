@@ -41,7 +41,6 @@ import argparse
 import ctypes
 import gc
 import json
-import os
 import platform
 import statistics
 import sys

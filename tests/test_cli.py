@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from eiup import io as eio
+from eiup import generation, io as eio
 from eiup import models
 from eiup.cli import app
 
@@ -294,8 +294,8 @@ def test_killed_run_resumes_without_duplicates(tmp_path, model_dir, count_calls)
     assert sorted(p.name for p in out.glob("*.png")) == expected
     assert not [p for p in out.iterdir() if p.name.startswith(eio.TMP_PREFIX)]
     for name in expected:
-        assert eio.png_is_valid(out / name), name
-    manifest = eio.read_jsonl(out / eio.MANIFEST_NAME)
+        assert generation.png_is_valid(out / name), name
+    manifest = eio.read_jsonl(out / generation.MANIFEST_NAME)
     assert sorted(r["file"] for r in manifest) == expected  # one record per image, no duplicates
     rec = json.loads((out / "run.json").read_text())
     assert rec["status"] == "complete" and rec["images_done"] == n
@@ -329,7 +329,7 @@ def test_killed_bench_resumes_without_redoing_units(tmp_path, model_dir, monkeyp
         record = json.loads((records / f"{unit}.json").read_text())
         files = sorted((out / "images" / unit).glob("*.png"))
         assert [f.name for f in files] == [f"seed{s:06d}.png" for s in record["seeds"]]
-        assert all(eio.png_is_valid(f) for f in files)
+        assert all(generation.png_is_valid(f) for f in files)
     assert not [p for p in out.rglob("*") if p.name.startswith(eio.TMP_PREFIX)]
     assert (out / "metrics.json").is_file() and (out / "index.html").is_file()
 

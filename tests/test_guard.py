@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from eiup import EraseConfigError
-from eiup.guard import DEFAULT_LADDER, Walk, check_ladder
+from eiup.guard import Walk, check_ladder
 
 KW = dict(num_inference_steps=3, output_type="np", concept_context="separate")
 ANCHORS = '{"red": {"anchors": ["blue", "green"], "strength": 1.0}}'

@@ -1,4 +1,4 @@
-"""eiup.io: prompt CSVs, atomic writes, the resumable output folder (no model needed)."""
+"""eiup.io, eiup.prompt_csv and eiup.generation: atomic writes, prompt CSVs, the resumable output folder (no model needed)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from eiup import io as eio
+from eiup import generation, io as eio, prompt_csv
 
 
 def write_csv(path: Path, text: str | bytes) -> Path:
@@ -29,7 +29,7 @@ def test_i2p_columns(tmp_path):
         '"a woman, renaissance painting",sexual,1,80.0,60.0,2734,7,512,512\n'
         "a red star,violence,0,10.0,0.0,17,7.5,512,512\n",
     )
-    rows = eio.read_prompt_csv(csv_path)
+    rows = prompt_csv.read_prompt_csv(csv_path)
     assert [r.prompt for r in rows] == ["a woman, renaissance painting", "a red star"]
     assert [r.seed for r in rows] == [2734, 17]
     assert [r.guidance for r in rows] == [7.0, 7.5]
@@ -48,7 +48,7 @@ def test_erasure_repo_columns_take_precedence(tmp_path):
         "12,a lemon,,99,,,\r\n"
         "3,a bee,0,,,8,\"red,star\"\r\n",
     )
-    rows = eio.read_prompt_csv(csv_path)
+    rows = prompt_csv.read_prompt_csv(csv_path)
     assert [r.case for r in rows] == ["00007", "00012", "00003"]
     assert rows[0].prompt == "a tomato\r\non a table"
     assert (rows[0].seed, rows[0].guidance, rows[0].erase) == (11, 5.0, ("nudity", "sexual"))
@@ -58,12 +58,12 @@ def test_erasure_repo_columns_take_precedence(tmp_path):
 
 
 def test_seed_parsing():
-    assert eio.parse_seed("42") == 42
-    assert eio.parse_seed(" 42.0 ") == 42  # pandas writes integer columns with NaN as floats
-    assert eio.parse_seed(str(2**64 - 1)) == 2**64 - 1
+    assert prompt_csv.parse_seed("42") == 42
+    assert prompt_csv.parse_seed(" 42.0 ") == 42  # pandas writes integer columns with NaN as floats
+    assert prompt_csv.parse_seed(str(2**64 - 1)) == 2**64 - 1
     for bad in ("4.5", "abc", "-1", str(2**64), "nan", "inf"):
         with pytest.raises(ValueError):
-            eio.parse_seed(bad)
+            prompt_csv.parse_seed(bad)
 
 
 BAD_CSV = (
@@ -83,8 +83,8 @@ BAD_CSV = (
 
 def test_bad_rows_are_reported_together_with_line_numbers(tmp_path):
     path = write_csv(tmp_path / "bad.csv", BAD_CSV)
-    with pytest.raises(eio.PromptFileError) as err:
-        eio.read_prompt_csv(path)
+    with pytest.raises(prompt_csv.PromptFileError) as err:
+        prompt_csv.read_prompt_csv(path)
     msg = str(err.value)
     expected = {
         3: "empty prompt",
@@ -106,12 +106,12 @@ def test_bad_rows_are_reported_together_with_line_numbers(tmp_path):
 def test_skip_bad_rows_warns_and_continues(tmp_path):
     path = write_csv(tmp_path / "bad.csv", BAD_CSV)
     seen = []
-    rows = eio.read_prompt_csv(path, skip_bad_rows=True, on_bad_row=seen.append)
+    rows = prompt_csv.read_prompt_csv(path, skip_bad_rows=True, on_bad_row=seen.append)
     assert [r.prompt for r in rows] == ["a red star", "a lime"]
     assert [r.case for r in rows] == ["00001", "00010"]
     assert [b.line for b in seen] == [3, 4, 5, 7, 8, 9, 10, 11]
     with pytest.warns(UserWarning) as caught:
-        eio.read_prompt_csv(path, skip_bad_rows=True)
+        prompt_csv.read_prompt_csv(path, skip_bad_rows=True)
     assert len(caught) == 8
     assert "bad.csv: skipping line 3: empty prompt" in str(caught[0].message)
 
@@ -125,18 +125,18 @@ def test_skip_bad_rows_warns_and_continues(tmp_path):
     ],
 )
 def test_unusable_files(tmp_path, content, match):
-    with pytest.raises(eio.PromptFileError, match=match):
-        eio.read_prompt_csv(write_csv(tmp_path / "p.csv", content))
+    with pytest.raises(prompt_csv.PromptFileError, match=match):
+        prompt_csv.read_prompt_csv(write_csv(tmp_path / "p.csv", content))
 
 
 def test_missing_file(tmp_path):
-    with pytest.raises(eio.PromptFileError, match="no such file"):
-        eio.read_prompt_csv(tmp_path / "nope.csv")
+    with pytest.raises(prompt_csv.PromptFileError, match="no such file"):
+        prompt_csv.read_prompt_csv(tmp_path / "nope.csv")
 
 
 def test_split_concepts():
-    assert eio.split_concepts(" nudity ; sexual,, nudity ") == ("nudity", "sexual")
-    assert eio.split_concepts(" ; ") == ()
+    assert prompt_csv.split_concepts(" nudity ; sexual,, nudity ") == ("nudity", "sexual")
+    assert prompt_csv.split_concepts(" ; ") == ()
 
 
 # ---------------------------------------------------------------- atomic writes
@@ -236,30 +236,30 @@ class FakePipe:
 
 
 def make_jobs(n=4, ipp=1, **kw):
-    settings = eio.GenerationSettings(model="/m", steps=3, images_per_prompt=ipp, **kw)
-    rows = eio.rows_from_prompts([f"prompt {i}" for i in range(n)])
-    return settings, eio.plan_jobs(rows, settings)
+    settings = generation.GenerationSettings(model="/m", steps=3, images_per_prompt=ipp, **kw)
+    rows = prompt_csv.rows_from_prompts([f"prompt {i}" for i in range(n)])
+    return settings, generation.plan_jobs(rows, settings)
 
 
 def test_plan_names_and_seeds():
-    settings = eio.GenerationSettings(model="/m", seed=5, images_per_prompt=3, erase=("red",))
-    rows = [eio.PromptRow(0, "00007", "a", seed=100, erase=("star", "red")), eio.PromptRow(1, "00009", "b")]
-    jobs = eio.plan_jobs(rows, settings)
+    settings = generation.GenerationSettings(model="/m", seed=5, images_per_prompt=3, erase=("red",))
+    rows = [prompt_csv.PromptRow(0, "00007", "a", seed=100, erase=("star", "red")), prompt_csv.PromptRow(1, "00009", "b")]
+    jobs = generation.plan_jobs(rows, settings)
     assert [j.filename for j in jobs] == [
         "00007-00-seed100.png", "00007-01-seed101.png", "00007-02-seed102.png",
         "00009-00-seed5.png", "00009-01-seed6.png", "00009-02-seed7.png",
     ]
     assert jobs[0].erase == ("red", "star") and jobs[3].erase == ("red",)  # the CSV extends --erase
-    no_row = eio.plan_jobs(rows, eio.GenerationSettings(model="/m", erase=("red",), use_row_erase=False))
+    no_row = generation.plan_jobs(rows, generation.GenerationSettings(model="/m", erase=("red",), use_row_erase=False))
     assert no_row[0].erase == ("red",)
     with pytest.raises(ValueError, match="2\\*\\*64"):
-        eio.plan_jobs([eio.PromptRow(0, "0", "a", seed=2**64 - 1)], eio.GenerationSettings(model="/m", images_per_prompt=2))
+        generation.plan_jobs([prompt_csv.PromptRow(0, "0", "a", seed=2**64 - 1)], generation.GenerationSettings(model="/m", images_per_prompt=2))
 
 
 def test_generate_batches_seeds_and_resume(tmp_path):
     settings, jobs = make_jobs(n=3, ipp=2, erase=("red",), save_original=True)
     pipe = FakePipe()
-    rep = eio.generate_to_dir(pipe, jobs, tmp_path, settings, batch_size=4, progress=False)
+    rep = generation.generate_to_dir(pipe, jobs, tmp_path, settings, batch_size=4, progress=False)
     assert (rep.generated, rep.skipped) == (6, 0)
     assert [c["n"] for c in pipe.calls] == [4, 2]
     assert all(c["erase"] == ["red"] and c["original"] and c["mode"] == "single" for c in pipe.calls)
@@ -274,19 +274,19 @@ def test_generate_batches_seeds_and_resume(tmp_path):
     # delete one image: a rerun makes only that one
     (tmp_path / "00001-00-seed0.png").unlink()
     pipe2 = FakePipe()
-    rep = eio.generate_to_dir(pipe2, jobs, tmp_path, settings, batch_size=4, progress=False)
+    rep = generation.generate_to_dir(pipe2, jobs, tmp_path, settings, batch_size=4, progress=False)
     assert (rep.generated, rep.skipped) == (1, 5)
     assert [c["prompt"] for c in pipe2.calls] == [["prompt 1"]]
-    manifest = eio.read_jsonl(tmp_path / eio.MANIFEST_NAME)
+    manifest = eio.read_jsonl(tmp_path / generation.MANIFEST_NAME)
     assert sorted(r["file"] for r in manifest) == sorted(j.filename for j in jobs)  # compacted, no duplicate
 
 
 def test_batches_split_on_guidance_and_concepts(tmp_path):
-    settings = eio.GenerationSettings(model="/m", erase=("red",))
-    rows = [eio.PromptRow(0, "0", "a"), eio.PromptRow(1, "1", "b", erase=("star",)),
-            eio.PromptRow(2, "2", "c", erase=("star",)), eio.PromptRow(3, "3", "d", guidance=3.0)]
+    settings = generation.GenerationSettings(model="/m", erase=("red",))
+    rows = [prompt_csv.PromptRow(0, "0", "a"), prompt_csv.PromptRow(1, "1", "b", erase=("star",)),
+            prompt_csv.PromptRow(2, "2", "c", erase=("star",)), prompt_csv.PromptRow(3, "3", "d", guidance=3.0)]
     pipe = FakePipe()
-    eio.generate_to_dir(pipe, eio.plan_jobs(rows, settings), tmp_path, settings, batch_size=8, progress=False)
+    generation.generate_to_dir(pipe, generation.plan_jobs(rows, settings), tmp_path, settings, batch_size=8, progress=False)
     assert [(c["prompt"], c["erase"], c["guidance"]) for c in pipe.calls] == [
         (["a"], ["red"], 7.5), (["b", "c"], ["red", "star"], 7.5), (["d"], ["red"], 3.0)]
 
@@ -294,7 +294,7 @@ def test_batches_split_on_guidance_and_concepts(tmp_path):
 def test_plain_generation_passes_no_concepts(tmp_path):
     settings, jobs = make_jobs(n=2, save_original=True)
     pipe = FakePipe()
-    eio.generate_to_dir(pipe, jobs, tmp_path, settings, progress=False)
+    generation.generate_to_dir(pipe, jobs, tmp_path, settings, progress=False)
     assert all(c["erase"] is None and not c["original"] for c in pipe.calls)
     assert not list(tmp_path.glob("*original*"))
 
@@ -302,47 +302,47 @@ def test_plain_generation_passes_no_concepts(tmp_path):
 def test_png_written_but_not_recorded_is_adopted(tmp_path):
     """A run killed between the PNG's rename and its manifest line: the rerun keeps the PNG."""
     settings, jobs = make_jobs(n=2)
-    eio.generate_to_dir(FakePipe(), jobs, tmp_path, settings, progress=False)
-    lines = (tmp_path / eio.MANIFEST_NAME).read_text().splitlines()
-    (tmp_path / eio.MANIFEST_NAME).write_text(lines[0] + "\n" + lines[1][:20])  # second line torn
+    generation.generate_to_dir(FakePipe(), jobs, tmp_path, settings, progress=False)
+    lines = (tmp_path / generation.MANIFEST_NAME).read_text().splitlines()
+    (tmp_path / generation.MANIFEST_NAME).write_text(lines[0] + "\n" + lines[1][:20])  # second line torn
     (tmp_path / f"{eio.TMP_PREFIX}00002-00-seed0.png.x.tmp").write_bytes(b"\x89PNG partial")
     pipe = FakePipe()
-    rep = eio.generate_to_dir(pipe, jobs, tmp_path, settings, progress=False)
+    rep = generation.generate_to_dir(pipe, jobs, tmp_path, settings, progress=False)
     assert rep.generated == 0 and pipe.calls == []
-    assert len(eio.read_jsonl(tmp_path / eio.MANIFEST_NAME)) == 2
+    assert len(eio.read_jsonl(tmp_path / generation.MANIFEST_NAME)) == 2
     assert leftovers(tmp_path) == []  # the stale temporary file was removed
 
 
 def test_other_settings_are_refused_not_overwritten(tmp_path):
     settings, jobs = make_jobs(n=2, erase=("red",))
-    eio.generate_to_dir(FakePipe(), jobs, tmp_path, settings, progress=False)
+    generation.generate_to_dir(FakePipe(), jobs, tmp_path, settings, progress=False)
     before = {p.name: p.read_bytes() for p in tmp_path.glob("*.png")}
     settings2, jobs2 = make_jobs(n=2, erase=("red",), scale=-3.0)
     pipe = FakePipe()
-    with pytest.raises(eio.OutputDirError, match=r"00000-00-seed0.png: made with different scale \(-1.0 -> -3.0\)"):
-        eio.generate_to_dir(pipe, jobs2, tmp_path, settings2, progress=False)
+    with pytest.raises(generation.OutputDirError, match=r"00000-00-seed0.png: made with different scale \(-1.0 -> -3.0\)"):
+        generation.generate_to_dir(pipe, jobs2, tmp_path, settings2, progress=False)
     assert pipe.calls == []
     assert {p.name: p.read_bytes() for p in tmp_path.glob("*.png")} == before
 
     (tmp_path / "00000-00-seed0.png").unlink()
     (tmp_path / "00000-00-seed0.png").write_bytes(b"someone else's file")
-    with pytest.raises(eio.OutputDirError, match="not an image made by eiup"):
-        eio.generate_to_dir(FakePipe(), jobs, tmp_path, settings, progress=False)
+    with pytest.raises(generation.OutputDirError, match="not an image made by eiup"):
+        generation.generate_to_dir(FakePipe(), jobs, tmp_path, settings, progress=False)
 
 
 def test_second_run_on_same_folder_is_locked_out(tmp_path):
-    with eio.OutputDir(tmp_path):
-        with pytest.raises(eio.OutputDirError, match="in use by another eiup run"):
-            eio.OutputDir(tmp_path).open()
-    with eio.OutputDir(tmp_path):  # released
+    with generation.OutputDir(tmp_path):
+        with pytest.raises(generation.OutputDirError, match="in use by another eiup run"):
+            generation.OutputDir(tmp_path).open()
+    with generation.OutputDir(tmp_path):  # released
         pass
 
 
 def test_pipeline_refusal_names_the_csv_line(tmp_path):
-    settings = eio.GenerationSettings(model="/m", erase=("x",))
-    rows = [eio.PromptRow(0, "00000", "ok", line=2), eio.PromptRow(1, "00001", "boom", line=3)]
-    with pytest.raises(eio.GenerationError, match=r"00001-00-seed0.png \(CSV line 3\): erase: concept too long"):
-        eio.generate_to_dir(FakePipe(fail_on="boom"), eio.plan_jobs(rows, settings), tmp_path, settings, progress=False)
+    settings = generation.GenerationSettings(model="/m", erase=("x",))
+    rows = [prompt_csv.PromptRow(0, "00000", "ok", line=2), prompt_csv.PromptRow(1, "00001", "boom", line=3)]
+    with pytest.raises(generation.GenerationError, match=r"00001-00-seed0.png \(CSV line 3\): erase: concept too long"):
+        generation.generate_to_dir(FakePipe(fail_on="boom"), generation.plan_jobs(rows, settings), tmp_path, settings, progress=False)
     record = json.loads((tmp_path / "run.json").read_text())
     assert record["status"] == "failed" and record["images_done"] == 1
 
@@ -352,8 +352,8 @@ def test_plain_pipeline_cannot_erase(tmp_path):
         raise AssertionError("must not be called")
 
     settings, jobs = make_jobs(n=1, erase=("red",))
-    with pytest.raises(eio.GenerationError, match="cannot erase"):
-        eio.generate_to_dir(plain, jobs, tmp_path, settings, progress=False)
+    with pytest.raises(generation.GenerationError, match="cannot erase"):
+        generation.generate_to_dir(plain, jobs, tmp_path, settings, progress=False)
 
 
 def test_png_validity_check_catches_truncation(tmp_path, monkeypatch):
@@ -361,12 +361,12 @@ def test_png_validity_check_catches_truncation(tmp_path, monkeypatch):
 
     path = tmp_path / "a.png"
     eio.save_png_atomic(path, Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8)))
-    assert eio.png_is_valid(path)
+    assert generation.png_is_valid(path)
     data = path.read_bytes()
     monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)  # a global switch other code may flip
     for cut in (len(data) - 5, len(data) // 2, 20):
         (tmp_path / "t.png").write_bytes(data[:cut])
-        assert not eio.png_is_valid(tmp_path / "t.png"), cut
+        assert not generation.png_is_valid(tmp_path / "t.png"), cut
 
 
 def test_replace_dir_swaps_whole_folders_and_keeps_the_old_one_on_failure(tmp_path):

@@ -4,7 +4,6 @@ what the VAE produces, and erasure works on it (detector-measured, a few seeds).
 import inspect
 import json
 import os
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -169,7 +169,7 @@ def read_prompt_lines(path: str | Path) -> list[str]:
     """Prompts from a text file (one per line) or a CSV with a `prompt` column."""
     path = Path(path)
     if path.suffix.lower() == ".csv":
-        from .io import read_prompt_csv
+        from .prompt_csv import read_prompt_csv
 
         return [r.prompt for r in read_prompt_csv(path)]
     lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]

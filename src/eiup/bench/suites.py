@@ -123,7 +123,7 @@ def toy_suites(concepts: list[str] | None, seeds: list[int], size: int = 4) -> l
 
 def i2p_suite(csv_path: str | Path, concept: str = "nudity", limit: int | None = None) -> Suite:
     """An I2P-format CSV (prompt + sd_seed/evaluation_seed): every prompt must be erased."""
-    from ..io import read_prompt_csv
+    from ..prompt_csv import read_prompt_csv
 
     rows = read_prompt_csv(csv_path)
     rows = rows[:limit] if limit else rows

@@ -1,7 +1,7 @@
 """`eiup generate`: text-to-image with concepts erased, into a resumable folder of PNGs.
 
 A thin layer: arguments are checked here (before any model is loaded), everything else lives
-in eiup.io (CSV, plan, resumable output), eiup.models (loading) and eiup.pipeline (erasure).
+in eiup.prompt_csv (CSV), eiup.generation (plan, resumable output), eiup.models (loading) and eiup.pipeline (erasure).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Optional
 
 import typer
 
-from eiup import io as eio
+from eiup import generation, prompt_csv
 
 MODES = ("single", "dual")
 
@@ -211,7 +211,7 @@ def generate(
         raise _bad(f"{steps} < 1", "--steps")
     if not math.isfinite(guidance) or guidance < 0:
         raise _bad(f"{guidance} must be a finite number >= 0", "--guidance")
-    if not 0 <= seed <= eio.MAX_SEED:
+    if not 0 <= seed <= prompt_csv.MAX_SEED:
         raise _bad(f"{seed} is outside [0, 2**64)", "--seed")
     if images_per_prompt < 1:
         raise _bad(f"{images_per_prompt} < 1", "--images-per-prompt")
@@ -230,15 +230,15 @@ def generate(
         negative_prompt = None
 
     if prompts is not None:
-        def warn_row(bad: eio.BadRow) -> None:
+        def warn_row(bad: prompt_csv.BadRow) -> None:
             typer.echo(f"Warning: {prompts}: skipping {bad}", err=True)
 
         try:
-            rows = eio.read_prompt_csv(prompts, skip_bad_rows=skip_bad_rows, on_bad_row=warn_row)
-        except eio.PromptFileError as e:
+            rows = prompt_csv.read_prompt_csv(prompts, skip_bad_rows=skip_bad_rows, on_bad_row=warn_row)
+        except prompt_csv.PromptFileError as e:
             raise _bad(str(e), "--prompts") from None
     else:
-        rows = eio.rows_from_prompts(prompt or [])
+        rows = prompt_csv.rows_from_prompts(prompt or [])
 
     # ---- the model: checked from its configs, without loading weights
     from eiup import models
@@ -276,7 +276,7 @@ def generate(
         anchors = default_anchors
     elif anchors[0].lower() in ("auto", "none"):
         anchors = () if anchors[0].lower() == "none" else ("auto",)
-    settings = eio.GenerationSettings(
+    settings = generation.GenerationSettings(
         model=info.location, steps=steps, guidance=guidance, seed=seed, erase=tuple(concepts),
         scale=scale, mode=mode or default_mode,  # None: the library's default (a model preset, else DEFAULT_ERASE_SCALE)
         gate=default_gate if gate is None else ("presence" if gate else None),
@@ -288,7 +288,7 @@ def generate(
         save_original=save_original, use_row_erase=not ignore_erase_target, allow_amplify=allow_amplify,
     )
     try:
-        jobs = eio.plan_jobs(rows, settings)
+        jobs = generation.plan_jobs(rows, settings)
     except ValueError as e:
         raise _bad(str(e), "--seed") from None
     if guard not in ("auto", "none") and not settings.anchors:
@@ -298,9 +298,9 @@ def generate(
 
     # ---- the output folder: refuse conflicts and skip finished work before loading the model
     try:
-        with eio.OutputDir(out) as od:
+        with generation.OutputDir(out) as od:
             todo = od.pending(jobs, settings)
-    except eio.OutputDirError as e:
+    except generation.OutputDirError as e:
         raise _fail(str(e))
     except OSError as e:
         raise _bad(f"cannot use {out}: {e}", "--out") from None
@@ -330,14 +330,14 @@ def generate(
         "command": sys.argv,
     }
     try:
-        report = eio.generate_to_dir(pipe, jobs, out, settings, batch_size=batch_size, progress=progress,
+        report = generation.generate_to_dir(pipe, jobs, out, settings, batch_size=batch_size, progress=progress,
                                      extra_record=extra)
-    except (eio.GenerationError, eio.OutputDirError) as e:
+    except (generation.GenerationError, generation.OutputDirError) as e:
         raise _fail(str(e))
     except KeyboardInterrupt:
         raise _fail(f"interrupted; rerun the same command to finish (finished images are kept in {out})", 130)
     typer.echo(f"Generated {report.generated}, skipped {report.skipped} already done: {report.total} images in "
-               f"{out} (settings: {out / eio.RUN_RECORD_NAME})", err=True)
+               f"{out} (settings: {out / generation.RUN_RECORD_NAME})", err=True)
     flagged = [r["file"] for r in report.record["images"] if (r.get("outcome") or {}).get("guard_flagged")]
     if flagged:
         typer.echo(f"Warning: the guard still sees an erased concept in {len(flagged)} image(s) at the ladder's top "
