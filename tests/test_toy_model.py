@@ -311,8 +311,8 @@ def test_quality_report_judges_every_group_with_and_without_the_pattern(tmp_path
 
 
 def test_shipped_anchor_file_is_what_the_recipe_writes(tmp_path):
-    """The presets in the bundled eiup_anchors.json are the measured ones of eiup.toy.train (no hand edits)."""
-    from eiup.toy.train import write_anchor_file
+    """The presets in the bundled eiup_anchors.json are the measured ones of eiup.toy.presets (no hand edits)."""
+    from eiup.toy.presets import write_anchor_file
 
     written = json.loads(write_anchor_file(tmp_path).read_text())
     assert written == json.loads((default_model_path() / "eiup_anchors.json").read_text())
