@@ -56,11 +56,11 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from .attention import (ConceptAttentionRecorder, EraseContext, RegionGate, attention_layers, build_processors,
                         token_scale_vector)
-from .config import (AUTO, CONCEPT_CONTEXTS, DEFAULT_ANCHOR_STRENGTH, DEFAULT_CONCEPT_CONTEXT,
+from .config import (ANCHOR_FILE, AUTO, CONCEPT_CONTEXTS, DEFAULT_ANCHOR_STRENGTH, DEFAULT_CONCEPT_CONTEXT,
                      DEFAULT_ERASE_MODE, DEFAULT_ERASE_SCALE, DEFAULT_GUARD, ERASE_MODES, MAX_ABS_SCALE,
-                     MAX_ANCHOR_STRENGTH, PHRASE_PROBE_LOGIT, REGION_RULES, REGION_THRESHOLDS, TAILS, ANCHOR_FILE,
-                     AnchorPlan, EraseConfig, EraseConfigError, RowStrengths, _anchor_strength, _finite_number,
-                     _protect_words, _region_rule)
+                     MAX_ANCHOR_STRENGTH, PHRASE_PROBE_LOGIT, REGION_RULES, REGION_THRESHOLDS, TAILS, AnchorPlan,
+                     EraseConfig, EraseConfigError, RowStrengths, _anchor_strength, _finite_number, _protect_words,
+                     _region_rule)
 
 __all__ = [
     "CONCEPT_CONTEXTS",
