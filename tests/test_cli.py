@@ -552,6 +552,15 @@ def test_toy_training_refuses_a_device_it_cannot_use_before_any_work(tmp_path, b
         assert res.exit_code == 2 and "Invalid value for --snr-gamma: must be a number > 0 (inf turns the weighting off)" in flat(res.output)
     res = invoke("toy", "train", "--out", tmp_path / "run", "--minutes", "nan")
     assert res.exit_code == 2 and "--minutes and --vae-minutes must be > 0" in flat(res.output)
+    res = invoke("toy", "train", "--out", tmp_path / "run", "--data-from", tmp_path / "half")
+    assert res.exit_code == 2 and "Invalid value for --data-from: data_from:" in flat(res.output)
+    assert "holds no rendered scenes" in flat(res.output) and "pass the work folder of a run" in flat(res.output)
+    (tmp_path / "half" / "data").mkdir()
+    for name in ("images.npy", "masks8.npy"):
+        (tmp_path / "half" / "data" / name).touch()
+    (tmp_path / "half" / "data" / "scenes.json").write_text(json.dumps([{}] * 70))
+    res = invoke("toy", "train", "--out", tmp_path / "run", "--data-from", tmp_path / "half", "--scenes", "100")
+    assert res.exit_code == 2 and "holds 70 scenes, not --scenes 100; pass --scenes 70" in flat(res.output)
     assert not (tmp_path / "run").exists()
     from safetensors.torch import save_file
 

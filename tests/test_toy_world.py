@@ -250,6 +250,28 @@ def test_training_on_from_a_pipeline_refuses_a_work_folder_with_another_vae(tmp_
         train_toy_model(tmp_path / "run", ToyTrainConfig(**{**cfg.__dict__, "init_from": str(default_model_path())}))
 
 
+def test_a_run_reuses_another_runs_scenes_and_its_latents_only_where_its_vae_is_the_same(tmp_path):
+    import numpy as np
+
+    from eiup.toy.train import ToyTrainConfig, train_toy_model
+
+    tiny = dict(n_scenes=64, vae_minutes=0.01, unet_minutes=0.01, vae_batch=8, unet_batch=4, threads=1)
+    first = tmp_path / "first"
+    train_toy_model(first, ToyTrainConfig(**tiny))
+    second = tmp_path / "second"  # on from the first's pipeline: its VAE went through fp16, so other latents
+    train_toy_model(second, ToyTrainConfig(**tiny, seed=5, init_from=str(first / "pipeline"), data_from=str(first)))
+    for name in ("images.npy", "masks8.npy", "scenes.json"):
+        assert (second / "data" / name).read_bytes() == (first / "data" / name).read_bytes()
+    assert not (second / "data" / "latents.npy").samefile(first / "data" / "latents.npy")
+    third = tmp_path / "third"  # on from the second's pipeline: the same VAE, so the same latents
+    train_toy_model(third, ToyTrainConfig(**tiny, init_from=str(second / "pipeline"), data_from=str(second)))
+    assert (third / "data" / "latents.npy").samefile(second / "data" / "latents.npy")
+    assert np.load(third / "data" / "latents.npy").shape[0] == 64
+    with pytest.raises(ValueError, match="holds 64 scenes, not n_scenes=128; pass n_scenes=64"):
+        train_toy_model(tmp_path / "fourth", ToyTrainConfig(**{**tiny, "n_scenes": 128}, data_from=str(first)))
+    assert not (tmp_path / "fourth" / "data").exists()
+
+
 def test_a_judge_with_a_threshold_flags_by_the_concepts_probability():
     from eiup.calibrate import toy_judge
     from eiup.toy.detect import ConceptDetector

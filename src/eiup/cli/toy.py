@@ -78,6 +78,10 @@ def train(
         help="Min-SNR weighting of the diffusion loss: timesteps whose signal-to-noise ratio exceeds it weigh "
              "less (inf: the plain noise-prediction loss, low-noise steps, where fine texture is drawn, in full).")
     ] = 5.0,
+    data_from: Annotated[Path | None, typer.Option(
+        help="Reuse this earlier run's rendered scenes (its work folder; hard links, no copy) instead of rendering "
+             "new ones, and its latents where its VAE is this run's (e.g. training on with --init-from its "
+             "pipeline). --scenes must match its count.")] = None,
 ) -> None:
     """Train the toy Stable Diffusion pipeline from scratch (resumable; on the CPU unless --device cuda)."""
     _check_device(device)
@@ -128,11 +132,18 @@ def train(
                          localisation_weight=localisation_weight, lr=lr, long_caption_prob=long_caption_prob,
                          unet_batch=batch, device=device, init_from=str(init_from) if init_from else None,
                          unet_from=str(unet_from) if unet_from else None, patterned_weight=patterned_weight,
-                         snr_gamma=snr_gamma)
+                         snr_gamma=snr_gamma, data_from=str(data_from) if data_from else None)
     try:
         check_latent_channels(out, cfg)
     except ValueError as e:
         raise typer.BadParameter(str(e), param_hint="--latent-channels") from None
+    if data_from is not None and not (out / "data" / "scenes.json").exists():
+        from ..toy.train import check_data_from
+
+        try:
+            check_data_from(data_from, cfg)
+        except ValueError as e:
+            raise typer.BadParameter(str(e).replace("n_scenes=", "--scenes "), param_hint="--data-from") from None
     dest = train_toy_model(out, cfg, export_to)
     typer.echo(f"pipeline written to {dest}")
 

@@ -1,7 +1,7 @@
 """Train the toy-world Stable Diffusion pipeline from scratch on this CPU, in resumable stages.
 
 Stages (each skipped when its output exists; training stages resume from checkpoints):
-  [init: with init_from, the given pipeline's VAE, its tokenizer checked] -> data -> vae -> latents
+  [init: with init_from, the given pipeline's VAE, its tokenizer checked] -> data (or data_from's) -> vae -> latents
   -> decoder (the VAE's decoder fine-tuned on its own latents, encoder frozen)
   -> unet (UNet + text encoder, with a token-localisation loss; with init_from, from the pipeline's weights;
      with unet_from, from another pipeline's weights carried into this run's latent space by ``transfer``) -> export.
@@ -59,6 +59,7 @@ class ToyTrainConfig:
     unet_from: str | None = None  # a toy pipeline folder whose UNet and text encoder start this run's (own VAE)
     patterned_weight: float = 1.0  # how much more often UNet batches draw scenes with a striped or dotted object
     snr_gamma: float = 5.0  # Min-SNR loss weighting; inf = the plain noise-prediction loss (every timestep alike)
+    data_from: str | None = None  # another run's work folder: reuse its rendered scenes (and latents, if same VAE)
 
 
 # ---------------------------------------------------------------- architecture
@@ -145,18 +146,60 @@ def render_dataset(n: int, seed: int, size: int, processes: int = 2, desc: str =
     return (images, masks, scenes, np.stack([r[3] for r in results])) if with_marks else (images, masks, scenes)
 
 
+def check_data_from(folder: Path, cfg: ToyTrainConfig) -> None:
+    """``data_from`` must hold a finished data stage of the run's size, before any work."""
+    missing = [name for name in ("images.npy", "masks8.npy", "scenes.json") if not (folder / "data" / name).exists()]
+    if missing:
+        raise ValueError(f"data_from: {folder} holds no rendered scenes (no data/{', data/'.join(missing)}); pass the "
+                         "work folder of a run whose data stage finished")
+    n = len(json.loads((folder / "data" / "scenes.json").read_text()))
+    if n != cfg.n_scenes:
+        raise ValueError(f"data_from: {folder} holds {n} scenes, not n_scenes={cfg.n_scenes}; pass n_scenes={n}")
+    size = np.load(folder / "data" / "images.npy", mmap_mode="r").shape[1]
+    if size != cfg.image_size:
+        raise ValueError(f"data_from: {folder}'s images are {size}x{size}, not image_size={cfg.image_size}")
+
+
+def link_or_copy(src: Path, dst: Path) -> None:
+    """``dst`` becomes a hard link to ``src`` (a copy across file systems), written atomically."""
+    import os
+    import shutil
+
+    tmp = dst.with_name(dst.name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copyfile(src, tmp)
+    tmp.replace(dst)
+
+
+def same_vae_weights(a: Path, b: Path) -> bool:
+    """Whether two runs' ``vae_final.safetensors`` hold the same tensors (latents of one are then the other's)."""
+    if not (a.exists() and b.exists()):
+        return False
+    x, y = load_file(str(a)), load_file(str(b))
+    return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+
+
 def stage_data(out: Path, cfg: ToyTrainConfig) -> None:
     data = out / "data"
     if (data / "scenes.json").exists():
         return
     data.mkdir(parents=True, exist_ok=True)
+    if cfg.data_from:  # scenes.json last: it marks the stage done
+        theirs = Path(cfg.data_from) / "data"
+        for name in ("images.npy", "masks8.npy", "marks.npy", "scenes.json"):
+            if (theirs / name).exists():
+                link_or_copy(theirs / name, data / name)
+        return
     rendered = render_dataset(cfg.n_scenes, cfg.seed, cfg.image_size, cfg.threads, with_marks=cfg.vae_mark_weight > 0)
     images, masks, scenes = rendered[:3]
     if cfg.vae_mark_weight > 0:  # else stage_marks renders them when a later run asks
         np.save(data / "marks.npy", rendered[3])
     np.save(data / "images.npy", images)
     np.save(data / "masks8.npy", masks)
-    (data / "scenes.json").write_text(json.dumps(scenes))
+    write_json_atomic(data / "scenes.json", scenes, indent=None)  # last: it marks the stage done
 
 
 # ---------------------------------------------------------------- checkpoints (safetensors only)
@@ -461,8 +504,15 @@ def stage_latents(out: Path, cfg: ToyTrainConfig) -> None:
     path = out / "data" / "latents.npy"
     if path.exists():
         return
+    if cfg.data_from and same_vae_weights(Path(cfg.data_from) / "vae_final.safetensors", out / "vae_final.safetensors"):
+        theirs = Path(cfg.data_from) / "data" / "latents.npy"
+        if theirs.exists():
+            link_or_copy(theirs, path)
+            return
     images = np.load(out / "data" / "images.npy", mmap_mode="r")
-    np.save(path, encode_latent_stats(load_vae(out, finetuned_decoder=False).to(cfg.device), images))
+    tmp = path.with_suffix(".tmp.npy")
+    np.save(tmp, encode_latent_stats(load_vae(out, finetuned_decoder=False).to(cfg.device), images))
+    tmp.replace(path)
 
 
 @dataclass
@@ -925,6 +975,8 @@ def train_toy_model(out: str | Path, cfg: ToyTrainConfig | None = None, export_t
     if cfg.init_from and cfg.vae_mark_weight:
         raise ValueError("vae_mark_weight weighs the loss of a new VAE; init_from keeps the pipeline's (no VAE stage)")
     check_latent_channels(out, cfg)
+    if cfg.data_from and not (out / "data" / "scenes.json").exists():
+        check_data_from(Path(cfg.data_from), cfg)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(cfg.threads)
     (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
