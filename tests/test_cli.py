@@ -538,8 +538,9 @@ def test_toy_training_refuses_a_device_it_cannot_use_before_any_work(tmp_path, b
         res = invoke("toy", "train", "--out", tmp_path / "run", "--patterned-weight", value)
         assert res.exit_code == 2 and "Invalid value for --patterned-weight: must be a finite number > 0" in flat(res.output)
     for value in ("nan", "inf", "-1"):
-        res = invoke("toy", "finetune-vae", "--model", models.default_model_path(), "--mark-weight", value)
-        assert res.exit_code == 2 and "Invalid value for --mark-weight: must be a finite number >= 0" in flat(res.output)
+        for option in ("--mark-weight", "--bare-weight"):
+            res = invoke("toy", "finetune-vae", "--model", models.default_model_path(), option, value)
+            assert res.exit_code == 2 and f"Invalid value for {option}: must be a finite number >= 0" in flat(res.output)
     res = invoke("toy", "finetune-vae", "--model", tmp_path / "nothing")
     assert res.exit_code == 2 and f"Invalid value for --model: no VAE with safetensors weights at {tmp_path / 'nothing' / 'vae'}" in flat(res.output)
     for value in ("nan", "inf", "-1"):

@@ -455,6 +455,24 @@ def test_marks_weighted_mse_counts_only_the_marks_and_their_rims():
     assert marks_weighted_mse(x, x, torch.zeros_like(marks)).item() == 0  # no marks anywhere: nothing added
 
 
+def test_bare_weighted_mse_counts_the_objects_pixels_away_from_their_marks():
+    from eiup.toy.train import bare_object_pixels, bare_weighted_mse
+
+    x = -torch.ones(1, 3, 12, 12)  # a black background
+    x[0, 0, 2:10, 2:10] = 1.0  # a red object
+    marks = torch.zeros(1, 1, 12, 12)
+    marks[0, 0, 3, 3] = 1.0  # one dot in its corner
+    bare = bare_object_pixels(x, marks)[0, 0]
+    assert bare.sum().item() == 64 - 9  # the object less the dot and its rim
+    assert bare[:2].sum().item() == 0 and bare[3, 3].item() == 0 and bare[6, 6].item() == 1
+    rec = x.clone()
+    rec[0, :, 0, 0] = 0.0  # background: not counted
+    rec[0, :, 4, 4] = 0.0  # the dot's rim: marks_weighted_mse's, not counted here
+    assert bare_weighted_mse(rec, x, marks).item() == 0
+    rec[0, 0, 7, 7] = 0.0  # a blotch drawn on the bare object: counted
+    assert bare_weighted_mse(rec, x, marks).item() == pytest.approx(1.0 / 55)
+
+
 def test_mark_weighted_vae_stage_renders_the_marks_of_its_scenes_and_refuses_a_kept_vae(tmp_path, monkeypatch):
     import eiup.toy.train as train
     from eiup.models import default_model_path
@@ -523,3 +541,10 @@ def test_finetune_vae_moves_the_encoder_and_a_rerun_leaves_the_finished_folder_a
 
         finetune_vae(before, np.zeros((80, 64, 64, 3), np.uint8), np.zeros((80, 64, 64), np.uint8), 0.01,
                      mark_weight=float("nan"))
+    with pytest.raises(ValueError, match="bare_weight must be a finite number >= 0, got -1"):
+        finetune_vae(before, np.zeros((80, 64, 64, 3), np.uint8), np.zeros((80, 64, 64), np.uint8), 0.01,
+                     bare_weight=-1.0)
+    bare = finetune_pipeline_vae(model, minutes=0.005, scenes=80, seed=3, work=tmp_path / "work", mark_weight=4.0,
+                                 bare_weight=4.0)  # another fine-tune (its own checkpoint) of the VAE now there
+    assert bare != result and sorted(p.name for p in (tmp_path / "work").glob("*bare4*")) == [
+        "vae-80-3-marks4-bare4.json", "vae-80-3-marks4-bare4.safetensors"]

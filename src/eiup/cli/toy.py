@@ -188,6 +188,10 @@ def finetune_vae_cmd(
     minutes: Annotated[float, typer.Option(help="Time budget (minutes of steps).")] = 20.0,
     mark_weight: Annotated[float, typer.Option(
         help="Weight of the extra loss on the pixels of dots and stripes (0: the VAE's own loss only).")] = 4.0,
+    bare_weight: Annotated[float, typer.Option(
+        help="Weight of the extra loss on the objects' pixels away from dots and stripes, where a VAE fine-tuned "
+             "with --mark-weight alone learns to draw dots on plain objects (0: none; "
+             "benchmarks/vae_patterns.py measures both).")] = 0.0,
     scenes: Annotated[int, typer.Option(help="Rendered scenes to train on (the last 500 measure PSNR).")] = 12_000,
     seed: int = 777,
     work: Annotated[Path, typer.Option(help="Folder for the rendered data and the checkpoint; rerun to resume.")] = Path("runs/vae-marks"),
@@ -204,12 +208,13 @@ def finetune_vae_cmd(
                                  "folder", param_hint="--model")
     if not 0 < minutes < math.inf or scenes < 1000:
         raise typer.BadParameter("--minutes must be a finite number > 0 and --scenes >= 1000")
-    if not 0 <= mark_weight < math.inf:
-        raise typer.BadParameter(f"must be a finite number >= 0, got {mark_weight}", param_hint="--mark-weight")
+    for value, hint in ((mark_weight, "--mark-weight"), (bare_weight, "--bare-weight")):
+        if not 0 <= value < math.inf:
+            raise typer.BadParameter(f"must be a finite number >= 0, got {value}", param_hint=hint)
     from ..toy.train import finetune_pipeline_vae
 
     try:
-        result = finetune_pipeline_vae(model, minutes, scenes, seed, work, mark_weight)
+        result = finetune_pipeline_vae(model, minutes, scenes, seed, work, mark_weight, bare_weight)
     except ValueError as e:
         raise typer.BadParameter(str(e), param_hint="--work") from None
     typer.echo(f"{result.steps} steps; held-out PSNR {result.psnr_before:.2f} -> {result.psnr_after:.2f} dB; "

@@ -293,6 +293,24 @@ def marks_weighted_mse(rec: torch.Tensor, x: torch.Tensor, marks: torch.Tensor) 
     return ((rec - x) ** 2 * weight).sum() / weight.sum().clamp_min(1.0)
 
 
+def bare_object_pixels(x: torch.Tensor, marks: torch.Tensor) -> torch.Tensor:
+    """(B, 1, H, W) 1 on the objects' pixels away from any dot or stripe: where a decoder must draw no marks.
+
+    An object's pixels are those differing from the image's border's median colour (the plain background) by
+    more than 0.15 summed over channels (images in [-1, 1]); `marks` is as in :func:`marks_weighted_mse`.
+    """
+    border = torch.cat([x[..., 0, :], x[..., -1, :], x[..., :, 0], x[..., :, -1]], -1)
+    objects = ((x - border.median(-1).values[..., None, None]).abs().sum(1, keepdim=True) > 0.15).float()
+    return objects * (1 - F.max_pool2d(marks, 3, stride=1, padding=1))
+
+
+def bare_weighted_mse(rec: torch.Tensor, x: torch.Tensor, marks: torch.Tensor) -> torch.Tensor:
+    """Squared error summed over channels, averaged over :func:`bare_object_pixels`: marks drawn where an object
+    has none (a plain object's blotches) cost as much as :func:`marks_weighted_mse`'s lost marks."""
+    weight = bare_object_pixels(x, marks)
+    return ((rec - x) ** 2 * weight).sum() / weight.sum().clamp_min(1.0)
+
+
 def _marks_one(args) -> np.ndarray:
     scene_json, size = args
     return (render(scene_from_json(scene_json), size).marks * 255).round().astype(np.uint8)
@@ -679,16 +697,18 @@ def vae_psnr(vae, images: np.ndarray, batch: int = 250) -> float:
 def finetune_vae(vae, images: np.ndarray, marks: np.ndarray, minutes: float, mark_weight: float = 4.0,
                  checkpoint: Path | None = None, seed: int = 0, batch: int = 32, lr: float = 2e-4,
                  n_eval: int | None = None, checkpoint_minutes: float = 5.0,
-                 max_steps: int | None = None) -> DecoderFinetune:
-    """Fine-tune the whole VAE (encoder too), in place, with `mark_weight` x `marks_weighted_mse` on top of its loss.
+                 max_steps: int | None = None, bare_weight: float = 0.0) -> DecoderFinetune:
+    """Fine-tune the whole VAE (encoder too), in place, with `mark_weight` x `marks_weighted_mse` (and
+    `bare_weight` x `bare_weighted_mse`: no marks drawn where there are none) on top of its loss.
 
     The latents move, so a UNet trained on the old ones must be trained on in the new space, and
     detectors retrained through it. `marks` (N, H, W) uint8 are `Rendered.marks` x 255. The last
     `n_eval` images (default a tenth, at most 500) measure PSNR. Resumes from `checkpoint`; the
     scaling factor is re-estimated at the end, as the VAE stage sets it.
     """
-    if not (math.isfinite(mark_weight) and mark_weight >= 0):
-        raise ValueError(f"mark_weight must be a finite number >= 0, got {mark_weight}")
+    for name, value in (("mark_weight", mark_weight), ("bare_weight", bare_weight)):
+        if not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"{name} must be a finite number >= 0, got {value}")
     n_eval = min(500, len(images) // 10) if n_eval is None else n_eval
     if not len(images) > n_eval + batch:
         raise ValueError(f"finetune_vae needs more than {n_eval + batch} images, got {len(images)}")
@@ -709,7 +729,8 @@ def finetune_vae(vae, images: np.ndarray, marks: np.ndarray, minutes: float, mar
         m = torch.from_numpy(np.asarray(marks[idx]))[:, None].float() / 255
         post = vae.encode(x).latent_dist
         rec = vae.decode(post.sample()).sample
-        return reconstruction_loss(rec, x) + mark_weight * marks_weighted_mse(rec, x, m) + 1e-6 * post.kl().mean()
+        loss = reconstruction_loss(rec, x) + mark_weight * marks_weighted_mse(rec, x, m) + 1e-6 * post.kl().mean()
+        return loss + bare_weight * bare_weighted_mse(rec, x, m) if bare_weight else loss
 
     _cosine_steps(meta, minutes * 60, opt, lr, step_loss, "vae (s)", checkpoint, {"vae": vae}, max_steps,
                   checkpoint_minutes)
@@ -728,7 +749,8 @@ def _vae_digest(vae) -> str:
 
 
 def finetune_pipeline_vae(model: str | Path, minutes: float, scenes: int = 12_000, seed: int = 777,
-                          work: str | Path = "runs/vae-marks", mark_weight: float = 4.0) -> DecoderFinetune:
+                          work: str | Path = "runs/vae-marks", mark_weight: float = 4.0,
+                          bare_weight: float = 0.0) -> DecoderFinetune:
     """`finetune_vae` on a pipeline folder's VAE, written back in place (its precision, a new scaling factor).
 
     Renders `scenes` scenes with their marks into `work` (kept for a rerun), with the checkpoint. A
@@ -740,7 +762,8 @@ def finetune_pipeline_vae(model: str | Path, minutes: float, scenes: int = 12_00
     folder, work = Path(model) / "vae", Path(work)
     vae = AutoencoderKL.from_pretrained(folder, torch_dtype=torch.float32, use_safetensors=True)
     here = _vae_digest(vae)
-    checkpoint = work / f"vae-{scenes}-{seed}-marks{mark_weight:g}.safetensors"
+    bare = f"-bare{bare_weight:g}" if bare_weight else ""
+    checkpoint = work / f"vae-{scenes}-{seed}-marks{mark_weight:g}{bare}.safetensors"
     record_path = checkpoint.with_suffix(".json")  # which VAE the fine-tune started from, and what it wrote
     record = json.loads(record_path.read_text()) if record_path.exists() else {"start": here}
     if record.get("result") == here:
@@ -755,7 +778,8 @@ def finetune_pipeline_vae(model: str | Path, minutes: float, scenes: int = 12_00
         return {"images": images, "marks": marks}
 
     data = cached_npz(work / f"data-{scenes}-{seed}.npz", make)
-    result = finetune_vae(vae, data["images"], data["marks"], minutes, mark_weight, checkpoint=checkpoint, seed=seed)
+    result = finetune_vae(vae, data["images"], data["marks"], minutes, mark_weight, checkpoint=checkpoint, seed=seed,
+                          bare_weight=bare_weight)
 
     write_vae(folder, vae)
     written = AutoencoderKL.from_pretrained(folder, torch_dtype=torch.float32, use_safetensors=True)
