@@ -548,3 +548,10 @@ def test_finetune_vae_moves_the_encoder_and_a_rerun_leaves_the_finished_folder_a
                                  bare_weight=4.0)  # another fine-tune (its own checkpoint) of the VAE now there
     assert bare != result and sorted(p.name for p in (tmp_path / "work").glob("*bare4*")) == [
         "vae-80-3-marks4-bare4.json", "vae-80-3-marks4-bare4.safetensors"]
+    before = AutoencoderKL.from_pretrained(model / "vae", torch_dtype=torch.float32)
+    finetune_pipeline_vae(model, minutes=0.005, scenes=80, seed=3, work=tmp_path / "work", mark_weight=4.0,
+                          bare_weight=4.0, decoder_only=True)
+    after = AutoencoderKL.from_pretrained(model / "vae", torch_dtype=torch.float32)
+    assert moved("decoder") and not moved("encoder") and not moved("quant_conv")  # the latents keep their meaning
+    assert after.config.scaling_factor == before.config.scaling_factor
+    assert (tmp_path / "work" / "decoder-80-3-marks4-bare4.safetensors").exists()

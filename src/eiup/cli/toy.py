@@ -192,6 +192,9 @@ def finetune_vae_cmd(
         help="Weight of the extra loss on the objects' pixels away from dots and stripes, where a VAE fine-tuned "
              "with --mark-weight alone learns to draw dots on plain objects (0: none; "
              "benchmarks/vae_patterns.py measures both).")] = 0.0,
+    decoder_only: Annotated[bool, typer.Option(
+        help="Train the decoder alone: the latents keep their meaning, so the folder's UNet needs no more steps.")
+    ] = False,
     scenes: Annotated[int, typer.Option(help="Rendered scenes to train on (the last 500 measure PSNR).")] = 12_000,
     seed: int = 777,
     work: Annotated[Path, typer.Option(help="Folder for the rendered data and the checkpoint; rerun to resume.")] = Path("runs/vae-marks"),
@@ -199,7 +202,8 @@ def finetune_vae_cmd(
     """Fine-tune the toy VAE, encoder included, so that its latents keep dots (docs/experiments/dots.md).
 
     The latent space moves: train the UNet on in it (eiup toy train --init-from MODEL) and retrain the
-    detector and guard through it before using the folder."""
+    detector and guard through it before using the folder. With --decoder-only it stays: retrain the
+    detector and guard."""
     import math
 
     weights = model / "vae" / "diffusion_pytorch_model.safetensors"
@@ -214,12 +218,15 @@ def finetune_vae_cmd(
     from ..toy.train import finetune_pipeline_vae
 
     try:
-        result = finetune_pipeline_vae(model, minutes, scenes, seed, work, mark_weight, bare_weight)
+        result = finetune_pipeline_vae(model, minutes, scenes, seed, work, mark_weight, bare_weight, decoder_only)
     except ValueError as e:
         raise typer.BadParameter(str(e), param_hint="--work") from None
-    typer.echo(f"{result.steps} steps; held-out PSNR {result.psnr_before:.2f} -> {result.psnr_after:.2f} dB; "
-               f"written to {model / 'vae'}; train the UNet on in the new latent space before use "
-               f"(eiup toy train --init-from {model}) and retrain the detector through it")
+    done = f"{result.steps} steps; held-out PSNR {result.psnr_before:.2f} -> {result.psnr_after:.2f} dB; written to {model / 'vae'}"
+    if decoder_only:
+        typer.echo(f"{done}; the latents are unchanged; retrain the detector through the new decoder")
+    else:
+        typer.echo(f"{done}; train the UNet on in the new latent space before use "
+                   f"(eiup toy train --init-from {model}) and retrain the detector through it")
 
 
 @app.command("train-detector")

@@ -697,14 +697,16 @@ def vae_psnr(vae, images: np.ndarray, batch: int = 250) -> float:
 def finetune_vae(vae, images: np.ndarray, marks: np.ndarray, minutes: float, mark_weight: float = 4.0,
                  checkpoint: Path | None = None, seed: int = 0, batch: int = 32, lr: float = 2e-4,
                  n_eval: int | None = None, checkpoint_minutes: float = 5.0,
-                 max_steps: int | None = None, bare_weight: float = 0.0) -> DecoderFinetune:
+                 max_steps: int | None = None, bare_weight: float = 0.0,
+                 decoder_only: bool = False) -> DecoderFinetune:
     """Fine-tune the whole VAE (encoder too), in place, with `mark_weight` x `marks_weighted_mse` (and
     `bare_weight` x `bare_weighted_mse`: no marks drawn where there are none) on top of its loss.
 
     The latents move, so a UNet trained on the old ones must be trained on in the new space, and
-    detectors retrained through it. `marks` (N, H, W) uint8 are `Rendered.marks` x 255. The last
-    `n_eval` images (default a tenth, at most 500) measure PSNR. Resumes from `checkpoint`; the
-    scaling factor is re-estimated at the end, as the VAE stage sets it.
+    detectors retrained through it; with `decoder_only` the encoder stays as it is, and with it the
+    latents, their scaling factor and what a UNet trained on them draws. `marks` (N, H, W) uint8 are
+    `Rendered.marks` x 255. The last `n_eval` images (default a tenth, at most 500) measure PSNR. Resumes
+    from `checkpoint`; the scaling factor is re-estimated at the end (whole VAE), as the VAE stage sets it.
     """
     for name, value in (("mark_weight", mark_weight), ("bare_weight", bare_weight)):
         if not (math.isfinite(value) and value >= 0):
@@ -713,11 +715,14 @@ def finetune_vae(vae, images: np.ndarray, marks: np.ndarray, minutes: float, mar
     if not len(images) > n_eval + batch:
         raise ValueError(f"finetune_vae needs more than {n_eval + batch} images, got {len(images)}")
     n_train = len(images) - n_eval
-    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    trained = [vae.decoder, vae.post_quant_conv] if decoder_only else [vae]
+    opt = torch.optim.AdamW([p for module in trained for p in module.parameters()], lr=lr, weight_decay=0.0)
     meta = {"step": 0, "seconds": 0.0}
     if checkpoint is not None and checkpoint.exists():
         meta = load_checkpoint(checkpoint, {"vae": vae}, opt)
-    vae.requires_grad_(True)
+    vae.requires_grad_(False)
+    for module in trained:
+        module.requires_grad_(True)
     meta.setdefault("psnr_before", vae_psnr(vae.eval(), images[n_train:]))
     vae.train()
     rng = np.random.default_rng(seed + meta["step"])
@@ -727,15 +732,19 @@ def finetune_vae(vae, images: np.ndarray, marks: np.ndarray, minutes: float, mar
         idx = np.sort(rng.choice(n_train, batch, replace=False))
         x = torch.from_numpy(np.asarray(images[idx])).permute(0, 3, 1, 2).float() / 127.5 - 1
         m = torch.from_numpy(np.asarray(marks[idx]))[:, None].float() / 255
-        post = vae.encode(x).latent_dist
+        with torch.set_grad_enabled(not decoder_only):
+            post = vae.encode(x).latent_dist
         rec = vae.decode(post.sample()).sample
-        loss = reconstruction_loss(rec, x) + mark_weight * marks_weighted_mse(rec, x, m) + 1e-6 * post.kl().mean()
+        loss = reconstruction_loss(rec, x) + mark_weight * marks_weighted_mse(rec, x, m)
+        if not decoder_only:
+            loss = loss + 1e-6 * post.kl().mean()
         return loss + bare_weight * bare_weighted_mse(rec, x, m) if bare_weight else loss
 
-    _cosine_steps(meta, minutes * 60, opt, lr, step_loss, "vae (s)", checkpoint, {"vae": vae}, max_steps,
-                  checkpoint_minutes)
+    _cosine_steps(meta, minutes * 60, opt, lr, step_loss, "decoder (s)" if decoder_only else "vae (s)", checkpoint,
+                  {"vae": vae}, max_steps, checkpoint_minutes)
     vae.requires_grad_(False).eval()
-    vae.register_to_config(scaling_factor=latent_scaling_factor(vae, images))
+    if not decoder_only:
+        vae.register_to_config(scaling_factor=latent_scaling_factor(vae, images))
     return DecoderFinetune(meta["step"], meta["seconds"], meta["psnr_before"], vae_psnr(vae, images[n_train:]))
 
 
@@ -750,7 +759,7 @@ def _vae_digest(vae) -> str:
 
 def finetune_pipeline_vae(model: str | Path, minutes: float, scenes: int = 12_000, seed: int = 777,
                           work: str | Path = "runs/vae-marks", mark_weight: float = 4.0,
-                          bare_weight: float = 0.0) -> DecoderFinetune:
+                          bare_weight: float = 0.0, decoder_only: bool = False) -> DecoderFinetune:
     """`finetune_vae` on a pipeline folder's VAE, written back in place (its precision, a new scaling factor).
 
     Renders `scenes` scenes with their marks into `work` (kept for a rerun), with the checkpoint. A
@@ -763,7 +772,8 @@ def finetune_pipeline_vae(model: str | Path, minutes: float, scenes: int = 12_00
     vae = AutoencoderKL.from_pretrained(folder, torch_dtype=torch.float32, use_safetensors=True)
     here = _vae_digest(vae)
     bare = f"-bare{bare_weight:g}" if bare_weight else ""
-    checkpoint = work / f"vae-{scenes}-{seed}-marks{mark_weight:g}{bare}.safetensors"
+    part = "decoder" if decoder_only else "vae"
+    checkpoint = work / f"{part}-{scenes}-{seed}-marks{mark_weight:g}{bare}.safetensors"
     record_path = checkpoint.with_suffix(".json")  # which VAE the fine-tune started from, and what it wrote
     record = json.loads(record_path.read_text()) if record_path.exists() else {"start": here}
     if record.get("result") == here:
@@ -779,7 +789,7 @@ def finetune_pipeline_vae(model: str | Path, minutes: float, scenes: int = 12_00
 
     data = cached_npz(work / f"data-{scenes}-{seed}.npz", make)
     result = finetune_vae(vae, data["images"], data["marks"], minutes, mark_weight, checkpoint=checkpoint, seed=seed,
-                          bare_weight=bare_weight)
+                          bare_weight=bare_weight, decoder_only=decoder_only)
 
     write_vae(folder, vae)
     written = AutoencoderKL.from_pretrained(folder, torch_dtype=torch.float32, use_safetensors=True)
