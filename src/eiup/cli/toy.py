@@ -221,7 +221,8 @@ def finetune_vae_cmd(
         result = finetune_pipeline_vae(model, minutes, scenes, seed, work, mark_weight, bare_weight, decoder_only)
     except ValueError as e:
         raise typer.BadParameter(str(e), param_hint="--work") from None
-    done = f"{result.steps} steps; held-out PSNR {result.psnr_before:.2f} -> {result.psnr_after:.2f} dB; written to {model / 'vae'}"
+    done = (f"{result.steps} steps; held-out PSNR {result.psnr_before:.2f} -> {result.psnr_after:.2f} dB; "
+            f"written to {model / 'vae'}")
     if decoder_only:
         typer.echo(f"{done}; the latents are unchanged; retrain the detector through the new decoder")
     else:

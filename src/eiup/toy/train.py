@@ -760,7 +760,8 @@ def _vae_digest(vae) -> str:
 def finetune_pipeline_vae(model: str | Path, minutes: float, scenes: int = 12_000, seed: int = 777,
                           work: str | Path = "runs/vae-marks", mark_weight: float = 4.0,
                           bare_weight: float = 0.0, decoder_only: bool = False) -> DecoderFinetune:
-    """`finetune_vae` on a pipeline folder's VAE, written back in place (its precision, a new scaling factor).
+    """`finetune_vae` on a pipeline folder's VAE, written back in place (its precision; a new scaling factor
+    unless `decoder_only`).
 
     Renders `scenes` scenes with their marks into `work` (kept for a rerun), with the checkpoint. A
     rerun resumes an unfinished fine-tune of the same VAE and leaves a finished one (the folder
