@@ -7,9 +7,9 @@
 # On this 2-core machine: first a 4-channel model (data + VAE about 40 min, UNet 220 min of training steps on 2
 # threads, 10% of captions padded with style words past 77 tokens, then 85 more minutes from that model: fresh data,
 # lower learning rate), whose UNet is then carried into an 8-channel VAE's latent space (VAE 30 min, 92 min of UNet
-# steps on one thread, docs/experiments/latent-channels.md); the decoder fine-tuned on noisy latents (15 min);
-# detector 17 min, guard ~27 min, gate ~15 min, scale calibration ~5 min: ~9 h; the strength calibration adds
-# ~50 min on one core (~25 min run two at a time).
+# steps on one thread, docs/experiments/latent-channels.md); the decoder fine-tuned on noisy latents (15 min); the
+# UNet trained on with patterned scenes favoured (50 min); detector 17 min, guard ~27 min, gate ~15 min, scale
+# calibration ~5 min: ~10 h; the strength calibration adds ~50 min on one core (~25 min run two at a time).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 W=src/eiup/toy/weights
@@ -27,6 +27,11 @@ OMP_NUM_THREADS=1 .venv/bin/eiup toy train --out runs/lc8w --latent-channels 8 -
   --minutes 92 --threads 1 --lr 2e-4 --export-to "$W/pipeline"
 # its decoder alone fine-tuned on noisy latents: it then draws the colours the UNet's latents hold
 .venv/bin/eiup toy finetune-decoder --model "$W/pipeline" --minutes 15 --latent-noise 0.6 --work runs/dec
+# the UNet and text encoder trained on in that latent space (VAE kept) for 50 minutes of steps (5,200 of batch 64), batches
+# drawing scenes with a striped or dotted object 4 times more often: stripes in the asked colour, better two-object
+# scenes (docs/experiments/guidance.md); everything below is fitted on this model
+.venv/bin/eiup toy train --init-from "$W/pipeline" --out runs/ft --minutes 50 --lr 1e-4 --scenes 30000 \
+  --patterned-weight 4 --threads "$THREADS" --seed 32 --export-to "$W/pipeline"
 .venv/bin/eiup toy train-detector --model "$W/pipeline" --out "$W/detector.safetensors" --scenes 20000 --minutes 17 \
   --processes 1
 # the guard (guard="auto"): a second detector, other scenes and seed, that the erasure consults; the first one judges
