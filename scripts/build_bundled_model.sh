@@ -27,9 +27,9 @@ OMP_NUM_THREADS=1 .venv/bin/eiup toy train --out runs/lc8w --latent-channels 8 -
   --minutes 92 --threads 1 --lr 2e-4 --export-to "$W/pipeline"
 # its decoder alone fine-tuned on noisy latents: it then draws the colours the UNet's latents hold
 .venv/bin/eiup toy finetune-decoder --model "$W/pipeline" --minutes 15 --latent-noise 0.6 --work runs/dec
-# the UNet and text encoder trained on in that latent space (VAE kept) for 50 minutes of steps (5,200 of batch 64), batches
-# drawing scenes with a striped or dotted object 4 times more often: stripes in the asked colour, better two-object
-# scenes (docs/experiments/guidance.md); everything below is fitted on this model
+# the UNet and text encoder trained on in that latent space (VAE kept) for 50 minutes of steps (5,200 of batch 64),
+# batches drawing scenes with a striped or dotted object 4 times more often: stripes in the asked colour, better
+# two-object scenes (docs/experiments/guidance.md); everything below is fitted on this model
 .venv/bin/eiup toy train --init-from "$W/pipeline" --out runs/ft --minutes 50 --lr 1e-4 --scenes 30000 \
   --patterned-weight 4 --threads "$THREADS" --seed 32 --export-to "$W/pipeline"
 .venv/bin/eiup toy train-detector --model "$W/pipeline" --out "$W/detector.safetensors" --scenes 20000 --minutes 17 \
